@@ -1,0 +1,168 @@
+"""FP32 ONNX -> INT8 QDQ ONNX that labelcast (tract) and TensorRT load.
+
+No torch needed: onnx, onnxruntime, numpy and pillow only.
+
+    python models/quantize.py models/demo/labelcast-demo-fp32.onnx out-int8.onnx \\
+        --calibration calibration/images [--calibration calibration/extra]
+
+Choices, and why:
+  * QDQ format (QuantizeLinear/DequantizeLinear pairs): tract reads it and
+    TensorRT's explicit quantisation needs it; QOperator (QLinearConv, QGemm)
+    does not load in tract.
+  * Symmetric int8 weights, per channel, and symmetric int8 activations
+    (zero point 0): what TensorRT accepts.
+  * Percentile calibration (99.999): max calibration lets one bright pixel set
+    the scale of a whole tensor.
+  * ``quant_pre_process(skip_symbolic_shape=True)``: ML-Decoder's attention
+    reshapes break symbolic shape inference.
+  * Attention Softmax and the MatMul that applies it stay in float: tract
+    turns DequantizeLinear -> Softmax -> QuantizeLinear into a 256-entry lookup
+    table as if Softmax were element-wise, which gives silently wrong scores.
+
+The calibration photos are split: a held-back part (``--holdout-fraction``)
+is not used for calibration and measures FP32-vs-INT8 agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from PIL import Image
+
+import common
+from export import labelcast_metadata, set_metadata
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+class PhotoReader(CalibrationDataReader):
+    def __init__(self, input_name: str, tensors: list[np.ndarray]):
+        self.input_name = input_name
+        self.tensors = iter(tensors)
+
+    def get_next(self):
+        tensor = next(self.tensors, None)
+        return None if tensor is None else {self.input_name: tensor}
+
+
+def model_preprocessing(model: onnx.ModelProto) -> tuple[int, list[float], list[float]]:
+    import json
+
+    meta = labelcast_metadata(model)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    size = dims[2].dim_value or 224
+    mean = json.loads(meta.get("labelcast.mean", "[0.485, 0.456, 0.406]"))
+    std = json.loads(meta.get("labelcast.std", "[0.229, 0.224, 0.225]"))
+    return size, mean, std
+
+
+def attention_nodes(model: onnx.ModelProto) -> list[str]:
+    """Every Softmax, and every MatMul that takes a Softmax's output."""
+    softmax_outputs = {n.output[0]: n.name for n in model.graph.node if n.op_type == "Softmax"}
+    names = list(softmax_outputs.values())
+    names += [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in softmax_outputs for i in n.input)]
+    return names
+
+
+def list_photos(paths: list[Path]) -> list[Path]:
+    photos = []
+    for path in paths:
+        if path.is_dir():
+            photos += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            photos.append(path)
+    return photos
+
+
+def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float = 0.25, seed: int = 0,
+             quantize_attention: bool = False) -> dict:
+    model = onnx.load(str(fp32))
+    size, mean, std = model_preprocessing(model)
+    input_name = model.graph.input[0].name
+    photos = list(photos)
+    if len(photos) < 4:
+        raise SystemExit(f"need at least 4 calibration photos, got {len(photos)}")
+    random.Random(seed).shuffle(photos)
+    n_hold = max(1, int(len(photos) * holdout_fraction))
+    held, calib = photos[:n_hold], photos[n_hold:]
+    tensors = [common.preprocess(Image.open(p), size, mean, std) for p in calib]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        excluded = [] if quantize_attention else attention_nodes(onnx.load(str(prepared)))
+        quantize_static(
+            str(prepared), str(out), PhotoReader(input_name, tensors),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+            nodes_to_exclude=excluded,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999},
+        )
+    quantized = onnx.load(str(out))
+    set_metadata(quantized, labelcast_metadata(model))
+    quantized.producer_name = "labelcast models/quantize.py"
+    onnx.save(quantized, str(out))
+
+    counts = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    agreement = compare(fp32, out, held, size, mean, std, labelcast_metadata(model))
+    result = {
+        "fp32_mb": fp32.stat().st_size / 1e6,
+        "int8_mb": out.stat().st_size / 1e6,
+        "calibration_photos": len(calib),
+        "held_back_photos": len(held),
+        "excluded_nodes": excluded,
+        **counts,
+        **agreement,
+    }
+    print(f"wrote {out}: {result['int8_mb']:.1f} MB (FP32 {result['fp32_mb']:.1f} MB); "
+          f"{counts['QuantizeLinear']} QuantizeLinear, {counts['DequantizeLinear']} DequantizeLinear; "
+          f"kept in float: {', '.join(excluded) or 'nothing'}")
+    print(f"FP32 vs INT8 on {len(held)} held-back photos: label decisions agree {agreement['decision_agreement']:.1%}, "
+          f"max |score diff| {agreement['max_score_diff']:.3f}, mean {agreement['mean_score_diff']:.4f}")
+    return result
+
+
+def compare(fp32: Path, int8: Path, photos: list[Path], size: int, mean, std, meta: dict) -> dict:
+    import json
+
+    labels = json.loads(meta.get("labelcast.labels", "[]"))
+    thresholds = json.loads(meta.get("labelcast.thresholds", "{}"))
+    cut = np.array([thresholds.get(l, 0.5) for l in labels]) if labels else 0.5
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
+    name = sessions[0].get_inputs()[0].name
+    diffs, agree, total = [], 0, 0
+    for path in photos:
+        x = common.preprocess(Image.open(path), size, mean, std)
+        a, b = (common.sigmoid(s.run(None, {name: x})[0][0]) for s in sessions)
+        diffs.append(np.abs(a - b))
+        agree += int(((a >= cut) == (b >= cut)).sum())
+        total += a.size
+    diffs = np.concatenate(diffs)
+    return {"decision_agreement": agree / total, "max_score_diff": float(diffs.max()), "mean_score_diff": float(diffs.mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("fp32", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--calibration", type=Path, action="append", required=True, help="a folder of photos (repeatable)")
+    parser.add_argument("--holdout-fraction", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize-attention", action="store_true",
+                        help="also quantise Softmax and softmax x V (ONNX Runtime's default; wrong in tract)")
+    args = parser.parse_args()
+    photos = list_photos(args.calibration)
+    quantize(args.fp32, args.out, photos, args.holdout_fraction, args.seed, args.quantize_attention)
+
+
+if __name__ == "__main__":
+    main()

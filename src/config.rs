@@ -1,0 +1,958 @@
+//! Configuration: a TOML file plus command-line overrides, validated into a
+//! [`Config`] before anything starts.
+//!
+//! Parsing happens in two steps, as ripgrep does with its arguments: the file
+//! is deserialised into [`RawConfig`] (every field optional, unknown keys
+//! rejected), command-line overrides are laid over it, and [`Config::validate`]
+//! turns the result into typed, checked values. Every error names the field it
+//! is about (`mqtt.qos: expected 0, 1 or 2, got 3`) so an operator can fix it
+//! without reading code, and the binary exits with [`EXIT_CONFIG`] (78,
+//! `EX_CONFIG`) so systemd does not restart-loop on a bad file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::source::SourceSpec;
+
+/// Exit status for a configuration the daemon cannot run with (`EX_CONFIG`).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// A configuration value that is wrong, with the dotted name of its field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// True when `err` (or anything in its chain) is a configuration problem,
+/// which the CLI reports with [`EXIT_CONFIG`].
+pub fn is_config_error(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| cause.is::<ConfigError>())
+}
+
+// ---------------------------------------------------------------------------
+// Raw form: what the TOML file and the command line say, unchecked.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub device_id: Option<String>,
+    #[serde(default)]
+    pub source: RawSource,
+    #[serde(default)]
+    pub model: RawModel,
+    #[serde(default)]
+    pub labels: RawLabels,
+    #[serde(default)]
+    pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub output: RawOutput,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub uri: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub path: Option<PathBuf>,
+    pub labels: Option<Vec<String>>,
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    pub output: Option<String>,
+    pub resize: Option<String>,
+    pub threads: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLabels {
+    pub threshold: Option<f64>,
+    pub hysteresis: Option<f64>,
+    pub min_hold: Option<String>,
+    #[serde(default)]
+    pub overrides: BTreeMap<String, RawLabelOverride>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLabelOverride {
+    pub on: Option<f64>,
+    pub off: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub url: Option<String>,
+    pub embedded_listen: Option<String>,
+    pub topic_prefix: Option<String>,
+    pub client_id: Option<String>,
+    pub qos: Option<i64>,
+    pub keep_alive: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    pub publish_every: Option<i64>,
+    pub stats_interval: Option<String>,
+    pub reconnect_min: Option<String>,
+    pub reconnect_max: Option<String>,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutput {
+    pub mode: Option<String>,
+}
+
+/// Values given on the command line; each replaces the file's value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub device_id: Option<String>,
+    pub source: Option<String>,
+    pub model: Option<PathBuf>,
+    pub mqtt_url: Option<String>,
+    pub output: Option<String>,
+}
+
+impl RawConfig {
+    /// Reads and parses a TOML file; unknown keys and wrong types are errors
+    /// that name the file and the dotted field.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::new("(file)", format!("cannot read it: {err}")))
+            .with_context(|| format!("config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let deserializer =
+            toml::de::Deserializer::parse(text).map_err(|err| ConfigError::new("(file)", located(text, &err)))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let field = if path == "." { "(file)".to_string() } else { path };
+            ConfigError::new(field, located(text, err.inner()))
+        })
+    }
+
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(v) = &overrides.device_id {
+            self.device_id = Some(v.clone());
+        }
+        if let Some(v) = &overrides.source {
+            self.source.uri = Some(v.clone());
+        }
+        if let Some(v) = &overrides.model {
+            self.model.path = Some(v.clone());
+        }
+        if let Some(v) = &overrides.mqtt_url {
+            self.mqtt.url = Some(v.clone());
+        }
+        if let Some(v) = &overrides.output {
+            self.output.mode = Some(v.clone());
+        }
+    }
+}
+
+/// toml's own message (without its multi-line source excerpt) and the line
+/// it is about.
+fn located(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim_end_matches('\n');
+    match err.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validated form.
+// ---------------------------------------------------------------------------
+
+/// A configuration that passed every check that does not need the model.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device_id: String,
+    pub source: SourceSpec,
+    pub model: ModelConfig,
+    pub labels: LabelPolicy,
+    pub output: OutputConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub overrides: MetadataOverrides,
+    pub threads: usize,
+}
+
+/// Model metadata given in the config; each replaces what the model carries.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetadataOverrides {
+    pub labels: Option<Vec<String>>,
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    pub output: Option<OutputKind>,
+    pub resize: Option<ResizeMode>,
+}
+
+/// What the model's output tensor holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// Raw scores; labelcast applies a sigmoid.
+    Logits,
+    /// Already in [0, 1].
+    Probabilities,
+}
+
+impl OutputKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "logits" => Ok(Self::Logits),
+            "probabilities" | "probs" | "sigmoid" => Ok(Self::Probabilities),
+            other => Err(format!("expected \"logits\" or \"probabilities\", got {other:?}")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Logits => "logits",
+            Self::Probabilities => "probabilities",
+        }
+    }
+}
+
+/// How a frame whose aspect ratio differs from the model's is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeMode {
+    /// Scale to cover the input, cut the overhang equally on both sides.
+    CenterCrop,
+    /// Scale to fit inside the input, pad the rest with the mean colour.
+    Letterbox,
+    /// Scale each axis independently.
+    Stretch,
+}
+
+impl ResizeMode {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "center-crop" | "centre-crop" | "crop" => Ok(Self::CenterCrop),
+            "letterbox" | "pad" => Ok(Self::Letterbox),
+            "stretch" => Ok(Self::Stretch),
+            other => Err(format!(
+                "expected \"center-crop\", \"letterbox\" or \"stretch\", got {other:?}"
+            )),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CenterCrop => "center-crop",
+            Self::Letterbox => "letterbox",
+            Self::Stretch => "stretch",
+        }
+    }
+}
+
+/// Thresholds and hysteresis before the model's label list is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelPolicy {
+    /// On-threshold for labels with neither a config override nor a model default.
+    pub threshold: f32,
+    /// How far below its on-threshold a label must fall to turn off.
+    pub hysteresis: f32,
+    /// A label keeps a new state at least this long before it may change again.
+    pub min_hold: Duration,
+    pub overrides: BTreeMap<String, LabelOverride>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LabelOverride {
+    pub on: Option<f32>,
+    pub off: Option<f32>,
+}
+
+impl Default for LabelPolicy {
+    fn default() -> Self {
+        Self {
+            threshold: 0.5,
+            hysteresis: 0.1,
+            min_hold: Duration::from_secs(1),
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum OutputConfig {
+    Mqtt(Box<MqttConfig>),
+    Stdout,
+}
+
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub broker: BrokerChoice,
+    pub topic_prefix: String,
+    pub client_id: String,
+    pub qos: u8,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<TlsConfig>,
+    /// Publish the `labels` JSON on every Nth inference.
+    pub publish_every: u32,
+    pub stats_interval: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerChoice {
+    /// A broker the user runs (mosquitto, EMQX, Home Assistant's add-on...).
+    External { host: String, port: u16 },
+    /// No broker configured: labelcast starts one in-process on this address.
+    Embedded { listen: SocketAddr },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub insecure_skip_verify: bool,
+}
+
+/// A password: kept out of `Debug` output and therefore out of every log.
+#[derive(Clone, PartialEq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where the repository's (or the installed package's) models and sample
+/// photos live, for the embedded defaults. Searched in order:
+/// `$LABELCAST_DATA_DIR`, `<exe>/../share/labelcast`, `/usr/share/labelcast`,
+/// and the source tree the binary was built from.
+pub fn data_dir() -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("LABELCAST_DATA_DIR") {
+        candidates.push(PathBuf::from(dir));
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(prefix) = exe.parent().and_then(Path::parent)
+    {
+        candidates.push(prefix.join("share/labelcast"));
+    }
+    candidates.push(PathBuf::from("/usr/share/labelcast"));
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    candidates.into_iter().find(|dir| dir.join(DEFAULT_MODEL).is_file())
+}
+
+/// The shipped demo model, relative to [`data_dir`].
+pub const DEFAULT_MODEL: &str = "models/demo/labelcast-demo-int8.onnx";
+/// The shipped sample photos, relative to [`data_dir`].
+pub const DEFAULT_PHOTOS: &str = "calibration/images";
+/// The embedded broker's default address.
+pub const DEFAULT_EMBEDDED_LISTEN: &str = "127.0.0.1:1883";
+
+fn default_device_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id = sanitize_id(host.trim());
+    if id.is_empty() { "labelcast".to_string() } else { id }
+}
+
+/// Lower-case, with anything outside `[a-z0-9_-]` replaced by `_`, so the id is
+/// safe in MQTT topics and Home Assistant object ids.
+pub fn sanitize_id(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn duration(field: &str, raw: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text).map_err(|err| {
+            ConfigError::new(
+                field,
+                format!("expected a duration like \"500ms\" or \"2s\", got {text:?} ({err})"),
+            )
+        }),
+    }
+}
+
+fn unit_interval(field: &str, value: f64) -> Result<f32, ConfigError> {
+    if value.is_finite() && (0.0..=1.0).contains(&value) {
+        Ok(value as f32)
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("expected a number from 0 to 1, got {value}"),
+        ))
+    }
+}
+
+fn rgb_triplet(field: &str, raw: &Option<Vec<f32>>) -> Result<Option<[f32; 3]>, ConfigError> {
+    match raw {
+        None => Ok(None),
+        Some(values) => match values.as_slice() {
+            [r, g, b] if values.iter().all(|v| v.is_finite()) => Ok(Some([*r, *g, *b])),
+            _ => Err(ConfigError::new(
+                field,
+                format!("expected three finite numbers (R, G, B), got {values:?}"),
+            )),
+        },
+    }
+}
+
+fn readable_file(field: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|err| ConfigError::new(field, format!("cannot read {}: {err}", path.display())))
+}
+
+impl Config {
+    /// Checks everything that can be checked without loading the model.
+    pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let device_id = match &raw.device_id {
+            Some(id) => {
+                let clean = sanitize_id(id);
+                if clean.is_empty() || clean != *id {
+                    return Err(ConfigError::new(
+                        "device_id",
+                        format!("expected lower-case letters, digits, '-' or '_', got {id:?} (try {clean:?})"),
+                    ));
+                }
+                clean
+            }
+            None => default_device_id(),
+        };
+
+        let data = data_dir();
+        let source_uri = match &raw.source.uri {
+            Some(uri) => uri.clone(),
+            None => {
+                let dir = data.as_ref().ok_or_else(|| {
+                    ConfigError::new(
+                        "source.uri",
+                        "not set, and the shipped sample photos were not found (set LABELCAST_DATA_DIR or source.uri)",
+                    )
+                })?;
+                format!("file://{}?fps=2&loop=true", dir.join(DEFAULT_PHOTOS).display())
+            }
+        };
+        let source = SourceSpec::parse(&source_uri).map_err(|msg| ConfigError::new("source.uri", msg))?;
+
+        if let SourceSpec::File { path, .. } = &source
+            && !path.exists()
+        {
+            return Err(ConfigError::new(
+                "source.uri",
+                format!("{} does not exist", path.display()),
+            ));
+        }
+        let model = validate_model(&raw.model, data.as_deref())?;
+
+        let labels = validate_labels(&raw.labels)?;
+
+        let mode = raw.output.mode.as_deref().unwrap_or("mqtt");
+        let output = match mode {
+            "mqtt" => OutputConfig::Mqtt(Box::new(validate_mqtt(&raw.mqtt, &device_id)?)),
+            "stdout" => OutputConfig::Stdout,
+            other => {
+                return Err(ConfigError::new(
+                    "output.mode",
+                    format!("expected \"mqtt\" or \"stdout\", got {other:?}"),
+                ));
+            }
+        };
+
+        Ok(Config {
+            device_id,
+            source,
+            model,
+            labels,
+            output,
+        })
+    }
+
+    /// Reads `path` (if any), applies the overrides and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
+        let mut raw = match path {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        raw.apply(overrides);
+        let config = Config::validate(raw);
+        match path {
+            Some(path) => config.with_context(|| format!("config file {}", path.display())),
+            None => Ok(config?),
+        }
+    }
+}
+
+/// Checks the `[model]` section; an unset path means the shipped demo model.
+pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig, ConfigError> {
+    let path = match &raw.path {
+        Some(path) => path.clone(),
+        None => data.map(|d| d.join(DEFAULT_MODEL)).ok_or_else(|| {
+            ConfigError::new(
+                "model.path",
+                "not set, and the shipped demo model was not found (set LABELCAST_DATA_DIR or model.path)",
+            )
+        })?,
+    };
+    if !path.is_file() {
+        return Err(ConfigError::new(
+            "model.path",
+            format!("{} does not exist or is not a file", path.display()),
+        ));
+    }
+    let overrides = MetadataOverrides {
+        labels: raw.labels.as_deref().map(validate_label_names).transpose()?,
+        mean: rgb_triplet("model.mean", &raw.mean)?,
+        std: rgb_triplet("model.std", &raw.std)?,
+        output: raw
+            .output
+            .as_deref()
+            .map(OutputKind::parse)
+            .transpose()
+            .map_err(|m| ConfigError::new("model.output", m))?,
+        resize: raw
+            .resize
+            .as_deref()
+            .map(ResizeMode::parse)
+            .transpose()
+            .map_err(|m| ConfigError::new("model.resize", m))?,
+    };
+    if let Some(std) = overrides.std
+        && std.iter().any(|v| *v <= 0.0)
+    {
+        return Err(ConfigError::new(
+            "model.std",
+            format!("every value must be above 0, got {std:?}"),
+        ));
+    }
+    let threads = match raw.threads {
+        None => 1,
+        Some(n) if (1..=256).contains(&n) => n as usize,
+        Some(n) => return Err(ConfigError::new("model.threads", format!("expected 1 to 256, got {n}"))),
+    };
+    Ok(ModelConfig {
+        path,
+        overrides,
+        threads,
+    })
+}
+
+fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {
+    if labels.is_empty() {
+        return Err(ConfigError::new("model.labels", "the list is empty"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for name in labels {
+        if name.is_empty() || name.contains(['/', '+', '#']) {
+            return Err(ConfigError::new(
+                "model.labels",
+                format!("label {name:?} is empty or holds an MQTT wildcard or '/'"),
+            ));
+        }
+        if !seen.insert(name) {
+            return Err(ConfigError::new(
+                "model.labels",
+                format!("label {name:?} appears twice"),
+            ));
+        }
+    }
+    Ok(labels.to_vec())
+}
+
+/// Checks the `[labels]` section.
+pub fn validate_labels(raw: &RawLabels) -> Result<LabelPolicy, ConfigError> {
+    let defaults = LabelPolicy::default();
+    let threshold = match raw.threshold {
+        Some(v) => unit_interval("labels.threshold", v)?,
+        None => defaults.threshold,
+    };
+    let hysteresis = match raw.hysteresis {
+        Some(v) => unit_interval("labels.hysteresis", v)?,
+        None => defaults.hysteresis,
+    };
+    let min_hold = duration("labels.min_hold", &raw.min_hold, defaults.min_hold)?;
+    let mut overrides = BTreeMap::new();
+    for (name, o) in &raw.overrides {
+        let field = |part: &str| format!("labels.overrides.{name}.{part}");
+        let on = o.on.map(|v| unit_interval(&field("on"), v)).transpose()?;
+        let off = o.off.map(|v| unit_interval(&field("off"), v)).transpose()?;
+        if let (Some(on), Some(off)) = (on, off)
+            && off > on
+        {
+            return Err(ConfigError::new(
+                field("off"),
+                format!("must not be above on ({on}), got {off}"),
+            ));
+        }
+        overrides.insert(name.clone(), LabelOverride { on, off });
+    }
+    Ok(LabelPolicy {
+        threshold,
+        hysteresis,
+        min_hold,
+        overrides,
+    })
+}
+
+/// Parses `mqtt://host[:port]` (also `tcp://`) and `mqtts://host[:port]`
+/// (also `ssl://`); returns host, port and whether TLS is implied.
+pub fn parse_mqtt_url(text: &str) -> Result<(String, u16, bool), String> {
+    let url = url::Url::parse(text).map_err(|err| format!("not a URL ({err}): {text:?}"))?;
+    let tls = match url.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" | "tls" => true,
+        other => return Err(format!("expected an mqtt:// or mqtts:// URL, got scheme {other:?}")),
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("put credentials in mqtt.username and mqtt.password_file, not in the URL".into());
+    }
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("no host in {text:?}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    Ok((host, port, tls))
+}
+
+fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigError> {
+    let (broker, url_tls) = match &raw.url {
+        Some(text) => {
+            let (host, port, tls) = parse_mqtt_url(text).map_err(|m| ConfigError::new("mqtt.url", m))?;
+            (BrokerChoice::External { host, port }, tls)
+        }
+        None => {
+            let text = raw.embedded_listen.as_deref().unwrap_or(DEFAULT_EMBEDDED_LISTEN);
+            let listen = text.parse().map_err(|_| {
+                ConfigError::new(
+                    "mqtt.embedded_listen",
+                    format!("expected host:port like \"127.0.0.1:1883\", got {text:?}"),
+                )
+            })?;
+            (BrokerChoice::Embedded { listen }, false)
+        }
+    };
+
+    let qos = match raw.qos {
+        None => 1,
+        Some(q @ 0..=2) => q as u8,
+        Some(q) => return Err(ConfigError::new("mqtt.qos", format!("expected 0, 1 or 2, got {q}"))),
+    };
+
+    let topic_prefix = raw
+        .topic_prefix
+        .clone()
+        .unwrap_or_else(|| format!("labelcast/{device_id}"));
+    let topic_prefix = topic_prefix.trim_end_matches('/').to_string();
+    if topic_prefix.is_empty() || topic_prefix.contains(['+', '#']) {
+        return Err(ConfigError::new(
+            "mqtt.topic_prefix",
+            format!("expected a topic without wildcards, got {topic_prefix:?}"),
+        ));
+    }
+
+    let client_id = raw
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("labelcast-{device_id}"));
+    if client_id.is_empty() || client_id.len() > 128 {
+        return Err(ConfigError::new("mqtt.client_id", "expected 1 to 128 characters"));
+    }
+
+    let keep_alive = duration("mqtt.keep_alive", &raw.keep_alive, Duration::from_secs(30))?;
+    if keep_alive < Duration::from_secs(5) {
+        return Err(ConfigError::new("mqtt.keep_alive", "expected at least 5s"));
+    }
+
+    let password = match (&raw.password_file, &raw.password_env) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "mqtt.password_file",
+                "set password_file or password_env, not both",
+            ));
+        }
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                ConfigError::new("mqtt.password_file", format!("cannot read {}: {err}", path.display()))
+            })?;
+            Some(Secret(text.trim_end_matches(['\n', '\r']).to_string()))
+        }
+        (None, Some(var)) => Some(Secret(std::env::var(var).map_err(|_| {
+            ConfigError::new("mqtt.password_env", format!("environment variable {var} is not set"))
+        })?)),
+        (None, None) => None,
+    };
+    if password.is_some() && raw.username.is_none() {
+        return Err(ConfigError::new("mqtt.username", "a password is set but no username"));
+    }
+
+    let tls = match (&raw.tls, url_tls) {
+        (None, false) => None,
+        (None, true) => Some(TlsConfig {
+            ca_file: None,
+            client_cert: None,
+            insecure_skip_verify: false,
+        }),
+        (Some(t), _) => {
+            if let Some(ca) = &t.ca_file {
+                readable_file("mqtt.tls.ca_file", ca)?;
+            }
+            let client_cert = match (&t.cert_file, &t.key_file) {
+                (Some(cert), Some(key)) => {
+                    readable_file("mqtt.tls.cert_file", cert)?;
+                    readable_file("mqtt.tls.key_file", key)?;
+                    Some((cert.clone(), key.clone()))
+                }
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(ConfigError::new(
+                        "mqtt.tls.key_file",
+                        "cert_file is set but key_file is not",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        "mqtt.tls.cert_file",
+                        "key_file is set but cert_file is not",
+                    ));
+                }
+            };
+            Some(TlsConfig {
+                ca_file: t.ca_file.clone(),
+                client_cert,
+                insecure_skip_verify: t.insecure_skip_verify,
+            })
+        }
+    };
+    if tls.is_some() && matches!(broker, BrokerChoice::Embedded { .. }) {
+        return Err(ConfigError::new(
+            "mqtt.tls",
+            "TLS needs an external broker: set mqtt.url",
+        ));
+    }
+
+    let publish_every = match raw.publish_every {
+        None => 1,
+        Some(n) if (1..=1_000_000).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::new(
+                "mqtt.publish_every",
+                format!("expected 1 or more, got {n}"),
+            ));
+        }
+    };
+    let stats_interval = duration("mqtt.stats_interval", &raw.stats_interval, Duration::from_secs(30))?;
+    let reconnect_min = duration("mqtt.reconnect_min", &raw.reconnect_min, Duration::from_millis(250))?;
+    let reconnect_max = duration("mqtt.reconnect_max", &raw.reconnect_max, Duration::from_secs(30))?;
+    if reconnect_min.is_zero() || reconnect_min > reconnect_max {
+        return Err(ConfigError::new(
+            "mqtt.reconnect_min",
+            format!("must be above 0 and not above mqtt.reconnect_max ({reconnect_max:?})"),
+        ));
+    }
+
+    Ok(MqttConfig {
+        broker,
+        topic_prefix,
+        client_id,
+        qos,
+        keep_alive,
+        username: raw.username.clone(),
+        password,
+        tls,
+        publish_every,
+        stats_interval,
+        reconnect_min,
+        reconnect_max,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_file() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().unwrap()
+    }
+
+    fn validate(toml_text: &str) -> Result<Config, ConfigError> {
+        let model = model_file();
+        // Top-level keys in `toml_text` must come before any table.
+        let text = format!(
+            "{toml_text}\n[source]\nuri = \"test://pattern\"\n[model]\npath = {:?}\n",
+            model.path().display().to_string()
+        );
+        Config::validate(RawConfig::from_toml(&text)?)
+    }
+
+    #[test]
+    fn a_qos_of_three_is_rejected_naming_the_field() {
+        let err = validate("[mqtt]\nqos = 3\n").unwrap_err();
+        assert_eq!(err.to_string(), "mqtt.qos: expected 0, 1 or 2, got 3");
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_its_section() {
+        let err = RawConfig::from_toml("[mqtt]\nqso = 1\n").unwrap_err();
+        assert_eq!(err.field, "mqtt.qso");
+        assert!(
+            err.message.contains("unknown field `qso`") && err.message.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_dotted_field() {
+        let err = RawConfig::from_toml("[labels]\nthreshold = \"high\"\n").unwrap_err();
+        assert_eq!(err.field, "labels.threshold");
+        assert!(err.message.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn a_threshold_above_one_is_rejected() {
+        let err = validate("[labels]\nthreshold = 1.5\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "labels.threshold: expected a number from 0 to 1, got 1.5"
+        );
+    }
+
+    #[test]
+    fn an_off_threshold_above_on_is_rejected() {
+        let err = validate("[labels.overrides.cat]\non = 0.4\noff = 0.6\n").unwrap_err();
+        assert_eq!(err.field, "labels.overrides.cat.off");
+    }
+
+    #[test]
+    fn no_broker_url_means_the_embedded_broker_on_loopback() {
+        let config = validate("").unwrap();
+        let OutputConfig::Mqtt(mqtt) = config.output else {
+            panic!("expected mqtt output")
+        };
+        assert_eq!(
+            mqtt.broker,
+            BrokerChoice::Embedded {
+                listen: "127.0.0.1:1883".parse().unwrap()
+            }
+        );
+        assert_eq!(mqtt.qos, 1);
+    }
+
+    #[test]
+    fn an_mqtts_url_turns_tls_on_with_port_8883() {
+        assert_eq!(
+            parse_mqtt_url("mqtts://broker.lan").unwrap(),
+            ("broker.lan".into(), 8883, true)
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtt://10.0.0.2:1884").unwrap(),
+            ("10.0.0.2".into(), 1884, false)
+        );
+        assert!(parse_mqtt_url("http://x").unwrap_err().contains("scheme"));
+        assert!(parse_mqtt_url("mqtt://u:p@x").unwrap_err().contains("credentials"));
+    }
+
+    #[test]
+    fn a_missing_tls_ca_file_is_named() {
+        let err = validate("[mqtt]\nurl = \"mqtts://x\"\n[mqtt.tls]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        assert_eq!(err.field, "mqtt.tls.ca_file");
+        assert!(err.message.contains("/nonexistent/ca.pem"));
+    }
+
+    #[test]
+    fn a_missing_model_file_is_named() {
+        let text = "[source]\nuri = \"test://pattern\"\n[model]\npath = \"/nonexistent/m.onnx\"\n";
+        let err = Config::validate(RawConfig::from_toml(text).unwrap()).unwrap_err();
+        assert_eq!(err.field, "model.path");
+    }
+
+    #[test]
+    fn a_bad_source_uri_is_named() {
+        let model = model_file();
+        let text = format!(
+            "[source]\nuri = \"ftp://x\"\n[model]\npath = {:?}\n",
+            model.path().display().to_string()
+        );
+        let err = Config::validate(RawConfig::from_toml(&text).unwrap()).unwrap_err();
+        assert_eq!(err.field, "source.uri");
+    }
+
+    #[test]
+    fn command_line_overrides_replace_file_values() {
+        let mut raw = RawConfig::from_toml("[mqtt]\nurl = \"mqtt://a:1\"\n[output]\nmode = \"mqtt\"\n").unwrap();
+        raw.apply(&Overrides {
+            mqtt_url: Some("mqtt://b:2".into()),
+            output: Some("stdout".into()),
+            ..Default::default()
+        });
+        assert_eq!(raw.mqtt.url.as_deref(), Some("mqtt://b:2"));
+        assert_eq!(raw.output.mode.as_deref(), Some("stdout"));
+    }
+
+    #[test]
+    fn a_password_never_appears_in_debug_output() {
+        let secret = Secret("hunter2".into());
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn device_ids_with_spaces_are_rejected_with_a_suggestion() {
+        let err = validate("device_id = \"Kitchen Cam\"\n").unwrap_err();
+        assert_eq!(err.field, "device_id");
+        assert!(err.message.contains("kitchen_cam"));
+    }
+}

@@ -1,0 +1,24 @@
+//! labelcast: camera frames in, labels out on MQTT, for Jetson and ARM boards.
+//!
+//! ```text
+//!  source ──Frame──▶ preprocess ──Tensor──▶ engine ──scores──▶ labels ──LabelEvent──▶ publish
+//!  (file, test       (decode, fit,           (tract; INT8         (sigmoid, thresholds,  (MQTT with retained
+//!   pattern; cameras   normalise, NCHW)        QDQ or FP32 ONNX)    hysteresis, hold)      state, or stdout)
+//!   later)
+//!                      pipeline.rs wires the stages, owns threads and shutdown
+//! ```
+//!
+//! Each module owns one stage; the types that cross a boundary are the
+//! project's own ([`source::Frame`], [`engine::Tensor`], [`labels::LabelEvent`]),
+//! so no tract, rumqttc or image type leaks between stages. [`config`] turns a
+//! TOML file and command-line flags into a checked [`config::Config`] before
+//! anything starts.
+
+pub mod config;
+pub mod engine;
+pub mod labels;
+pub mod pipeline;
+pub mod preprocess;
+pub mod publish;
+pub mod source;
+pub mod telemetry;

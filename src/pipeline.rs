@@ -1,0 +1,427 @@
+//! Wires source -> preprocess -> engine -> labels -> sink, and owns threads
+//! and shutdown.
+//!
+//! Capture and inference each get an OS thread (both block: on a device, on
+//! the CPU), joined by a [`FrameSlot`] that holds one frame. A live source
+//! overwrites a frame inference has not taken yet, so a slow model skips
+//! stale frames instead of queueing them; a file source waits instead, since
+//! its frames are not going stale. Label events go to the sink (an async
+//! task) through a bounded channel with `try_send`: inference never waits on
+//! the network.
+//!
+//! Shutdown is ordered: stop capture, let inference finish the frame in
+//! flight, close the event channel, and let the sink publish `offline` and
+//! disconnect.
+
+use std::future::Future;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, OutputConfig};
+use crate::engine::Engine;
+use crate::engine::tract::TractEngine;
+use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker};
+use crate::preprocess::Preprocessor;
+use crate::publish;
+use crate::source::{self, Frame, FrameSource, SourceError, SourceSpec};
+use crate::telemetry::{Counters, RateLimit};
+
+/// The model and label rules a config yields, loaded and cross-checked.
+pub struct Prepared {
+    pub engine: Box<dyn Engine>,
+    pub rules: Vec<LabelRule>,
+}
+
+/// Loads the model and checks it against the config (label count, label
+/// overrides). `check-config` stops here; `run` goes on.
+pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
+    let engine = TractEngine::load(&config.model)?;
+    let rules = labels::resolve_rules(&config.labels, &engine.info().metadata)?;
+    Ok(Prepared {
+        engine: Box::new(engine),
+        rules,
+    })
+}
+
+/// One frame's worth of room between capture and inference.
+pub struct FrameSlot {
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    frame: Option<Frame>,
+    closed: bool,
+}
+
+impl Default for FrameSlot {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(SlotState::default()),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl FrameSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Puts a frame, replacing one not yet taken; returns true if it replaced one.
+    pub fn put_latest(&self, frame: Frame) -> bool {
+        let replaced = self.lock().frame.replace(frame).is_some();
+        self.changed.notify_all();
+        replaced
+    }
+
+    /// Puts a frame, first waiting until the previous one was taken; false if
+    /// the slot closed meanwhile.
+    pub fn put_wait(&self, frame: Frame) -> bool {
+        let mut state = self.lock();
+        while state.frame.is_some() && !state.closed {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if state.closed {
+            return false;
+        }
+        state.frame = Some(frame);
+        self.changed.notify_all();
+        true
+    }
+
+    /// The next frame; `None` once the slot is closed and empty.
+    pub fn take(&self) -> Option<Frame> {
+        let mut state = self.lock();
+        loop {
+            if let Some(frame) = state.frame.take() {
+                self.changed.notify_all();
+                return Some(frame);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// No more frames. With `discard`, a frame not yet taken is dropped (a
+    /// shutdown); without, it is still delivered (a finite source ended).
+    pub fn close(&self, discard: bool) {
+        let mut state = self.lock();
+        state.closed = true;
+        if discard {
+            state.frame = None;
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// A stop flag that sleeping threads can wait on.
+#[derive(Default)]
+struct StopSignal {
+    stopped: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl StopSignal {
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.changed.notify_all();
+    }
+    fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Sleeps up to `duration`; true if stopped meanwhile.
+    fn sleep(&self, duration: Duration) -> bool {
+        let guard = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, duration, |stopped| !*stopped)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+/// Runs the daemon until `shutdown` completes or a finite source ends.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let prepare_config = config.clone();
+    let Prepared { engine, rules } = tokio::task::spawn_blocking(move || prepare(&prepare_config))
+        .await
+        .context("model loading thread")??;
+    let source = source::open(&config.source).context("opening the frame source")?;
+    let live = !matches!(config.source, SourceSpec::File { .. });
+    tracing::info!(source = %source.describe(), device_id = %config.device_id, "source opened");
+
+    // Room for a burst while a sink catches up; beyond it events are dropped and counted.
+    let (events_tx, events_rx) = mpsc::channel::<LabelEvent>(64);
+    let sink = match &config.output {
+        OutputConfig::Mqtt(mqtt) => {
+            if let crate::config::BrokerChoice::Embedded { listen } = mqtt.broker {
+                publish::broker::start_embedded(listen)?;
+            }
+            tokio::spawn(publish::mqtt::run(
+                (**mqtt).clone(),
+                rules.clone(),
+                events_rx,
+                counters.clone(),
+            ))
+        }
+        OutputConfig::Stdout => tokio::spawn(publish::stdout::run(events_rx)),
+    };
+
+    let slot = Arc::new(FrameSlot::default());
+    let stop = Arc::new(StopSignal::default());
+    let capture = spawn_capture(source, live, slot.clone(), stop.clone(), counters.clone())?;
+    let inference = spawn_inference(
+        engine,
+        rules,
+        config.labels.min_hold,
+        slot.clone(),
+        events_tx,
+        counters.clone(),
+    )?;
+
+    // The inference thread ends by itself when a finite source runs out;
+    // watch it from async code without blocking the runtime.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let inference_watch = std::thread::Builder::new()
+        .name("inference-watch".into())
+        .spawn(move || {
+            let result = inference.join();
+            let _ = done_tx.send(());
+            result
+        })?;
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested: stopping capture, finishing the frame in flight"),
+        _ = done_rx => tracing::info!("source finished: all frames processed"),
+    }
+    stop.stop();
+    slot.close(true);
+    join_thread("capture", capture)?;
+    let _ = tokio::task::spawn_blocking(move || inference_watch.join()).await;
+    // The inference thread dropped the event sender; the sink drains and disconnects.
+    match tokio::time::timeout(Duration::from_secs(10), sink).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(err)) => return Err(anyhow::anyhow!("sink task failed: {err}")),
+        Err(_) => tracing::warn!("sink did not stop within 10 s"),
+    }
+    tracing::info!(stats = %counters.snapshot(started.elapsed()), "labelcast stopped");
+    Ok(())
+}
+
+fn join_thread(name: &str, handle: JoinHandle<()>) -> anyhow::Result<()> {
+    handle.join().map_err(|_| anyhow::anyhow!("the {name} thread panicked"))
+}
+
+static SKIP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
+static DROP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
+static FAIL_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+fn spawn_capture(
+    mut source: Box<dyn FrameSource>,
+    live: bool,
+    slot: Arc<FrameSlot>,
+    stop: Arc<StopSignal>,
+    counters: Arc<Counters>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let thread = std::thread::Builder::new().name("capture".into()).spawn(move || {
+        let mut next_due = Instant::now();
+        while !stop.is_stopped() {
+            if let Some(interval) = source.frame_interval() {
+                let now = Instant::now();
+                if next_due > now && stop.sleep(next_due - now) {
+                    break;
+                }
+                // Keep a steady cadence, but do not burst to catch up after a stall.
+                next_due = (next_due + interval).max(Instant::now());
+            }
+            match source.next_frame() {
+                Ok(Some(frame)) => {
+                    Counters::inc(&counters.frames_captured);
+                    tracing::trace!(sequence = frame.sequence, origin = frame.origin(), "frame captured");
+                    if live {
+                        if slot.put_latest(frame) {
+                            Counters::inc(&counters.frames_dropped);
+                            if let Some(suppressed) = DROP_WARNING.check(Instant::now()) {
+                                tracing::warn!(
+                                    suppressed,
+                                    dropped_total = Counters::get(&counters.frames_dropped),
+                                    "inference is slower than the source: dropping stale frames"
+                                );
+                            }
+                        }
+                    } else if !slot.put_wait(frame) {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!(source = %source.describe(), "source reached its end");
+                    slot.close(false);
+                    return;
+                }
+                Err(SourceError::Skipped { origin, reason }) => {
+                    Counters::inc(&counters.frames_failed);
+                    if let Some(suppressed) = SKIP_WARNING.check(Instant::now()) {
+                        tracing::warn!(origin, reason, suppressed, "frame skipped");
+                    }
+                }
+                Err(SourceError::Fatal(message)) => {
+                    tracing::error!(source = %source.describe(), error = message, "source failed; no more frames");
+                    slot.close(false);
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(thread)
+}
+
+fn spawn_inference(
+    mut engine: Box<dyn Engine>,
+    rules: Vec<LabelRule>,
+    min_hold: Duration,
+    slot: Arc<FrameSlot>,
+    events: mpsc::Sender<LabelEvent>,
+    counters: Arc<Counters>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let info = engine.info().clone();
+    let meta = &info.metadata;
+    let mut preprocessor = Preprocessor::new(
+        info.input_width(),
+        info.input_height(),
+        meta.mean,
+        meta.std,
+        meta.resize,
+    );
+    let model_name: Arc<str> = Arc::from(meta.name.as_str());
+    let output_kind = meta.output;
+    let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
+        let mut tensor = preprocessor.new_tensor();
+        let mut tracker = LabelTracker::new(rules, min_hold);
+        while let Some(frame) = slot.take() {
+            if let Err(err) = preprocessor.run(&frame, &mut tensor) {
+                Counters::inc(&counters.frames_failed);
+                if let Some(suppressed) = FAIL_WARNING.check(Instant::now()) {
+                    tracing::warn!(error = %format!("{err:#}"), suppressed, "frame skipped");
+                }
+                continue;
+            }
+            let began = Instant::now();
+            let mut scores = match engine.infer(&tensor) {
+                Ok(scores) => scores,
+                Err(err) => {
+                    Counters::inc(&counters.frames_failed);
+                    tracing::error!(error = %format!("{err:#}"), origin = frame.origin(), "inference failed");
+                    continue;
+                }
+            };
+            let elapsed = began.elapsed();
+            Counters::inc(&counters.inferences);
+            Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
+            labels::to_scores(&mut scores, output_kind);
+            let changed = tracker.update(&scores, Instant::now());
+            let labels: Vec<LabelScore> = tracker
+                .rules()
+                .iter()
+                .zip(&scores)
+                .enumerate()
+                .map(|(i, (rule, &score))| LabelScore { name: rule.name.clone(), score, on: tracker.is_on(i) })
+                .collect();
+            for &i in &changed {
+                Counters::inc(&counters.state_changes);
+                tracing::info!(label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = frame.origin(), "label changed");
+            }
+            tracing::trace!(sequence = frame.sequence, inference_ms = elapsed.as_secs_f64() * 1e3, "frame classified");
+            let event = LabelEvent {
+                sequence: frame.sequence,
+                timestamp: SystemTime::now(),
+                origin: frame.origin.clone(),
+                model: model_name.clone(),
+                inference_ms: elapsed.as_secs_f64() * 1e3,
+                labels,
+                changed,
+            };
+            match events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => Counters::inc(&counters.labels_dropped),
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+    })?;
+    Ok(thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(sequence: u64) -> Frame {
+        Frame {
+            format: crate::source::PixelFormat::Gray8,
+            width: 1,
+            height: 1,
+            stride: 1,
+            data: vec![0],
+            sequence,
+            captured_at: SystemTime::now(),
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn a_live_slot_keeps_only_the_newest_frame_and_reports_the_drop() {
+        let slot = FrameSlot::default();
+        assert!(!slot.put_latest(frame(1)));
+        assert!(slot.put_latest(frame(2)));
+        assert_eq!(slot.take().unwrap().sequence, 2);
+    }
+
+    #[test]
+    fn closing_without_discard_still_delivers_the_last_frame() {
+        let slot = FrameSlot::default();
+        slot.put_latest(frame(9));
+        slot.close(false);
+        assert_eq!(slot.take().unwrap().sequence, 9);
+        assert!(slot.take().is_none());
+    }
+
+    #[test]
+    fn closing_with_discard_drops_the_waiting_frame_and_wakes_a_blocked_writer() {
+        let slot = Arc::new(FrameSlot::default());
+        slot.put_latest(frame(1));
+        let writer = {
+            let slot = slot.clone();
+            std::thread::spawn(move || slot.put_wait(frame(2)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        slot.close(true);
+        assert!(!writer.join().unwrap(), "the blocked writer learns the slot closed");
+        assert!(slot.take().is_none());
+    }
+
+    #[test]
+    fn a_waiting_writer_hands_over_every_frame_in_order() {
+        let slot = Arc::new(FrameSlot::default());
+        let writer = {
+            let slot = slot.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    assert!(slot.put_wait(frame(i)));
+                }
+                slot.close(false);
+            })
+        };
+        let received: Vec<u64> = std::iter::from_fn(|| slot.take()).map(|f| f.sequence).collect();
+        writer.join().unwrap();
+        assert_eq!(received, (0..50).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,426 @@
+//! The MQTT sink, on `rumqttc`.
+//!
+//! Two tasks share one client. The *connection driver* polls rumqttc's event
+//! loop (it must be polled for anything to move) and owns reconnecting:
+//! rumqttc retries on the next poll without waiting, so the driver sleeps a
+//! capped exponential backoff with jitter between failed attempts and resets
+//! it on ConnAck. The *publisher* turns label events into messages; it never
+//! blocks: while the broker is away, `labels` messages are dropped and
+//! counted, and the latest per-label state is kept and re-sent (retained) on
+//! every reconnect, together with `available = online`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use tokio::sync::{mpsc, watch};
+
+use super::payload::{self, Topics};
+use crate::config::{BrokerChoice, MqttConfig, TlsConfig};
+use crate::labels::{LabelEvent, LabelRule};
+use crate::telemetry::{Counters, RateLimit};
+
+/// Capped exponential backoff with "equal jitter": each wait is between half
+/// and all of the current step, so many devices restarting together spread out.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, step: min }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        let half = step / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    pub fn reset(&mut self) {
+        self.step = self.min;
+    }
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// Connection state as the driver sees it; `generation` grows on every ConnAck.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Link {
+    connected: bool,
+    generation: u64,
+}
+
+/// Runs until `events` closes (the pipeline stopped), then publishes
+/// `offline` and disconnects cleanly.
+pub async fn run(
+    config: MqttConfig,
+    rules: Vec<LabelRule>,
+    mut events: mpsc::Receiver<LabelEvent>,
+    counters: Arc<Counters>,
+) -> anyhow::Result<()> {
+    // The embedded broker, when chosen, was started before the sink and
+    // listens on its address.
+    let (host, port) = match &config.broker {
+        BrokerChoice::External { host, port } => (host.clone(), *port),
+        BrokerChoice::Embedded { listen } => (listen.ip().to_string(), listen.port()),
+    };
+    let topics = Topics::new(&config.topic_prefix);
+    let mut options = MqttOptions::new(&config.client_id, host.as_str(), port);
+    options
+        .set_keep_alive(config.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(256 * 1024, 256 * 1024)
+        .set_last_will(LastWill::new(topics.available(), "offline", QoS::AtLeastOnce, true));
+    if let Some(user) = &config.username {
+        options.set_credentials(user, config.password.as_ref().map(|p| p.expose()).unwrap_or(""));
+    }
+    if let Some(tls) = &config.tls {
+        options.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls_client_config(tls)?)));
+    }
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    let (link_tx, link_rx) = watch::channel(Link::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let driver = tokio::spawn(drive_connection(
+        eventloop,
+        config.reconnect_min,
+        config.reconnect_max,
+        link_tx,
+        stop_rx,
+        counters.clone(),
+    ));
+    tracing::info!(broker = %format!("{host}:{port}"), tls = config.tls.is_some(), client_id = %config.client_id, prefix = %config.topic_prefix, "MQTT sink starting");
+
+    let mut publisher = Publisher {
+        client: client.clone(),
+        topics,
+        qos: qos(config.qos),
+        publish_every: config.publish_every,
+        states: rules.iter().map(|r| (r.name.clone(), false)).collect(),
+        counters: counters.clone(),
+        started: Instant::now(),
+        events_seen: 0,
+        connected: false,
+        drop_warning: RateLimit::new(Duration::from_secs(30)),
+    };
+    let mut link_rx = link_rx;
+    let mut stats_tick = tokio::time::interval(config.stats_interval);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Each branch is cancel-safe: recv, changed and tick lose nothing when
+        // another branch wins.
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => publisher.on_event(&event),
+                None => break,
+            },
+            changed = link_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let link = *link_rx.borrow_and_update();
+                publisher.connected = link.connected;
+                if link.connected {
+                    publisher.on_connect();
+                }
+            }
+            _ = stats_tick.tick() => publisher.publish_stats(),
+        }
+    }
+
+    if publisher.connected {
+        publisher.publish_stats();
+        let _ = client.try_publish(publisher.topics.available(), QoS::AtLeastOnce, true, "offline");
+        let _ = client.try_disconnect();
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(3), driver).await.is_err() {
+        tracing::warn!("MQTT connection did not close within 3 s; exiting anyway");
+    }
+    tracing::info!("MQTT sink stopped");
+    Ok(())
+}
+
+struct Publisher {
+    client: AsyncClient,
+    topics: Topics,
+    qos: QoS,
+    publish_every: u32,
+    states: Vec<(Arc<str>, bool)>,
+    counters: Arc<Counters>,
+    started: Instant,
+    events_seen: u64,
+    connected: bool,
+    drop_warning: RateLimit,
+}
+
+impl Publisher {
+    fn on_connect(&mut self) {
+        self.send(self.topics.available(), true, "online".into());
+        for (name, on) in self.states.clone() {
+            self.send(self.topics.label(&name), true, payload::on_off(on).into());
+        }
+        self.publish_stats();
+    }
+
+    fn on_event(&mut self, event: &LabelEvent) {
+        for &index in &event.changed {
+            let label = &event.labels[index];
+            self.states[index].1 = label.on;
+            if self.connected {
+                self.send(self.topics.label(&label.name), true, payload::on_off(label.on).into());
+            }
+        }
+        let due = self.events_seen.is_multiple_of(u64::from(self.publish_every));
+        self.events_seen += 1;
+        if !due {
+            return;
+        }
+        if !self.connected {
+            Counters::inc(&self.counters.labels_dropped);
+            if let Some(suppressed) = self.drop_warning.check(Instant::now()) {
+                tracing::warn!(
+                    suppressed,
+                    dropped_total = Counters::get(&self.counters.labels_dropped),
+                    "broker away: dropping labels messages (label states are kept and re-sent on reconnect)"
+                );
+            }
+            return;
+        }
+        let body = payload::labels_json(event).to_string();
+        if self.send(self.topics.labels(), false, body) {
+            Counters::inc(&self.counters.labels_published);
+        } else {
+            Counters::inc(&self.counters.labels_dropped);
+        }
+    }
+
+    fn publish_stats(&mut self) {
+        if self.connected {
+            let body = self.counters.snapshot(self.started.elapsed()).to_string();
+            self.send(self.topics.stats(), true, body);
+        }
+    }
+
+    /// Queues a message without waiting; false when rumqttc's queue is full.
+    fn send(&self, topic: String, retain: bool, body: String) -> bool {
+        // Retained state must not be lost silently: at least QoS 1 for it.
+        let qos = if retain && self.qos == QoS::AtMostOnce {
+            QoS::AtLeastOnce
+        } else {
+            self.qos
+        };
+        match self.client.try_publish(topic.as_str(), qos, retain, body) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::debug!(topic, error = %err, "MQTT queue full; message dropped");
+                false
+            }
+        }
+    }
+}
+
+async fn drive_connection(
+    mut eventloop: rumqttc::EventLoop,
+    min: Duration,
+    max: Duration,
+    link: watch::Sender<Link>,
+    mut stop: watch::Receiver<bool>,
+    counters: Arc<Counters>,
+) {
+    let mut backoff = Backoff::new(min, max);
+    let mut generation = 0;
+    let mut connected = false;
+    Counters::inc(&counters.mqtt_connect_attempts);
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            _ = stop.wait_for(|stopping| *stopping), if !connected => return,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                generation += 1;
+                connected = true;
+                backoff.reset();
+                Counters::inc(&counters.mqtt_connections);
+                if generation == 1 {
+                    tracing::info!(code = ?ack.code, "connected to MQTT broker");
+                } else {
+                    tracing::info!(
+                        reconnects = generation - 1,
+                        "reconnected to MQTT broker; re-sending availability and label states"
+                    );
+                }
+                let _ = link.send(Link {
+                    connected: true,
+                    generation,
+                });
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                let _ = link.send(Link {
+                    connected: false,
+                    generation,
+                });
+                return;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                if connected {
+                    connected = false;
+                    let _ = link.send(Link {
+                        connected: false,
+                        generation,
+                    });
+                }
+                if *stop.borrow() {
+                    return;
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "MQTT broker unreachable");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.wait_for(|stopping| *stopping) => return,
+                }
+                Counters::inc(&counters.mqtt_connect_attempts);
+            }
+        }
+    }
+}
+
+fn tls_client_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::BufReader;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let read_certs = |path: &std::path::Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let certs = rustls_pemfile::certs(&mut BufReader::new(file))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{} is not a PEM certificate file", path.display()))?;
+        anyhow::ensure!(!certs.is_empty(), "{} holds no PEM certificate", path.display());
+        Ok(certs)
+    };
+    let builder = if tls.insecure_skip_verify {
+        tracing::warn!("mqtt.tls.insecure_skip_verify is set: the broker's certificate is NOT checked");
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(insecure::AcceptAnyServer(provider)))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.ca_file {
+            Some(ca) => {
+                for cert in read_certs(ca).context("mqtt.tls.ca_file")? {
+                    roots
+                        .add(cert)
+                        .with_context(|| format!("mqtt.tls.ca_file {}: not a usable CA", ca.display()))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    let _ = roots.add(cert);
+                }
+                anyhow::ensure!(
+                    !roots.is_empty(),
+                    "no system CA certificates found: set mqtt.tls.ca_file"
+                );
+            }
+        }
+        builder.with_root_certificates(roots)
+    };
+    let config = match &tls.client_cert {
+        Some((cert, key)) => {
+            let certs = read_certs(cert).context("mqtt.tls.cert_file")?;
+            let file = std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?;
+            let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut BufReader::new(file))
+                .with_context(|| format!("mqtt.tls.key_file {}", key.display()))?
+                .with_context(|| format!("mqtt.tls.key_file {} holds no PEM private key", key.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .context("mqtt.tls: client certificate and key do not match")?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+mod insecure {
+    //! The verifier behind `insecure_skip_verify`: signatures are still
+    //! checked (so the handshake is well-formed), the certificate chain is not.
+    use rustls::DigitallySignedStruct;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    pub struct AcceptAnyServer(pub Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AcceptAnyServer {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let waits: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        let steps = [100, 200, 400, 800, 800, 800];
+        for (wait, step) in waits.iter().zip(steps) {
+            let step = Duration::from_millis(step);
+            assert!(
+                *wait >= step / 2 && *wait <= step,
+                "{wait:?} not within [{:?}, {step:?}]",
+                step / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,22 @@
+//! The stdout sink (`--output stdout`): one `labels` JSON object per line,
+//! the same payload MQTT would carry, for debugging without a broker and
+//! for piping into `jq`.
+
+use std::io::Write;
+
+use tokio::sync::mpsc;
+
+use super::payload;
+use crate::labels::LabelEvent;
+
+pub async fn run(mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
+    while let Some(event) = events.recv().await {
+        let line = payload::labels_json(&event).to_string();
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`labelcast run --output stdout | head`) ends the sink quietly.
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

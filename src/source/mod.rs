@@ -1,0 +1,314 @@
+//! Frame sources: where pictures come from, behind one small trait.
+//!
+//! A source is named by a URI in the scheme jetson-inference made familiar
+//! (`file:///photos?fps=2&loop=true`, `test://pattern`); [`SourceSpec::parse`]
+//! checks it when the config is validated and [`open`] turns it into a
+//! [`FrameSource`]. Sources hand over [`Frame`]s in the pixel format they
+//! captured; decoding and resizing happen in `preprocess`, so a camera thread
+//! stays cheap and a slow model drops stale frames instead of decoding them.
+
+mod file;
+mod pattern;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub use file::{FileSource, read_frame};
+pub use pattern::TestPattern;
+
+/// How the bytes of a [`Frame`] are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelFormat {
+    /// Packed 8-bit R, G, B.
+    Rgb8,
+    /// 8-bit luma only.
+    Gray8,
+    /// Packed 4:2:2 Y0 U Y1 V (V4L2 `YUYV`).
+    Yuyv,
+    /// Planar Y, then interleaved U V at half resolution (V4L2 `NV12`).
+    Nv12,
+    /// One complete JPEG image (V4L2 `MJPG`, or a `.jpg` file).
+    Mjpeg,
+}
+
+impl PixelFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rgb8 => "rgb8",
+            Self::Gray8 => "grey",
+            Self::Yuyv => "yuyv",
+            Self::Nv12 => "nv12",
+            Self::Mjpeg => "mjpg",
+        }
+    }
+}
+
+/// One captured picture, owned, in the format the source produced it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub format: PixelFormat,
+    /// Width in pixels; 0 for an `Mjpeg` frame whose size is only in its header.
+    pub width: u32,
+    /// Height in pixels; 0 for an `Mjpeg` frame whose size is only in its header.
+    pub height: u32,
+    /// Bytes from the start of one row to the next (of the Y plane for NV12);
+    /// 0 for `Mjpeg`.
+    pub stride: usize,
+    pub data: Vec<u8>,
+    /// Counts frames from this source, from 0, without gaps.
+    pub sequence: u64,
+    pub captured_at: SystemTime,
+    /// What the frame came from (a file path), for error messages.
+    pub origin: Option<Arc<str>>,
+}
+
+impl Frame {
+    /// The file or device this frame came from, for logs.
+    pub fn origin(&self) -> &str {
+        self.origin.as_deref().unwrap_or("(frame)")
+    }
+}
+
+/// Why a source did not deliver a frame; the pipeline branches on the kind.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// This one frame is unusable (an unreadable file, a corrupt buffer); the
+    /// next one may be fine.
+    #[error("skipped {origin}: {reason}")]
+    Skipped { origin: String, reason: String },
+    /// The source is gone (device unplugged, folder deleted) and cannot go on.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Something that produces frames, one at a time, on its own thread.
+pub trait FrameSource: Send {
+    /// A short description for logs (never credentials).
+    fn describe(&self) -> String;
+    /// The pause between frames the pipeline should keep, for sources that do
+    /// not pace themselves (files, patterns); `None` for cameras.
+    fn frame_interval(&self) -> Option<Duration>;
+    /// The next frame; `Ok(None)` at the end of a finite source.
+    fn next_frame(&mut self) -> Result<Option<Frame>, SourceError>;
+}
+
+/// A parsed, checked source URI.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceSpec {
+    /// `file:///path` to one image or a folder of images (name order).
+    File { path: PathBuf, fps: f64, looping: bool },
+    /// `test://pattern`: a deterministic moving test picture.
+    TestPattern {
+        width: u32,
+        height: u32,
+        fps: f64,
+        frames: Option<u64>,
+    },
+}
+
+impl SourceSpec {
+    /// Parses a source URI; the error says what is wrong and what is accepted.
+    pub fn parse(uri: &str) -> Result<SourceSpec, String> {
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| format!("expected a URI like file:///path or test://pattern, got {uri:?}"))?;
+        let (target, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut params = QueryParams::parse(query)?;
+        let spec = match scheme {
+            "file" => {
+                if target.is_empty() {
+                    return Err(format!("no path in {uri:?}"));
+                }
+                let path = PathBuf::from(percent_decode(target)?);
+                let fps = params.take_f64("fps", 2.0)?;
+                let looping = params.take_bool("loop", false)?;
+                SourceSpec::File { path, fps, looping }
+            }
+            "test" => {
+                if target != "pattern" {
+                    return Err(format!("the test source is test://pattern, got {uri:?}"));
+                }
+                let width = params.take_u32("width", 640)?;
+                let height = params.take_u32("height", 480)?;
+                if !(16..=8192).contains(&width) || !(16..=8192).contains(&height) {
+                    return Err(format!("width and height must be 16 to 8192, got {width}x{height}"));
+                }
+                let fps = params.take_f64("fps", 10.0)?;
+                let frames = params.take_opt_u64("frames")?;
+                SourceSpec::TestPattern {
+                    width,
+                    height,
+                    fps,
+                    frames,
+                }
+            }
+            "v4l2" | "csi" | "rtsp" | "gst" => {
+                return Err(format!(
+                    "{scheme}:// sources are not part of this build yet; use file:// or test://pattern"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unknown source scheme {other:?}: expected file:// or test://pattern"
+                ));
+            }
+        };
+        params.finish()?;
+        Ok(spec)
+    }
+}
+
+/// Opens the source a spec names.
+pub fn open(spec: &SourceSpec) -> anyhow::Result<Box<dyn FrameSource>> {
+    Ok(match spec {
+        SourceSpec::File { path, fps, looping } => Box::new(FileSource::open(path, *fps, *looping)?),
+        SourceSpec::TestPattern {
+            width,
+            height,
+            fps,
+            frames,
+        } => Box::new(TestPattern::new(*width, *height, *fps, *frames)),
+    })
+}
+
+fn interval_for_fps(fps: f64) -> Option<Duration> {
+    (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps))
+}
+
+/// Query parameters of a source URI; each is taken once, and any left over
+/// is reported as unknown.
+struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    fn parse(query: &str) -> Result<Self, String> {
+        let mut pairs = Vec::new();
+        for part in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, "true"));
+            pairs.push((key.to_string(), percent_decode(value)?));
+        }
+        Ok(Self(pairs))
+    }
+
+    fn take(&mut self, key: &str) -> Option<String> {
+        let index = self.0.iter().position(|(k, _)| k == key)?;
+        Some(self.0.remove(index).1)
+    }
+
+    fn take_f64(&mut self, key: &str, default: f64) -> Result<f64, String> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => match v.parse::<f64>() {
+                Ok(n) if n.is_finite() && (0.0..=1000.0).contains(&n) => Ok(n),
+                _ => Err(format!("{key}: expected a number from 0 to 1000, got {v:?}")),
+            },
+        }
+    }
+
+    fn take_u32(&mut self, key: &str, default: u32) -> Result<u32, String> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{key}: expected a whole number, got {v:?}")),
+        }
+    }
+
+    fn take_opt_u64(&mut self, key: &str) -> Result<Option<u64>, String> {
+        self.take(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("{key}: expected a whole number, got {v:?}"))
+            })
+            .transpose()
+    }
+
+    fn take_bool(&mut self, key: &str, default: bool) -> Result<bool, String> {
+        match self.take(key).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(v) => Err(format!("{key}: expected true or false, got {v:?}")),
+        }
+    }
+
+    fn finish(self) -> Result<(), String> {
+        match self.0.first() {
+            None => Ok(()),
+            Some((key, _)) => Err(format!("unknown parameter {key:?}")),
+        }
+    }
+}
+
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .ok_or_else(|| format!("bad %-escape in {text:?}"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad %-escape in {text:?}"))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_uri_with_parameters_parses() {
+        let spec = SourceSpec::parse("file:///data/my%20photos?fps=0.5&loop=true").unwrap();
+        assert_eq!(
+            spec,
+            SourceSpec::File {
+                path: "/data/my photos".into(),
+                fps: 0.5,
+                looping: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_relative_file_path_is_kept_relative() {
+        let spec = SourceSpec::parse("file://calibration/images").unwrap();
+        assert_eq!(
+            spec,
+            SourceSpec::File {
+                path: "calibration/images".into(),
+                fps: 2.0,
+                looping: false
+            }
+        );
+    }
+
+    #[test]
+    fn an_unknown_parameter_is_named() {
+        let err = SourceSpec::parse("test://pattern?fsp=3").unwrap_err();
+        assert_eq!(err, "unknown parameter \"fsp\"");
+    }
+
+    #[test]
+    fn an_unknown_scheme_lists_what_is_accepted() {
+        let err = SourceSpec::parse("http://camera/stream").unwrap_err();
+        assert!(err.contains("file://") && err.contains("test://pattern"), "{err}");
+    }
+
+    #[test]
+    fn a_bare_path_is_not_a_uri() {
+        assert!(SourceSpec::parse("/dev/video0").unwrap_err().contains("expected a URI"));
+    }
+
+    #[test]
+    fn test_pattern_sizes_are_bounded() {
+        assert!(SourceSpec::parse("test://pattern?width=0").is_err());
+        assert!(SourceSpec::parse("test://pattern?width=320&height=240&frames=5").is_ok());
+    }
+}

@@ -1,0 +1,122 @@
+//! Logging setup and the daemon's counters.
+//!
+//! Counters are plain atomics shared by every stage: cheap enough for the
+//! hot path, and read by the periodic `stats` message and the shutdown
+//! summary. Warnings that can repeat every frame go through [`RateLimit`]
+//! so a broken camera or broker does not fill the journal.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Sets up `tracing` with `RUST_LOG`-style filtering (default `info`; the
+/// embedded broker's chatter is kept at `warn`).
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},rumqttd=warn,tract=warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub frames_captured: AtomicU64,
+    /// Frames replaced in the latest-frame slot before inference took them.
+    pub frames_dropped: AtomicU64,
+    /// Frames that could not be read, decoded or run.
+    pub frames_failed: AtomicU64,
+    pub inferences: AtomicU64,
+    pub labels_published: AtomicU64,
+    /// `labels` messages not sent because the broker was away or the queue full.
+    pub labels_dropped: AtomicU64,
+    pub state_changes: AtomicU64,
+    pub mqtt_connect_attempts: AtomicU64,
+    pub mqtt_connections: AtomicU64,
+    /// Sum of inference time in microseconds, for the mean.
+    pub inference_us_total: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// The `stats` payload and the shutdown summary.
+    pub fn snapshot(&self, uptime: Duration) -> Value {
+        let inferences = Self::get(&self.inferences);
+        let mean_ms = if inferences > 0 {
+            Self::get(&self.inference_us_total) as f64 / inferences as f64 / 1000.0
+        } else {
+            0.0
+        };
+        json!({
+            "uptime_s": uptime.as_secs(),
+            "frames_captured": Self::get(&self.frames_captured),
+            "frames_dropped": Self::get(&self.frames_dropped),
+            "frames_failed": Self::get(&self.frames_failed),
+            "inferences": inferences,
+            "inference_ms_mean": (mean_ms * 100.0).round() / 100.0,
+            "fps": if uptime.as_secs_f64() > 0.0 { ((inferences as f64 / uptime.as_secs_f64()) * 100.0).round() / 100.0 } else { 0.0 },
+            "labels_published": Self::get(&self.labels_published),
+            "labels_dropped": Self::get(&self.labels_dropped),
+            "state_changes": Self::get(&self.state_changes),
+            "mqtt_connect_attempts": Self::get(&self.mqtt_connect_attempts),
+            "mqtt_connections": Self::get(&self.mqtt_connections),
+        })
+    }
+}
+
+/// Lets a repeating warning through at most once per interval, and says how
+/// many were held back since the last one.
+pub struct RateLimit {
+    interval: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimit {
+    pub const fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when the caller should log now.
+    pub fn check(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, suppressed) = &mut *state;
+        if last.is_none_or(|at| now.saturating_duration_since(at) >= self.interval) {
+            *last = Some(now);
+            Some(std::mem::take(suppressed))
+        } else {
+            *suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_lets_one_through_per_interval_and_counts_the_rest() {
+        let limit = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(limit.check(t0), Some(0));
+        assert_eq!(limit.check(t0 + Duration::from_secs(1)), None);
+        assert_eq!(limit.check(t0 + Duration::from_secs(2)), None);
+        assert_eq!(limit.check(t0 + Duration::from_secs(11)), Some(2));
+    }
+}

@@ -1,0 +1,242 @@
+//! The command line against the real binary, the shipped demo model and real
+//! photos: what a user sees for good input and for each kind of bad input.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn classify_prints_a_table_row_per_photo_with_the_labels_it_sees() {
+    let out = run_to_end(&mut labelcast(&[
+        "classify",
+        "--model",
+        demo_model().to_str().unwrap(),
+        photo("chelsea.jpg").to_str().unwrap(),
+        photo("coffee.jpg").to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.stdout);
+    assert!(
+        lines[0].contains("chelsea.jpg") && lines[0].contains("cat "),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("coffee.jpg") && lines[1].contains("drink "),
+        "{}",
+        lines[1]
+    );
+}
+
+#[test]
+fn classify_json_gives_one_object_per_photo_with_every_label_scored() {
+    let out = run_to_end(&mut labelcast(&[
+        "classify",
+        "--json",
+        "--model",
+        demo_model().to_str().unwrap(),
+        photo("rocket.jpg").to_str().unwrap(),
+        photo("china.jpg").to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{}", out.stderr);
+    let objects: Vec<serde_json::Value> = out.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(objects.len(), 2);
+    for object in &objects {
+        let scores = scores_of(object);
+        assert_eq!(scores.len(), 12, "every label is scored");
+        assert!(scores.values().all(|s| (0.0..=1.0).contains(s)));
+    }
+    assert!(
+        objects[0]["active"].as_array().unwrap().iter().any(|l| l == "vehicle"),
+        "{}",
+        objects[0]
+    );
+    assert!(
+        objects[1]["active"].as_array().unwrap().iter().any(|l| l == "building"),
+        "{}",
+        objects[1]
+    );
+}
+
+#[test]
+fn classify_names_a_missing_or_undecodable_file_and_still_does_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"this is not a picture").unwrap();
+    let out = run_to_end(&mut labelcast(&[
+        "classify",
+        "--model",
+        demo_model().to_str().unwrap(),
+        "/nonexistent/photo.jpg",
+        broken.to_str().unwrap(),
+        photo("chelsea.jpg").to_str().unwrap(),
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains("/nonexistent/photo.jpg") && out.stderr.contains("No such file"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("broken.png") && out.stderr.contains("not a readable"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("chelsea.jpg"),
+        "the good photo is still classified: {}",
+        out.stdout
+    );
+}
+
+#[test]
+fn model_info_reports_shapes_int8_labels_and_load_time() {
+    let out = run_to_end(&mut labelcast(&["model-info", demo_model().to_str().unwrap()]));
+    assert!(out.status.success(), "{}", out.stderr);
+    let text = out.stdout;
+    assert!(text.contains("[1, 3, 224, 224]"), "{text}");
+    assert!(text.contains("[1, 12]"), "{text}");
+    assert!(text.contains("int8         yes (QDQ)"), "{text}");
+    assert!(text.contains("person, cat, dog"), "{text}");
+    assert!(text.contains("tract        load"), "{text}");
+
+    let out = run_to_end(&mut labelcast(&[
+        "model-info",
+        "--json",
+        demo_fp32_model().to_str().unwrap(),
+    ]));
+    let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(info["int8"], false);
+    assert_eq!(info["quantize_linear"], 0);
+    assert_eq!(info["input"]["type"], "float32");
+    assert_eq!(info["labels"].as_array().unwrap().len(), 12);
+}
+
+#[test]
+fn a_truncated_model_is_refused_with_exit_78_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(demo_model()).unwrap();
+    let truncated = dir.path().join("truncated.onnx");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"\x08\x07 definitely not a protobuf \xff\xff\xff").unwrap();
+    for model in [&truncated, &garbage] {
+        let out = run_to_end(&mut labelcast(&[
+            "classify",
+            "--model",
+            model.to_str().unwrap(),
+            photo("chelsea.jpg").to_str().unwrap(),
+        ]));
+        assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
+        assert!(out.stderr.contains(model.to_str().unwrap()), "{}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+}
+
+fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn check(config: &std::path::Path) -> Finished {
+    run_to_end(&mut labelcast(&["check-config", config.to_str().unwrap()]))
+}
+
+fn base_config() -> String {
+    format!(
+        "[source]\nuri = \"file://{}?fps=1\"\n[model]\npath = \"{}\"\n",
+        repo().join("calibration/images").display(),
+        demo_model().display()
+    )
+}
+
+#[test]
+fn a_good_config_passes_check_config_with_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("{}[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n", base_config()),
+    );
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("OK") && out.stdout.contains("12 labels"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = repo().join("systemd/config.example.toml");
+    // The example points at installed paths; check it against the repo's copies.
+    let out = run_to_end(&mut labelcast(&[
+        "check-config",
+        example.to_str().unwrap(),
+        "--model",
+        demo_model().to_str().unwrap(),
+        "--source",
+        &format!("file://{}?fps=1&loop=true", repo().join("calibration/images").display()),
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn config_errors_exit_78_and_name_the_field() {
+    let cases = [
+        ("[mqtt]\nqos = 3\n", "mqtt.qos: expected 0, 1 or 2, got 3"),
+        ("[mqtt]\nqso = 1\n", "mqtt.qso: unknown field `qso`"),
+        ("[labels]\nthreshold = \"high\"\n", "labels.threshold: invalid type"),
+        (
+            "[labels]\nthreshold = 1.5\n",
+            "labels.threshold: expected a number from 0 to 1, got 1.5",
+        ),
+        (
+            "[labels.overrides.dgo]\non = 0.5\n",
+            "labels.overrides.dgo: the model has no label \"dgo\"",
+        ),
+        (
+            "[mqtt]\nurl = \"http://broker\"\n",
+            "mqtt.url: expected an mqtt:// or mqtts:// URL",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &format!("{}{extra}", base_config()));
+        let out = check(&config);
+        assert_eq!(out.status.code(), Some(78), "for {extra:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(expected),
+            "for {extra:?} expected {expected:?} in: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(config.to_str().unwrap()),
+            "the file is named: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn a_label_list_that_does_not_match_the_model_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &format!("{}labels = [\"cat\", \"dog\"]\n", base_config()));
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("outputs 12 scores but has 2 labels"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("model.labels"), "{}", out.stderr);
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let out = run_to_end(&mut labelcast(&["check-config", "/nonexistent/labelcast.toml"]));
+    assert_eq!(out.status.code(), Some(78));
+    assert!(out.stderr.contains("/nonexistent/labelcast.toml"), "{}", out.stderr);
+}

@@ -1,0 +1,335 @@
+//! Shared parts of the integration tests: the real binary, the shipped demo
+//! model and photos, a real mosquitto on a free loopback port, and an MQTT
+//! subscriber that records what it sees.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_labelcast"))
+}
+
+pub fn demo_model() -> PathBuf {
+    repo().join("models/demo/labelcast-demo-int8.onnx")
+}
+
+pub fn demo_fp32_model() -> PathBuf {
+    repo().join("models/demo/labelcast-demo-fp32.onnx")
+}
+
+pub fn photo(name: &str) -> PathBuf {
+    repo().join("calibration/images").join(name)
+}
+
+/// A folder holding copies of the named shipped photos.
+pub fn photo_folder(names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in names {
+        std::fs::copy(photo(name), dir.path().join(name)).unwrap();
+    }
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn labelcast(args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.args(args).env("RUST_LOG", "info");
+    cmd
+}
+
+/// Output of a finished command, as text.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run_to_end(cmd: &mut Command) -> Finished {
+    let out = cmd.output().expect("the labelcast binary runs");
+    Finished {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The daemon running in the background; stderr goes to a file the test can read.
+pub struct Daemon {
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+    pub stdout: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn start(args: &[&str]) -> Daemon {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut child = labelcast(args)
+            .stdout(Stdio::piped())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("the labelcast binary starts");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stdout.take().unwrap();
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Daemon {
+            child: Some(child),
+            log,
+            stdout,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("labelcast did not exit within {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait(Duration::from_secs(20))
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        wait_until(timeout, || self.log().contains(needle))
+            .unwrap_or_else(|_| panic!("no {needle:?} in the log within {timeout:?}:\n{}", self.log()));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if check() { Ok(()) } else { Err(()) }
+}
+
+/// A real mosquitto on a loopback port, stopped on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto, or panics saying how to install it. Set
+    /// LABELCAST_SKIP_MOSQUITTO=1 to skip these tests on a machine without it.
+    pub fn start() -> Option<Mosquitto> {
+        if std::env::var_os("LABELCAST_SKIP_MOSQUITTO").is_some() {
+            eprintln!("LABELCAST_SKIP_MOSQUITTO is set: skipping a test that needs mosquitto");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Mosquitto {
+            port: free_port(),
+            child: None,
+            dir,
+        };
+        m.spawn();
+        Some(m)
+    }
+
+    fn binary() -> PathBuf {
+        for candidate in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+            if Path::new(candidate).exists() {
+                return candidate.into();
+            }
+        }
+        panic!(
+            "mosquitto is not installed: run `sudo apt-get install mosquitto` (tests/run.sh does it), or set LABELCAST_SKIP_MOSQUITTO=1"
+        );
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new(Self::binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .expect("mosquitto listens within 10 s");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (retained messages are gone: no persistence).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A subscriber on `filter` that keeps every message (topic, payload, retained).
+pub struct Subscriber {
+    messages: Arc<Mutex<Vec<(String, String, bool)>>>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl Subscriber {
+    pub fn connect(port: u16, filter: &str) -> Subscriber {
+        let id = format!("test-{}", fastrand::u64(..));
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = rumqttc::Client::new(options, 64);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let thread = std::thread::spawn(move || {
+            let _client = client;
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                        sink.lock().unwrap().push((p.topic.clone(), payload, p.retain));
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Subscriber {
+            messages,
+            _thread: thread,
+        }
+    }
+
+    pub fn all(&self) -> Vec<(String, String, bool)> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// The last payload seen on each topic.
+    pub fn latest(&self) -> HashMap<String, String> {
+        self.all().into_iter().map(|(t, p, _)| (t, p)).collect()
+    }
+
+    pub fn wait_for(&self, topic: &str, payload: &str, timeout: Duration) {
+        wait_until(timeout, || {
+            self.all().iter().any(|(t, p, _)| t == topic && p == payload)
+        })
+        .unwrap_or_else(|_| panic!("no {payload:?} on {topic} within {timeout:?}; saw: {:?}", self.latest()));
+    }
+
+    pub fn payloads(&self, topic: &str) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|(t, _, _)| t == topic)
+            .map(|(_, p, _)| p)
+            .collect()
+    }
+}
+
+/// `labelcast classify --json` for one photo: label -> score.
+pub fn classify_scores(image: &Path) -> HashMap<String, f64> {
+    let out = run_to_end(
+        labelcast(&[
+            "classify",
+            "--json",
+            "--model",
+            demo_model().to_str().unwrap(),
+            image.to_str().unwrap(),
+        ])
+        .env_remove("RUST_LOG"),
+    );
+    assert!(out.status.success(), "classify failed: {}", out.stderr);
+    let value: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    scores_of(&value)
+}
+
+pub fn scores_of(labels_payload: &serde_json::Value) -> HashMap<String, f64> {
+    labels_payload["labels"]
+        .as_object()
+        .expect("a labels object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v["score"].as_f64().unwrap()))
+        .collect()
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs every labelcast test on a Debian/Ubuntu machine, installing what the
+# tests need first: mosquitto (the real broker the end-to-end tests start on
+# free loopback ports) and a Python venv with onnx, onnxruntime, numpy and
+# pillow (to re-quantise the shipped model and produce ONNX Runtime's
+# reference outputs, which tract is compared with).
+#
+#   bash tests/run.sh
+#
+# Needs root or sudo for apt-get the first time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+started=$SECONDS
+stage() { printf '\n=== %s (%ds so far)\n' "$1" $((SECONDS - started)); }
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+stage "system packages"
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if ((${#need[@]})); then
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+# Debian starts mosquitto as a service on port 1883 where systemd runs; the
+# tests use their own instances on free ports and do not need it.
+
+stage "python tooling (venv in .venv)"
+if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r models/requirements-ci.txt
+
+stage "re-quantise the shipped FP32 model with the shipped photos (models/quantize.py)"
+work="$repo/target/ci"
+mkdir -p "$work/ort"
+(cd models && ../.venv/bin/python quantize.py demo/labelcast-demo-fp32.onnx "$work/requantized-int8.onnx" --calibration ../calibration/images --holdout-fraction 0.34)
+.venv/bin/python tests/fixtures/make_ort_reference.py "$work/requantized-int8.onnx" "$work/ort/requantized-int8.json"
+
+stage "ML-Decoder shape tests (need torch)"
+if .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  .venv/bin/python -m pytest -q models/test_mldecoder.py
+else
+  echo "skipping models/test_mldecoder.py: torch is not installed in .venv (pip install -r models/requirements-train.txt to run them)"
+fi
+
+stage "cargo test"
+LABELCAST_ORT_FIXTURES="$work/ort" cargo test --all-targets --locked
+
+stage "done"
+echo "all tests passed in $((SECONDS - started))s"

@@ -43,7 +43,7 @@ SEED = 20261127
 RECIPE = {
     "backbone": "efficientnet-lite0 (frozen, ImageNet)",
     "head": "ml-decoder: 12 learned queries, D=256, 8 heads, FF=1024, group FC",
-    "samples": 2400,
+    "samples": 2000,
     "mosaic_2x2_fraction": 0.5,
     "crop_area": (0.35, 1.0),
     "epochs": 60,
@@ -185,9 +185,9 @@ def main() -> None:
     train_photos = [Image.open(p.path).convert("RGB") for p in manifest if p.split == "train"]
     print(f"training photos: {len(train_photos)}; held out: {sum(p.split == 'holdout' for p in manifest)}")
 
+    # EfficientNet-Lite uses ReLU6, which exports as is. (Its set_swish()
+    # would replace ReLU6 with Swish and break the pretrained weights.)
     teacher = efficientnet_lite0(pretrained=True).eval()
-    if hasattr(teacher, "set_swish"):
-        teacher.set_swish(memory_efficient=False)
     for p in teacher.parameters():
         p.requires_grad_(False)
 

@@ -33,10 +33,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -82,6 +79,7 @@ pub struct RawModel {
     pub output: Option<String>,
     pub resize: Option<String>,
     pub threads: Option<i64>,
+    pub repair_qdq: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +215,16 @@ pub struct ModelConfig {
     pub path: PathBuf,
     pub overrides: MetadataOverrides,
     pub threads: usize,
+    /// Keep row-wise ops' outputs out of INT8 so tract computes them right
+    /// (see `engine::qdq`); off only to measure what it fixes.
+    pub repair_qdq: bool,
+}
+
+impl ModelConfig {
+    /// A model with everything at its defaults.
+    pub fn for_path(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), overrides: MetadataOverrides::default(), threads: 1, repair_qdq: true }
+    }
 }
 
 /// Model metadata given in the config; each replaces what the model carries.
@@ -271,9 +279,7 @@ impl ResizeMode {
             "center-crop" | "centre-crop" | "crop" => Ok(Self::CenterCrop),
             "letterbox" | "pad" => Ok(Self::Letterbox),
             "stretch" => Ok(Self::Stretch),
-            other => Err(format!(
-                "expected \"center-crop\", \"letterbox\" or \"stretch\", got {other:?}"
-            )),
+            other => Err(format!("expected \"center-crop\", \"letterbox\" or \"stretch\", got {other:?}")),
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -305,12 +311,7 @@ pub struct LabelOverride {
 
 impl Default for LabelPolicy {
     fn default() -> Self {
-        Self {
-            threshold: 0.5,
-            hysteresis: 0.1,
-            min_hold: Duration::from_secs(1),
-            overrides: BTreeMap::new(),
-        }
+        Self { threshold: 0.5, hysteresis: 0.1, min_hold: Duration::from_secs(1), overrides: BTreeMap::new() }
     }
 }
 
@@ -406,11 +407,7 @@ pub fn sanitize_id(raw: &str) -> String {
     raw.chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }
         })
         .collect()
 }
@@ -419,10 +416,7 @@ fn duration(field: &str, raw: &Option<String>, default: Duration) -> Result<Dura
     match raw {
         None => Ok(default),
         Some(text) => humantime::parse_duration(text).map_err(|err| {
-            ConfigError::new(
-                field,
-                format!("expected a duration like \"500ms\" or \"2s\", got {text:?} ({err})"),
-            )
+            ConfigError::new(field, format!("expected a duration like \"500ms\" or \"2s\", got {text:?} ({err})"))
         }),
     }
 }
@@ -431,10 +425,7 @@ fn unit_interval(field: &str, value: f64) -> Result<f32, ConfigError> {
     if value.is_finite() && (0.0..=1.0).contains(&value) {
         Ok(value as f32)
     } else {
-        Err(ConfigError::new(
-            field,
-            format!("expected a number from 0 to 1, got {value}"),
-        ))
+        Err(ConfigError::new(field, format!("expected a number from 0 to 1, got {value}")))
     }
 }
 
@@ -443,10 +434,7 @@ fn rgb_triplet(field: &str, raw: &Option<Vec<f32>>) -> Result<Option<[f32; 3]>, 
         None => Ok(None),
         Some(values) => match values.as_slice() {
             [r, g, b] if values.iter().all(|v| v.is_finite()) => Ok(Some([*r, *g, *b])),
-            _ => Err(ConfigError::new(
-                field,
-                format!("expected three finite numbers (R, G, B), got {values:?}"),
-            )),
+            _ => Err(ConfigError::new(field, format!("expected three finite numbers (R, G, B), got {values:?}"))),
         },
     }
 }
@@ -492,10 +480,7 @@ impl Config {
         if let SourceSpec::File { path, .. } = &source
             && !path.exists()
         {
-            return Err(ConfigError::new(
-                "source.uri",
-                format!("{} does not exist", path.display()),
-            ));
+            return Err(ConfigError::new("source.uri", format!("{} does not exist", path.display())));
         }
         let model = validate_model(&raw.model, data.as_deref())?;
 
@@ -506,20 +491,11 @@ impl Config {
             "mqtt" => OutputConfig::Mqtt(Box::new(validate_mqtt(&raw.mqtt, &device_id)?)),
             "stdout" => OutputConfig::Stdout,
             other => {
-                return Err(ConfigError::new(
-                    "output.mode",
-                    format!("expected \"mqtt\" or \"stdout\", got {other:?}"),
-                ));
+                return Err(ConfigError::new("output.mode", format!("expected \"mqtt\" or \"stdout\", got {other:?}")));
             }
         };
 
-        Ok(Config {
-            device_id,
-            source,
-            model,
-            labels,
-            output,
-        })
+        Ok(Config { device_id, source, model, labels, output })
     }
 
     /// Reads `path` (if any), applies the overrides and validates.
@@ -549,10 +525,7 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
         })?,
     };
     if !path.is_file() {
-        return Err(ConfigError::new(
-            "model.path",
-            format!("{} does not exist or is not a file", path.display()),
-        ));
+        return Err(ConfigError::new("model.path", format!("{} does not exist or is not a file", path.display())));
     }
     let overrides = MetadataOverrides {
         labels: raw.labels.as_deref().map(validate_label_names).transpose()?,
@@ -574,21 +547,14 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
     if let Some(std) = overrides.std
         && std.iter().any(|v| *v <= 0.0)
     {
-        return Err(ConfigError::new(
-            "model.std",
-            format!("every value must be above 0, got {std:?}"),
-        ));
+        return Err(ConfigError::new("model.std", format!("every value must be above 0, got {std:?}")));
     }
     let threads = match raw.threads {
         None => 1,
         Some(n) if (1..=256).contains(&n) => n as usize,
         Some(n) => return Err(ConfigError::new("model.threads", format!("expected 1 to 256, got {n}"))),
     };
-    Ok(ModelConfig {
-        path,
-        overrides,
-        threads,
-    })
+    Ok(ModelConfig { path, overrides, threads, repair_qdq: raw.repair_qdq.unwrap_or(true) })
 }
 
 fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {
@@ -604,10 +570,7 @@ fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {
             ));
         }
         if !seen.insert(name) {
-            return Err(ConfigError::new(
-                "model.labels",
-                format!("label {name:?} appears twice"),
-            ));
+            return Err(ConfigError::new("model.labels", format!("label {name:?} appears twice")));
         }
     }
     Ok(labels.to_vec())
@@ -633,19 +596,11 @@ pub fn validate_labels(raw: &RawLabels) -> Result<LabelPolicy, ConfigError> {
         if let (Some(on), Some(off)) = (on, off)
             && off > on
         {
-            return Err(ConfigError::new(
-                field("off"),
-                format!("must not be above on ({on}), got {off}"),
-            ));
+            return Err(ConfigError::new(field("off"), format!("must not be above on ({on}), got {off}")));
         }
         overrides.insert(name.clone(), LabelOverride { on, off });
     }
-    Ok(LabelPolicy {
-        threshold,
-        hysteresis,
-        min_hold,
-        overrides,
-    })
+    Ok(LabelPolicy { threshold, hysteresis, min_hold, overrides })
 }
 
 /// Parses `mqtt://host[:port]` (also `tcp://`) and `mqtts://host[:port]`
@@ -660,10 +615,7 @@ pub fn parse_mqtt_url(text: &str) -> Result<(String, u16, bool), String> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err("put credentials in mqtt.username and mqtt.password_file, not in the URL".into());
     }
-    let host = url
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("no host in {text:?}"))?;
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("no host in {text:?}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
     Ok((host, port, tls))
@@ -693,10 +645,7 @@ fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigErr
         Some(q) => return Err(ConfigError::new("mqtt.qos", format!("expected 0, 1 or 2, got {q}"))),
     };
 
-    let topic_prefix = raw
-        .topic_prefix
-        .clone()
-        .unwrap_or_else(|| format!("labelcast/{device_id}"));
+    let topic_prefix = raw.topic_prefix.clone().unwrap_or_else(|| format!("labelcast/{device_id}"));
     let topic_prefix = topic_prefix.trim_end_matches('/').to_string();
     if topic_prefix.is_empty() || topic_prefix.contains(['+', '#']) {
         return Err(ConfigError::new(
@@ -705,10 +654,7 @@ fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigErr
         ));
     }
 
-    let client_id = raw
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("labelcast-{device_id}"));
+    let client_id = raw.client_id.clone().unwrap_or_else(|| format!("labelcast-{device_id}"));
     if client_id.is_empty() || client_id.len() > 128 {
         return Err(ConfigError::new("mqtt.client_id", "expected 1 to 128 characters"));
     }
@@ -718,35 +664,29 @@ fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigErr
         return Err(ConfigError::new("mqtt.keep_alive", "expected at least 5s"));
     }
 
-    let password = match (&raw.password_file, &raw.password_env) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::new(
-                "mqtt.password_file",
-                "set password_file or password_env, not both",
-            ));
-        }
-        (Some(path), None) => {
-            let text = std::fs::read_to_string(path).map_err(|err| {
-                ConfigError::new("mqtt.password_file", format!("cannot read {}: {err}", path.display()))
-            })?;
-            Some(Secret(text.trim_end_matches(['\n', '\r']).to_string()))
-        }
-        (None, Some(var)) => Some(Secret(std::env::var(var).map_err(|_| {
-            ConfigError::new("mqtt.password_env", format!("environment variable {var} is not set"))
-        })?)),
-        (None, None) => None,
-    };
+    let password =
+        match (&raw.password_file, &raw.password_env) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new("mqtt.password_file", "set password_file or password_env, not both"));
+            }
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path).map_err(|err| {
+                    ConfigError::new("mqtt.password_file", format!("cannot read {}: {err}", path.display()))
+                })?;
+                Some(Secret(text.trim_end_matches(['\n', '\r']).to_string()))
+            }
+            (None, Some(var)) => Some(Secret(std::env::var(var).map_err(|_| {
+                ConfigError::new("mqtt.password_env", format!("environment variable {var} is not set"))
+            })?)),
+            (None, None) => None,
+        };
     if password.is_some() && raw.username.is_none() {
         return Err(ConfigError::new("mqtt.username", "a password is set but no username"));
     }
 
     let tls = match (&raw.tls, url_tls) {
         (None, false) => None,
-        (None, true) => Some(TlsConfig {
-            ca_file: None,
-            client_cert: None,
-            insecure_skip_verify: false,
-        }),
+        (None, true) => Some(TlsConfig { ca_file: None, client_cert: None, insecure_skip_verify: false }),
         (Some(t), _) => {
             if let Some(ca) = &t.ca_file {
                 readable_file("mqtt.tls.ca_file", ca)?;
@@ -759,40 +699,24 @@ fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigErr
                 }
                 (None, None) => None,
                 (Some(_), None) => {
-                    return Err(ConfigError::new(
-                        "mqtt.tls.key_file",
-                        "cert_file is set but key_file is not",
-                    ));
+                    return Err(ConfigError::new("mqtt.tls.key_file", "cert_file is set but key_file is not"));
                 }
                 (None, Some(_)) => {
-                    return Err(ConfigError::new(
-                        "mqtt.tls.cert_file",
-                        "key_file is set but cert_file is not",
-                    ));
+                    return Err(ConfigError::new("mqtt.tls.cert_file", "key_file is set but cert_file is not"));
                 }
             };
-            Some(TlsConfig {
-                ca_file: t.ca_file.clone(),
-                client_cert,
-                insecure_skip_verify: t.insecure_skip_verify,
-            })
+            Some(TlsConfig { ca_file: t.ca_file.clone(), client_cert, insecure_skip_verify: t.insecure_skip_verify })
         }
     };
     if tls.is_some() && matches!(broker, BrokerChoice::Embedded { .. }) {
-        return Err(ConfigError::new(
-            "mqtt.tls",
-            "TLS needs an external broker: set mqtt.url",
-        ));
+        return Err(ConfigError::new("mqtt.tls", "TLS needs an external broker: set mqtt.url"));
     }
 
     let publish_every = match raw.publish_every {
         None => 1,
         Some(n) if (1..=1_000_000).contains(&n) => n as u32,
         Some(n) => {
-            return Err(ConfigError::new(
-                "mqtt.publish_every",
-                format!("expected 1 or more, got {n}"),
-            ));
+            return Err(ConfigError::new("mqtt.publish_every", format!("expected 1 or more, got {n}")));
         }
     };
     let stats_interval = duration("mqtt.stats_interval", &raw.stats_interval, Duration::from_secs(30))?;
@@ -849,10 +773,7 @@ mod tests {
     fn an_unknown_key_is_an_error_naming_its_section() {
         let err = RawConfig::from_toml("[mqtt]\nqso = 1\n").unwrap_err();
         assert_eq!(err.field, "mqtt.qso");
-        assert!(
-            err.message.contains("unknown field `qso`") && err.message.contains("line 2"),
-            "{err}"
-        );
+        assert!(err.message.contains("unknown field `qso`") && err.message.contains("line 2"), "{err}");
     }
 
     #[test]
@@ -865,10 +786,7 @@ mod tests {
     #[test]
     fn a_threshold_above_one_is_rejected() {
         let err = validate("[labels]\nthreshold = 1.5\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "labels.threshold: expected a number from 0 to 1, got 1.5"
-        );
+        assert_eq!(err.to_string(), "labels.threshold: expected a number from 0 to 1, got 1.5");
     }
 
     #[test]
@@ -880,28 +798,15 @@ mod tests {
     #[test]
     fn no_broker_url_means_the_embedded_broker_on_loopback() {
         let config = validate("").unwrap();
-        let OutputConfig::Mqtt(mqtt) = config.output else {
-            panic!("expected mqtt output")
-        };
-        assert_eq!(
-            mqtt.broker,
-            BrokerChoice::Embedded {
-                listen: "127.0.0.1:1883".parse().unwrap()
-            }
-        );
+        let OutputConfig::Mqtt(mqtt) = config.output else { panic!("expected mqtt output") };
+        assert_eq!(mqtt.broker, BrokerChoice::Embedded { listen: "127.0.0.1:1883".parse().unwrap() });
         assert_eq!(mqtt.qos, 1);
     }
 
     #[test]
     fn an_mqtts_url_turns_tls_on_with_port_8883() {
-        assert_eq!(
-            parse_mqtt_url("mqtts://broker.lan").unwrap(),
-            ("broker.lan".into(), 8883, true)
-        );
-        assert_eq!(
-            parse_mqtt_url("mqtt://10.0.0.2:1884").unwrap(),
-            ("10.0.0.2".into(), 1884, false)
-        );
+        assert_eq!(parse_mqtt_url("mqtts://broker.lan").unwrap(), ("broker.lan".into(), 8883, true));
+        assert_eq!(parse_mqtt_url("mqtt://10.0.0.2:1884").unwrap(), ("10.0.0.2".into(), 1884, false));
         assert!(parse_mqtt_url("http://x").unwrap_err().contains("scheme"));
         assert!(parse_mqtt_url("mqtt://u:p@x").unwrap_err().contains("credentials"));
     }
@@ -923,10 +828,7 @@ mod tests {
     #[test]
     fn a_bad_source_uri_is_named() {
         let model = model_file();
-        let text = format!(
-            "[source]\nuri = \"ftp://x\"\n[model]\npath = {:?}\n",
-            model.path().display().to_string()
-        );
+        let text = format!("[source]\nuri = \"ftp://x\"\n[model]\npath = {:?}\n", model.path().display().to_string());
         let err = Config::validate(RawConfig::from_toml(&text).unwrap()).unwrap_err();
         assert_eq!(err.field, "source.uri");
     }

@@ -29,10 +29,7 @@ pub fn resolve_rules(policy: &LabelPolicy, metadata: &ModelMetadata) -> Result<V
         if !metadata.labels.iter().any(|l| l == name) {
             return Err(ConfigError::new(
                 format!("labels.overrides.{name}"),
-                format!(
-                    "the model has no label {name:?}; its labels are: {}",
-                    metadata.labels.join(", ")
-                ),
+                format!("the model has no label {name:?}; its labels are: {}", metadata.labels.join(", ")),
             ));
         }
     }
@@ -41,9 +38,7 @@ pub fn resolve_rules(policy: &LabelPolicy, metadata: &ModelMetadata) -> Result<V
         .iter()
         .map(|name| {
             let o = policy.overrides.get(name).copied().unwrap_or_default();
-            let on =
-                o.on.or_else(|| metadata.thresholds.get(name).copied())
-                    .unwrap_or(policy.threshold);
+            let on = o.on.or_else(|| metadata.thresholds.get(name).copied()).unwrap_or(policy.threshold);
             let off = o.off.unwrap_or((on - policy.hysteresis).max(0.0));
             if off > on {
                 return Err(ConfigError::new(
@@ -51,11 +46,7 @@ pub fn resolve_rules(policy: &LabelPolicy, metadata: &ModelMetadata) -> Result<V
                     format!("{off} is above the on-threshold {on}"),
                 ));
             }
-            Ok(LabelRule {
-                name: Arc::from(name.as_str()),
-                on,
-                off,
-            })
+            Ok(LabelRule { name: Arc::from(name.as_str()), on, off })
         })
         .collect()
 }
@@ -78,10 +69,7 @@ pub fn to_scores(raw: &mut [f32], kind: OutputKind) {
 /// Labels whose score reaches their on-threshold, without any state: what
 /// `labelcast classify` prints for a single photo.
 pub fn above_threshold<'a>(rules: &'a [LabelRule], scores: &'a [f32]) -> impl Iterator<Item = (&'a LabelRule, f32)> {
-    rules
-        .iter()
-        .zip(scores.iter().copied())
-        .filter(|(rule, score)| *score >= rule.on)
+    rules.iter().zip(scores.iter().copied()).filter(|(rule, score)| *score >= rule.on)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,18 +88,8 @@ pub struct LabelTracker {
 impl LabelTracker {
     /// Every label starts OFF and may change on the first frame.
     pub fn new(rules: Vec<LabelRule>, min_hold: Duration) -> Self {
-        let states = vec![
-            LabelState {
-                on: false,
-                changed_at: None
-            };
-            rules.len()
-        ];
-        Self {
-            rules,
-            states,
-            min_hold,
-        }
+        let states = vec![LabelState { on: false, changed_at: None }; rules.len()];
+        Self { rules, states, min_hold }
     }
 
     pub fn rules(&self) -> &[LabelRule] {
@@ -126,9 +104,7 @@ impl LabelTracker {
     pub fn update(&mut self, scores: &[f32], now: Instant) -> Vec<usize> {
         let mut changed = Vec::new();
         for (index, ((rule, state), &score)) in self.rules.iter().zip(&mut self.states).zip(scores).enumerate() {
-            let held_long_enough = state
-                .changed_at
-                .is_none_or(|at| now.saturating_duration_since(at) >= self.min_hold);
+            let held_long_enough = state.changed_at.is_none_or(|at| now.saturating_duration_since(at) >= self.min_hold);
             let wants = if state.on { score >= rule.off } else { score >= rule.on };
             if wants != state.on && held_long_enough {
                 state.on = wants;
@@ -186,32 +162,14 @@ mod tests {
     }
 
     fn rule(on: f32, off: f32) -> LabelRule {
-        LabelRule {
-            name: "cat".into(),
-            on,
-            off,
-        }
+        LabelRule { name: "cat".into(), on, off }
     }
 
     #[test]
     fn a_config_override_beats_the_model_default_which_beats_the_general_threshold() {
-        let mut policy = LabelPolicy {
-            threshold: 0.5,
-            hysteresis: 0.1,
-            ..LabelPolicy::default()
-        };
-        policy.overrides = BTreeMap::from([(
-            "dog".to_string(),
-            LabelOverride {
-                on: Some(0.8),
-                off: None,
-            },
-        )]);
-        let rules = resolve_rules(
-            &policy,
-            &metadata(&["cat", "dog", "bird"], &[("cat", 0.3), ("dog", 0.6)]),
-        )
-        .unwrap();
+        let mut policy = LabelPolicy { threshold: 0.5, hysteresis: 0.1, ..LabelPolicy::default() };
+        policy.overrides = BTreeMap::from([("dog".to_string(), LabelOverride { on: Some(0.8), off: None })]);
+        let rules = resolve_rules(&policy, &metadata(&["cat", "dog", "bird"], &[("cat", 0.3), ("dog", 0.6)])).unwrap();
         let thresholds: Vec<(f32, f32)> = rules.iter().map(|r| (r.on, r.off)).collect();
         assert_eq!(thresholds.len(), 3);
         assert!((thresholds[0].0 - 0.3).abs() < 1e-6 && (thresholds[0].1 - 0.2).abs() < 1e-6);
@@ -222,13 +180,7 @@ mod tests {
     #[test]
     fn an_override_for_a_label_the_model_lacks_is_an_error_listing_the_real_ones() {
         let mut policy = LabelPolicy::default();
-        policy.overrides.insert(
-            "dgo".into(),
-            LabelOverride {
-                on: Some(0.5),
-                off: None,
-            },
-        );
+        policy.overrides.insert("dgo".into(), LabelOverride { on: Some(0.5), off: None });
         let err = resolve_rules(&policy, &metadata(&["cat", "dog"], &[])).unwrap_err();
         assert_eq!(err.field, "labels.overrides.dgo");
         assert!(err.message.contains("cat, dog"));
@@ -237,13 +189,7 @@ mod tests {
     #[test]
     fn an_override_off_above_the_model_on_threshold_is_an_error() {
         let mut policy = LabelPolicy::default();
-        policy.overrides.insert(
-            "cat".into(),
-            LabelOverride {
-                on: None,
-                off: Some(0.9),
-            },
-        );
+        policy.overrides.insert("cat".into(), LabelOverride { on: None, off: Some(0.9) });
         let err = resolve_rules(&policy, &metadata(&["cat"], &[("cat", 0.6)])).unwrap_err();
         assert_eq!(err.field, "labels.overrides.cat.off");
     }
@@ -285,17 +231,8 @@ mod tests {
 
     #[test]
     fn above_threshold_lists_only_labels_at_or_over_their_on_threshold() {
-        let rules = vec![
-            rule(0.5, 0.4),
-            LabelRule {
-                name: "dog".into(),
-                on: 0.9,
-                off: 0.8,
-            },
-        ];
-        let hits: Vec<_> = above_threshold(&rules, &[0.5, 0.89])
-            .map(|(r, s)| (r.name.to_string(), s))
-            .collect();
+        let rules = vec![rule(0.5, 0.4), LabelRule { name: "dog".into(), on: 0.9, off: 0.8 }];
+        let hits: Vec<_> = above_threshold(&rules, &[0.5, 0.89]).map(|(r, s)| (r.name.to_string(), s)).collect();
         assert_eq!(hits, [("cat".to_string(), 0.5)]);
     }
 }

@@ -17,11 +17,7 @@ use labelcast::publish::payload;
 use labelcast::{pipeline, source, telemetry};
 
 #[derive(Parser)]
-#[command(
-    name = "labelcast",
-    version,
-    about = "Camera frames in, labels out on MQTT: an edge inference daemon"
-)]
+#[command(name = "labelcast", version, about = "Camera frames in, labels out on MQTT: an edge inference daemon")]
 struct Cli {
     /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "info")]
@@ -114,12 +110,7 @@ fn main() -> ExitCode {
     telemetry::init_logging(&cli.log_level);
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Classify {
-            images,
-            model,
-            config,
-            json,
-        } => classify(&images, model, config, json),
+        Command::Classify { images, model, config, json } => classify(&images, model, config, json),
         Command::ModelInfo { model, json } => model_info(&model, json),
         Command::CheckConfig { config, run } => check_config(config, run),
     };
@@ -127,11 +118,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("labelcast: error: {err:#}");
-            if config::is_config_error(&err) {
-                ExitCode::from(EXIT_CONFIG as u8)
-            } else {
-                ExitCode::FAILURE
-            }
+            if config::is_config_error(&err) { ExitCode::from(EXIT_CONFIG as u8) } else { ExitCode::FAILURE }
         }
     }
 }
@@ -180,27 +167,19 @@ fn classify(
     let rules = labels::resolve_rules(&policy, &engine.info().metadata)?;
     let info = engine.info().clone();
     let meta = &info.metadata;
-    let mut preprocessor = Preprocessor::new(
-        info.input_width(),
-        info.input_height(),
-        meta.mean,
-        meta.std,
-        meta.resize,
-    );
+    let mut preprocessor = Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize);
     let mut tensor = preprocessor.new_tensor();
     let model_name: std::sync::Arc<str> = meta.name.as_str().into();
     let mut failures = 0;
     for (index, path) in images.iter().enumerate() {
-        let result = source::read_frame(path, index as u64)
-            .map_err(anyhow::Error::from)
-            .and_then(|frame| {
-                preprocessor.run(&frame, &mut tensor)?;
-                let began = std::time::Instant::now();
-                let mut scores = engine.infer(&tensor)?;
-                let inference_ms = began.elapsed().as_secs_f64() * 1e3;
-                labels::to_scores(&mut scores, meta.output);
-                Ok((scores, inference_ms))
-            });
+        let result = source::read_frame(path, index as u64).map_err(anyhow::Error::from).and_then(|frame| {
+            preprocessor.run(&frame, &mut tensor)?;
+            let began = std::time::Instant::now();
+            let mut scores = engine.infer(&tensor)?;
+            let inference_ms = began.elapsed().as_secs_f64() * 1e3;
+            labels::to_scores(&mut scores, meta.output);
+            Ok((scores, inference_ms))
+        });
         let (scores, inference_ms) = match result {
             Ok(ok) => ok,
             Err(err) => {
@@ -218,11 +197,7 @@ fn classify(
             labels: rules
                 .iter()
                 .zip(&scores)
-                .map(|(rule, &score)| LabelScore {
-                    name: rule.name.clone(),
-                    score,
-                    on: score >= rule.on,
-                })
+                .map(|(rule, &score)| LabelScore { name: rule.name.clone(), score, on: score >= rule.on })
                 .collect(),
             changed: Vec::new(),
         };
@@ -232,19 +207,11 @@ fn classify(
             let hits: Vec<String> = labels::above_threshold(&rules, &scores)
                 .map(|(rule, score)| format!("{} {:.3}", rule.name, score))
                 .collect();
-            let shown = if hits.is_empty() {
-                "(no label above threshold)".to_string()
-            } else {
-                hits.join("  ")
-            };
+            let shown = if hits.is_empty() { "(no label above threshold)".to_string() } else { hits.join("  ") };
             println!("{}\t{shown}", path.display());
         }
     }
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -283,16 +250,8 @@ fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode
         name += &format!(", backbone {backbone}");
     }
     println!("name         {name}");
-    println!(
-        "input        {} {} {:?}",
-        info.input_name, info.input_type, info.input_shape
-    );
-    println!(
-        "output       {} {:?} ({})",
-        info.output_name,
-        info.output_shape,
-        meta.output.as_str()
-    );
+    println!("input        {} {} {:?}", info.input_name, info.input_type, info.input_shape);
+    println!("output       {} {:?} ({})", info.output_name, info.output_shape, meta.output.as_str());
     if info.is_int8() {
         println!(
             "int8         yes (QDQ): {} QuantizeLinear, {} DequantizeLinear",
@@ -304,23 +263,13 @@ fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode
     if meta.labels.is_empty() {
         println!("labels       none in the model: give them in the config (model.labels) or a sidecar .toml");
     } else {
-        println!(
-            "labels       {} from {}: {}",
-            meta.labels.len(),
-            meta.labels_from,
-            meta.labels.join(", ")
-        );
+        println!("labels       {} from {}: {}", meta.labels.len(), meta.labels_from, meta.labels.join(", "));
     }
     if !meta.thresholds.is_empty() {
         let t: Vec<String> = meta.thresholds.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!("thresholds   {}", t.join(", "));
     }
-    println!(
-        "preprocess   {}, mean {:?}, std {:?}",
-        meta.resize.as_str(),
-        meta.mean,
-        meta.std
-    );
+    println!("preprocess   {}, mean {:?}, std {:?}", meta.resize.as_str(), meta.mean, meta.std);
     println!(
         "tract        load {:.0} ms, optimise {:.0} ms",
         info.load_time.as_secs_f64() * 1e3,
@@ -330,12 +279,7 @@ fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode
 }
 
 fn check_config(path: PathBuf, extra: CheckOverrides) -> anyhow::Result<ExitCode> {
-    let overrides = Overrides {
-        source: extra.source,
-        model: extra.model,
-        mqtt_url: extra.mqtt,
-        ..Default::default()
-    };
+    let overrides = Overrides { source: extra.source, model: extra.model, mqtt_url: extra.mqtt, ..Default::default() };
     let config = Config::load(Some(&path), &overrides)?;
     let prepared = pipeline::prepare(&config).with_context(|| format!("config file {}", path.display()))?;
     let info = prepared.engine.info();

@@ -41,10 +41,7 @@ pub struct Prepared {
 pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let engine = TractEngine::load(&config.model)?;
     let rules = labels::resolve_rules(&config.labels, &engine.info().metadata)?;
-    Ok(Prepared {
-        engine: Box::new(engine),
-        rules,
-    })
+    Ok(Prepared { engine: Box::new(engine), rules })
 }
 
 /// One frame's worth of room between capture and inference.
@@ -61,10 +58,7 @@ struct SlotState {
 
 impl Default for FrameSlot {
     fn default() -> Self {
-        Self {
-            state: Mutex::new(SlotState::default()),
-            changed: Condvar::new(),
-        }
+        Self { state: Mutex::new(SlotState::default()), changed: Condvar::new() }
     }
 }
 
@@ -140,10 +134,8 @@ impl StopSignal {
     /// Sleeps up to `duration`; true if stopped meanwhile.
     fn sleep(&self, duration: Duration) -> bool {
         let guard = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = self
-            .changed
-            .wait_timeout_while(guard, duration, |stopped| !*stopped)
-            .unwrap_or_else(|p| p.into_inner());
+        let (guard, _) =
+            self.changed.wait_timeout_while(guard, duration, |stopped| !*stopped).unwrap_or_else(|p| p.into_inner());
         *guard
     }
 }
@@ -153,9 +145,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
     let prepare_config = config.clone();
-    let Prepared { engine, rules } = tokio::task::spawn_blocking(move || prepare(&prepare_config))
-        .await
-        .context("model loading thread")??;
+    let Prepared { engine, rules } =
+        tokio::task::spawn_blocking(move || prepare(&prepare_config)).await.context("model loading thread")??;
     let source = source::open(&config.source).context("opening the frame source")?;
     let live = !matches!(config.source, SourceSpec::File { .. });
     tracing::info!(source = %source.describe(), device_id = %config.device_id, "source opened");
@@ -167,12 +158,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             if let crate::config::BrokerChoice::Embedded { listen } = mqtt.broker {
                 publish::broker::start_embedded(listen)?;
             }
-            tokio::spawn(publish::mqtt::run(
-                (**mqtt).clone(),
-                rules.clone(),
-                events_rx,
-                counters.clone(),
-            ))
+            tokio::spawn(publish::mqtt::run((**mqtt).clone(), rules.clone(), events_rx, counters.clone()))
         }
         OutputConfig::Stdout => tokio::spawn(publish::stdout::run(events_rx)),
     };
@@ -180,25 +166,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let slot = Arc::new(FrameSlot::default());
     let stop = Arc::new(StopSignal::default());
     let capture = spawn_capture(source, live, slot.clone(), stop.clone(), counters.clone())?;
-    let inference = spawn_inference(
-        engine,
-        rules,
-        config.labels.min_hold,
-        slot.clone(),
-        events_tx,
-        counters.clone(),
-    )?;
+    let inference = spawn_inference(engine, rules, config.labels.min_hold, slot.clone(), events_tx, counters.clone())?;
 
     // The inference thread ends by itself when a finite source runs out;
     // watch it from async code without blocking the runtime.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let inference_watch = std::thread::Builder::new()
-        .name("inference-watch".into())
-        .spawn(move || {
-            let result = inference.join();
-            let _ = done_tx.send(());
-            result
-        })?;
+    let inference_watch = std::thread::Builder::new().name("inference-watch".into()).spawn(move || {
+        let result = inference.join();
+        let _ = done_tx.send(());
+        result
+    })?;
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested: stopping capture, finishing the frame in flight"),
@@ -295,13 +272,7 @@ fn spawn_inference(
 ) -> anyhow::Result<JoinHandle<()>> {
     let info = engine.info().clone();
     let meta = &info.metadata;
-    let mut preprocessor = Preprocessor::new(
-        info.input_width(),
-        info.input_height(),
-        meta.mean,
-        meta.std,
-        meta.resize,
-    );
+    let mut preprocessor = Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize);
     let model_name: Arc<str> = Arc::from(meta.name.as_str());
     let output_kind = meta.output;
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {

@@ -74,11 +74,7 @@ impl Preprocessor {
         }
         let need = |bytes: usize| -> anyhow::Result<()> {
             if frame.data.len() < bytes {
-                bail!(
-                    "frame holds {} bytes; {w}x{h} with stride {} needs {bytes}",
-                    frame.data.len(),
-                    frame.stride
-                );
+                bail!("frame holds {} bytes; {w}x{h} with stride {} needs {bytes}", frame.data.len(), frame.stride);
             }
             Ok(())
         };
@@ -127,8 +123,7 @@ impl Preprocessor {
                     let uv_row = &uv_plane[(row / 2) * frame.stride..][..w];
                     for (x, &y) in y_row.iter().enumerate() {
                         let pair = x & !1;
-                        self.rgb
-                            .extend_from_slice(&yuv_to_rgb(y, uv_row[pair], uv_row[pair + 1]));
+                        self.rgb.extend_from_slice(&yuv_to_rgb(y, uv_row[pair], uv_row[pair + 1]));
                     }
                 }
             }
@@ -146,10 +141,7 @@ impl Preprocessor {
         self.rgb.clear();
         match color {
             image::ColorType::Rgb8 => self.rgb.extend_from_slice(&self.decoded),
-            image::ColorType::L8 => self
-                .decoded
-                .iter()
-                .for_each(|&y| self.rgb.extend_from_slice(&[y, y, y])),
+            image::ColorType::L8 => self.decoded.iter().for_each(|&y| self.rgb.extend_from_slice(&[y, y, y])),
             other => bail!("JPEG colour type {other:?} is not supported"),
         }
         Ok((w, h))
@@ -166,11 +158,7 @@ impl Preprocessor {
                     // The largest centred box with the destination's aspect ratio.
                     let (sw, sh) = (w as f64, h as f64);
                     let target = dw as f64 / dh as f64;
-                    let (cw, ch) = if sw / sh > target {
-                        (sh * target, sh)
-                    } else {
-                        (sw, sw / target)
-                    };
+                    let (cw, ch) = if sw / sh > target { (sh * target, sh) } else { (sw, sw / target) };
                     bilinear.crop((sw - cw) / 2.0, (sh - ch) / 2.0, cw, ch)
                 } else {
                     bilinear
@@ -228,16 +216,7 @@ mod tests {
     use std::time::SystemTime;
 
     fn frame(format: PixelFormat, width: u32, height: u32, stride: usize, data: Vec<u8>) -> Frame {
-        Frame {
-            format,
-            width,
-            height,
-            stride,
-            data,
-            sequence: 0,
-            captured_at: SystemTime::now(),
-            origin: None,
-        }
+        Frame { format, width, height, stride, data, sequence: 0, captured_at: SystemTime::now(), origin: None }
     }
 
     fn solid_rgb(w: u32, h: u32, rgb: [u8; 3]) -> Frame {
@@ -257,11 +236,7 @@ mod tests {
         let plane = 64;
         assert!(t.data[..plane].iter().all(|v| (v - 2.0).abs() < 1e-5));
         assert!(t.data[plane..2 * plane].iter().all(|v| (v + 2.0).abs() < 1e-5));
-        assert!(
-            t.data[2 * plane..]
-                .iter()
-                .all(|v| (v - (128.0 / 255.0 - 0.5) / 0.25).abs() < 1e-5)
-        );
+        assert!(t.data[2 * plane..].iter().all(|v| (v - (128.0 / 255.0 - 0.5) / 0.25).abs() < 1e-5));
     }
 
     #[test]
@@ -283,11 +258,7 @@ mod tests {
         // Bilinear sampling at the crop's edge blends in a little of the
         // neighbouring columns; the crop itself is green.
         assert!(t.data[..16].iter().all(|v| *v < 64.0), "red plane {:?}", &t.data[..16]);
-        assert!(
-            t.data[16..32].iter().all(|v| *v > 190.0),
-            "green plane {:?}",
-            &t.data[16..32]
-        );
+        assert!(t.data[16..32].iter().all(|v| *v > 190.0), "green plane {:?}", &t.data[16..32]);
         assert!(t.data[32..].iter().all(|v| *v < 64.0), "blue plane {:?}", &t.data[32..]);
         let red_mean: f32 = t.data[..16].iter().sum::<f32>() / 16.0;
         assert!(red_mean < 16.0, "mostly no red: {red_mean}");
@@ -308,13 +279,8 @@ mod tests {
         let mut p = identity(2, ResizeMode::Stretch);
         let mut t = p.new_tensor();
         // Pure red in BT.601 limited range: Y=81, U=90, V=240.
-        p.run(&frame(PixelFormat::Yuyv, 2, 2, 4, [81, 90, 81, 240].repeat(2)), &mut t)
-            .unwrap();
-        assert!(
-            t.data[..4].iter().all(|v| *v > 250.0) && t.data[4..].iter().all(|v| *v < 5.0),
-            "{:?}",
-            t.data
-        );
+        p.run(&frame(PixelFormat::Yuyv, 2, 2, 4, [81, 90, 81, 240].repeat(2)), &mut t).unwrap();
+        assert!(t.data[..4].iter().all(|v| *v > 250.0) && t.data[4..].iter().all(|v| *v < 5.0), "{:?}", t.data);
         p.run(&frame(PixelFormat::Gray8, 2, 2, 2, vec![77; 4]), &mut t).unwrap();
         assert!(t.data.iter().all(|v| (*v - 77.0).abs() < 0.5));
         let mut nv12 = vec![81; 4];
@@ -342,9 +308,7 @@ mod tests {
     fn a_frame_shorter_than_its_size_says_so() {
         let mut p = identity(4, ResizeMode::Stretch);
         let mut t = p.new_tensor();
-        let err = p
-            .run(&frame(PixelFormat::Rgb8, 8, 8, 24, vec![0; 10]), &mut t)
-            .unwrap_err();
+        let err = p.run(&frame(PixelFormat::Rgb8, 8, 8, 24, vec![0; 10]), &mut t).unwrap_err();
         assert!(format!("{err:#}").contains("needs"), "{err:#}");
     }
 }

@@ -16,11 +16,8 @@ use serde_json::{Value, json};
 pub fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},rumqttd=warn,tract=warn")));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 #[derive(Debug, Default)]
@@ -55,11 +52,8 @@ impl Counters {
     /// The `stats` payload and the shutdown summary.
     pub fn snapshot(&self, uptime: Duration) -> Value {
         let inferences = Self::get(&self.inferences);
-        let mean_ms = if inferences > 0 {
-            Self::get(&self.inference_us_total) as f64 / inferences as f64 / 1000.0
-        } else {
-            0.0
-        };
+        let mean_ms =
+            if inferences > 0 { Self::get(&self.inference_us_total) as f64 / inferences as f64 / 1000.0 } else { 0.0 };
         json!({
             "uptime_s": uptime.as_secs(),
             "frames_captured": Self::get(&self.frames_captured),
@@ -86,10 +80,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub const fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            state: Mutex::new((None, 0)),
-        }
+        Self { interval, state: Mutex::new((None, 0)) }
     }
 
     /// `Some(suppressed)` when the caller should log now.

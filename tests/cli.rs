@@ -17,16 +17,8 @@ fn classify_prints_a_table_row_per_photo_with_the_labels_it_sees() {
     assert!(out.status.success(), "{}", out.stderr);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{}", out.stdout);
-    assert!(
-        lines[0].contains("chelsea.jpg") && lines[0].contains("cat "),
-        "{}",
-        lines[0]
-    );
-    assert!(
-        lines[1].contains("coffee.jpg") && lines[1].contains("drink "),
-        "{}",
-        lines[1]
-    );
+    assert!(lines[0].contains("chelsea.jpg") && lines[0].contains("cat "), "{}", lines[0]);
+    assert!(lines[1].contains("coffee.jpg") && lines[1].contains("drink "), "{}", lines[1]);
 }
 
 #[test]
@@ -47,16 +39,8 @@ fn classify_json_gives_one_object_per_photo_with_every_label_scored() {
         assert_eq!(scores.len(), 12, "every label is scored");
         assert!(scores.values().all(|s| (0.0..=1.0).contains(s)));
     }
-    assert!(
-        objects[0]["active"].as_array().unwrap().iter().any(|l| l == "vehicle"),
-        "{}",
-        objects[0]
-    );
-    assert!(
-        objects[1]["active"].as_array().unwrap().iter().any(|l| l == "building"),
-        "{}",
-        objects[1]
-    );
+    assert!(objects[0]["active"].as_array().unwrap().iter().any(|l| l == "vehicle"), "{}", objects[0]);
+    assert!(objects[1]["active"].as_array().unwrap().iter().any(|l| l == "building"), "{}", objects[1]);
 }
 
 #[test]
@@ -73,21 +57,9 @@ fn classify_names_a_missing_or_undecodable_file_and_still_does_the_others() {
         photo("chelsea.jpg").to_str().unwrap(),
     ]));
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        out.stderr.contains("/nonexistent/photo.jpg") && out.stderr.contains("No such file"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("broken.png") && out.stderr.contains("not a readable"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stdout.contains("chelsea.jpg"),
-        "the good photo is still classified: {}",
-        out.stdout
-    );
+    assert!(out.stderr.contains("/nonexistent/photo.jpg") && out.stderr.contains("No such file"), "{}", out.stderr);
+    assert!(out.stderr.contains("broken.png") && out.stderr.contains("not a readable"), "{}", out.stderr);
+    assert!(out.stdout.contains("chelsea.jpg"), "the good photo is still classified: {}", out.stdout);
 }
 
 #[test]
@@ -101,11 +73,7 @@ fn model_info_reports_shapes_int8_labels_and_load_time() {
     assert!(text.contains("person, cat, dog"), "{text}");
     assert!(text.contains("tract        load"), "{text}");
 
-    let out = run_to_end(&mut labelcast(&[
-        "model-info",
-        "--json",
-        demo_fp32_model().to_str().unwrap(),
-    ]));
+    let out = run_to_end(&mut labelcast(&["model-info", "--json", demo_fp32_model().to_str().unwrap()]));
     let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(info["int8"], false);
     assert_eq!(info["quantize_linear"], 0);
@@ -155,17 +123,10 @@ fn base_config() -> String {
 #[test]
 fn a_good_config_passes_check_config_with_exit_0() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &format!("{}[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n", base_config()),
-    );
+    let config = write_config(dir.path(), &format!("{}[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n", base_config()));
     let out = check(&config);
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
-    assert!(
-        out.stdout.contains("OK") && out.stdout.contains("12 labels"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("OK") && out.stdout.contains("12 labels"), "{}", out.stdout);
 }
 
 #[test]
@@ -189,34 +150,17 @@ fn config_errors_exit_78_and_name_the_field() {
         ("[mqtt]\nqos = 3\n", "mqtt.qos: expected 0, 1 or 2, got 3"),
         ("[mqtt]\nqso = 1\n", "mqtt.qso: unknown field `qso`"),
         ("[labels]\nthreshold = \"high\"\n", "labels.threshold: invalid type"),
-        (
-            "[labels]\nthreshold = 1.5\n",
-            "labels.threshold: expected a number from 0 to 1, got 1.5",
-        ),
-        (
-            "[labels.overrides.dgo]\non = 0.5\n",
-            "labels.overrides.dgo: the model has no label \"dgo\"",
-        ),
-        (
-            "[mqtt]\nurl = \"http://broker\"\n",
-            "mqtt.url: expected an mqtt:// or mqtts:// URL",
-        ),
+        ("[labels]\nthreshold = 1.5\n", "labels.threshold: expected a number from 0 to 1, got 1.5"),
+        ("[labels.overrides.dgo]\non = 0.5\n", "labels.overrides.dgo: the model has no label \"dgo\""),
+        ("[mqtt]\nurl = \"http://broker\"\n", "mqtt.url: expected an mqtt:// or mqtts:// URL"),
     ];
     for (extra, expected) in cases {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &format!("{}{extra}", base_config()));
         let out = check(&config);
         assert_eq!(out.status.code(), Some(78), "for {extra:?}: {}", out.stderr);
-        assert!(
-            out.stderr.contains(expected),
-            "for {extra:?} expected {expected:?} in: {}",
-            out.stderr
-        );
-        assert!(
-            out.stderr.contains(config.to_str().unwrap()),
-            "the file is named: {}",
-            out.stderr
-        );
+        assert!(out.stderr.contains(expected), "for {extra:?} expected {expected:?} in: {}", out.stderr);
+        assert!(out.stderr.contains(config.to_str().unwrap()), "the file is named: {}", out.stderr);
     }
 }
 
@@ -226,11 +170,7 @@ fn a_label_list_that_does_not_match_the_model_output_is_refused() {
     let config = write_config(dir.path(), &format!("{}labels = [\"cat\", \"dog\"]\n", base_config()));
     let out = check(&config);
     assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("outputs 12 scores but has 2 labels"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("outputs 12 scores but has 2 labels"), "{}", out.stderr);
     assert!(out.stderr.contains("model.labels"), "{}", out.stderr);
 }
 

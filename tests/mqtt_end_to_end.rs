@@ -19,15 +19,7 @@ fn daemon_publishes_the_cat_photo_and_goes_offline(broker_port: u16, mqtt_args: 
     let photos = photo_folder(&["chelsea.jpg"]);
     let source = format!("file://{}?fps=5&loop=true", photos.path().display());
     let model = demo_model();
-    let mut args = vec![
-        "run",
-        "--device-id",
-        device,
-        "--source",
-        &source,
-        "--model",
-        model.to_str().unwrap(),
-    ];
+    let mut args = vec!["run", "--device-id", device, "--source", &source, "--model", model.to_str().unwrap()];
     args.extend_from_slice(mqtt_args);
     let mut daemon = Daemon::start(&args);
     daemon.wait_for_log("MQTT sink starting", WAIT);
@@ -44,12 +36,7 @@ fn daemon_publishes_the_cat_photo_and_goes_offline(broker_port: u16, mqtt_args: 
     late.wait_for(&topic("label/cat"), "ON", WAIT);
     late.wait_for(&topic("label/dog"), "OFF", WAIT);
     late.wait_for(&topic("label/vehicle"), "OFF", WAIT);
-    assert!(
-        late.all()
-            .iter()
-            .filter(|(t, _, _)| t.contains("/label/"))
-            .all(|(_, _, retained)| *retained)
-    );
+    assert!(late.all().iter().filter(|(t, _, _)| t.contains("/label/")).all(|(_, _, retained)| *retained));
 
     // The labels JSON agrees with `labelcast classify` on the same photo.
     let expected = classify_scores(&photos.path().join("chelsea.jpg"));
@@ -57,11 +44,7 @@ fn daemon_publishes_the_cat_photo_and_goes_offline(broker_port: u16, mqtt_args: 
     let got = scores_of(&payload);
     assert_eq!(got.len(), expected.len());
     for (label, score) in &expected {
-        assert!(
-            (got[label] - score).abs() < 1e-3,
-            "{label}: daemon {} vs classify {score}",
-            got[label]
-        );
+        assert!((got[label] - score).abs() < 1e-3, "{label}: daemon {} vs classify {score}", got[label]);
     }
     assert!(payload["timestamp"].as_str().unwrap().ends_with('Z'));
     assert!(payload["origin"].as_str().unwrap().ends_with("chelsea.jpg"));
@@ -72,10 +55,7 @@ fn daemon_publishes_the_cat_photo_and_goes_offline(broker_port: u16, mqtt_args: 
     assert!(status.success(), "exit status {status:?}; log:\n{}", daemon.log());
     sub.wait_for(&topic("available"), "offline", Duration::from_secs(10));
     let log = daemon.log();
-    assert!(
-        log.contains("SIGTERM received") && log.contains("labelcast stopped"),
-        "{log}"
-    );
+    assert!(log.contains("SIGTERM received") && log.contains("labelcast stopped"), "{log}");
 }
 
 #[test]
@@ -111,16 +91,11 @@ fn the_embedded_broker_on_a_busy_port_is_a_clear_error() {
     ]));
     assert!(!out.status.success());
     assert!(
-        out.stderr
-            .contains(&format!("cannot start the embedded MQTT broker on 127.0.0.1:{port}")),
+        out.stderr.contains(&format!("cannot start the embedded MQTT broker on 127.0.0.1:{port}")),
         "{}",
         out.stderr
     );
-    assert!(
-        out.stderr.contains("--mqtt"),
-        "the error says how to use the other broker: {}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("--mqtt"), "the error says how to use the other broker: {}", out.stderr);
 }
 
 #[test]
@@ -131,11 +106,8 @@ fn a_broker_restart_is_survived_with_backoff_and_retained_state_is_resent() {
     let source = format!("file://{}?fps=10&loop=true", photos.path().display());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("restart.toml");
-    std::fs::write(
-        &config,
-        "[mqtt]\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\nstats_interval = \"1h\"\n",
-    )
-    .unwrap();
+    std::fs::write(&config, "[mqtt]\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\nstats_interval = \"1h\"\n")
+        .unwrap();
     let url = broker.url();
     let mut daemon = Daemon::start(&[
         "run",
@@ -157,11 +129,7 @@ fn a_broker_restart_is_survived_with_backoff_and_retained_state_is_resent() {
     broker.stop();
     // Away for four seconds while frames keep flowing.
     std::thread::sleep(Duration::from_secs(4));
-    assert!(
-        daemon.is_running(),
-        "the daemon survives the broker going away:\n{}",
-        daemon.log()
-    );
+    assert!(daemon.is_running(), "the daemon survives the broker going away:\n{}", daemon.log());
     broker.restart();
 
     // mosquitto runs without persistence, so retained state seen now was re-sent.
@@ -171,20 +139,14 @@ fn a_broker_restart_is_survived_with_backoff_and_retained_state_is_resent() {
     wait_until(WAIT, || !after.payloads(&topic("stats")).is_empty()).expect("stats re-sent on reconnect");
     let stats: serde_json::Value = serde_json::from_str(after.payloads(&topic("stats")).last().unwrap()).unwrap();
     let dropped = stats["labels_dropped"].as_u64().unwrap();
-    assert!(
-        dropped >= 10,
-        "labels messages while the broker was away are dropped and counted: {stats}"
-    );
+    assert!(dropped >= 10, "labels messages while the broker was away are dropped and counted: {stats}");
     // 4 s away with backoff from 200 ms doubling to 2 s allows ~6 attempts;
     // a busy loop would make thousands.
     let attempts = stats["mqtt_connect_attempts"].as_u64().unwrap();
     assert!((2..=12).contains(&attempts), "connection attempts {attempts}: {stats}");
     assert_eq!(stats["mqtt_connections"], 2, "{stats}");
     let log = daemon.log();
-    assert!(
-        log.contains("MQTT broker unreachable") && log.contains("retry_in_ms"),
-        "{log}"
-    );
+    assert!(log.contains("MQTT broker unreachable") && log.contains("retry_in_ms"), "{log}");
     assert!(log.contains("reconnected to MQTT broker"), "{log}");
     assert!(daemon.stop().success());
 }
@@ -219,36 +181,17 @@ fn an_unreadable_photo_in_the_folder_is_skipped_with_a_warning_and_the_rest_are_
     std::fs::write(photos.path().join("broken.jpg"), b"\xff\xd8\xff\xe0 truncated").unwrap();
     std::fs::write(photos.path().join("empty.png"), b"").unwrap();
     let source = format!("file://{}?fps=0", photos.path().display());
-    let mut daemon = Daemon::start(&[
-        "run",
-        "--output",
-        "stdout",
-        "--source",
-        &source,
-        "--model",
-        demo_model().to_str().unwrap(),
-    ]);
+    let mut daemon =
+        Daemon::start(&["run", "--output", "stdout", "--source", &source, "--model", demo_model().to_str().unwrap()]);
     let status = daemon.wait(WAIT);
-    assert!(
-        status.success(),
-        "a finite source ends the run cleanly:\n{}",
-        daemon.log()
-    );
+    assert!(status.success(), "a finite source ends the run cleanly:\n{}", daemon.log());
     let stdout = daemon.stdout.lock().unwrap().clone();
     let origins: Vec<String> = stdout
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["origin"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["origin"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(origins.len(), 2, "{stdout}");
-    assert!(
-        origins[0].ends_with("chelsea.jpg") && origins[1].ends_with("coffee.jpg"),
-        "{origins:?}"
-    );
+    assert!(origins[0].ends_with("chelsea.jpg") && origins[1].ends_with("coffee.jpg"), "{origins:?}");
     let log = daemon.log();
     assert!(log.contains("broken.jpg") && log.contains("frame skipped"), "{log}");
     assert!(log.contains("\"frames_failed\":2"), "both bad files are counted: {log}");

@@ -36,6 +36,9 @@ work="$repo/target/ci"
 mkdir -p "$work/ort"
 (cd models && ../.venv/bin/python quantize.py demo/labelcast-demo-fp32.onnx "$work/requantized-int8.onnx" --calibration ../calibration/images --holdout-fraction 0.34)
 .venv/bin/python tests/fixtures/make_ort_reference.py "$work/requantized-int8.onnx" "$work/ort/requantized-int8.json"
+# ONNX Runtime's default (attention quantised too): wrong in plain tract, see src/engine/qdq.rs.
+(cd models && ../.venv/bin/python quantize.py demo/labelcast-demo-fp32.onnx "$work/attention-quantized-int8.onnx" --calibration ../calibration/images --holdout-fraction 0.34 --quantize-attention)
+.venv/bin/python tests/fixtures/make_ort_reference.py "$work/attention-quantized-int8.onnx" "$work/ort/attention-quantized-int8.json"
 
 stage "ML-Decoder shape tests (need torch)"
 if .venv/bin/python -c 'import torch' >/dev/null 2>&1; then

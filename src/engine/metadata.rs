@@ -105,14 +105,10 @@ impl ModelMetadata {
         };
         let mut mean = triplet(keys::MEAN)?;
         let mut std = triplet(keys::STD)?;
-        let mut output = props
-            .get(keys::OUTPUT)
-            .map(|s| OutputKind::parse(s).map_err(|m| in_model(keys::OUTPUT, m)))
-            .transpose()?;
-        let mut resize = props
-            .get(keys::RESIZE)
-            .map(|s| ResizeMode::parse(s).map_err(|m| in_model(keys::RESIZE, m)))
-            .transpose()?;
+        let mut output =
+            props.get(keys::OUTPUT).map(|s| OutputKind::parse(s).map_err(|m| in_model(keys::OUTPUT, m))).transpose()?;
+        let mut resize =
+            props.get(keys::RESIZE).map(|s| ResizeMode::parse(s).map_err(|m| in_model(keys::RESIZE, m))).transpose()?;
         let mut thresholds: BTreeMap<String, f32> = json(keys::THRESHOLDS)?
             .map(|v| {
                 serde_json::from_value(v)
@@ -174,17 +170,11 @@ impl ModelMetadata {
             }
         };
         if labels.is_empty() && require_labels {
-            return Err(ConfigError::new(
-                "model.labels",
-                format!("the label list from {labels_from} is empty"),
-            ));
+            return Err(ConfigError::new("model.labels", format!("the label list from {labels_from} is empty")));
         }
         for (label, value) in &thresholds {
             if !(0.0..=1.0).contains(value) {
-                return Err(in_model(
-                    keys::THRESHOLDS,
-                    format!("{label}: expected 0 to 1, got {value}"),
-                ));
+                return Err(in_model(keys::THRESHOLDS, format!("{label}: expected 0 to 1, got {value}")));
             }
         }
         let std = overrides.std.or(std).unwrap_or(IMAGENET_STD);
@@ -192,10 +182,7 @@ impl ModelMetadata {
             return Err(in_model(keys::STD, format!("every value must be above 0, got {std:?}")));
         }
         let name = name.unwrap_or_else(|| {
-            model_path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
+            model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
         });
         Ok(ModelMetadata {
             name,
@@ -255,19 +242,12 @@ mod tests {
     fn a_sidecar_overrides_the_model_and_the_config_overrides_both() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("net.onnx");
-        std::fs::write(
-            dir.path().join("net.toml"),
-            "labels = [\"a\", \"b\"]\nmean = [0.1, 0.2, 0.3]\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("net.toml"), "labels = [\"a\", \"b\"]\nmean = [0.1, 0.2, 0.3]\n").unwrap();
         let p = props(&[(keys::LABELS, r#"["x","y"]"#), (keys::MEAN, "[0.9,0.9,0.9]")]);
         let m = ModelMetadata::resolve(&model, &p, &MetadataOverrides::default(), true).unwrap();
         assert_eq!(m.labels, ["a", "b"]);
         assert_eq!(m.mean, [0.1, 0.2, 0.3]);
-        let overrides = MetadataOverrides {
-            labels: Some(vec!["c".into(), "d".into()]),
-            ..Default::default()
-        };
+        let overrides = MetadataOverrides { labels: Some(vec!["c".into(), "d".into()]), ..Default::default() };
         let m = ModelMetadata::resolve(&model, &p, &overrides, true).unwrap();
         assert_eq!(m.labels, ["c", "d"]);
         assert_eq!(m.labels_from, "config model.labels");
@@ -275,13 +255,8 @@ mod tests {
 
     #[test]
     fn a_model_without_labels_asks_for_them_by_name() {
-        let err = ModelMetadata::resolve(
-            Path::new("/m/x.onnx"),
-            &BTreeMap::new(),
-            &MetadataOverrides::default(),
-            true,
-        )
-        .unwrap_err();
+        let err = ModelMetadata::resolve(Path::new("/m/x.onnx"), &BTreeMap::new(), &MetadataOverrides::default(), true)
+            .unwrap_err();
         assert_eq!(err.field, "model.labels");
         assert!(err.message.contains("/m/x.toml"), "{err}");
     }

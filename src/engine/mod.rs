@@ -8,6 +8,7 @@
 
 pub mod metadata;
 mod onnx_graph;
+pub mod qdq;
 pub mod tract;
 
 use std::path::PathBuf;
@@ -24,10 +25,7 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn zeros(shape: [usize; 4]) -> Self {
-        Self {
-            shape,
-            data: vec![0.0; shape.iter().product()],
-        }
+        Self { shape, data: vec![0.0; shape.iter().product()] }
     }
 }
 
@@ -44,6 +42,9 @@ pub struct ModelInfo {
     pub output_shape: Vec<usize>,
     pub quantize_linear: usize,
     pub dequantize_linear: usize,
+    /// Row-wise ops (Softmax...) whose output labelcast kept in float
+    /// because tract would mis-fuse their Q/DQ (see [`qdq`]).
+    pub qdq_repaired: Vec<String>,
     pub metadata: ModelMetadata,
     /// Reading and parsing the ONNX file.
     pub load_time: Duration,

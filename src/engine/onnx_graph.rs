@@ -38,12 +38,7 @@ pub fn read_model(path: &Path) -> anyhow::Result<pb::ModelProto> {
     let proto = tract_onnx::onnx()
         .proto_model_for_read(&mut bytes.as_slice())
         .map_err(|err| anyhow::anyhow!("{err}"))
-        .with_context(|| {
-            format!(
-                "model {} is not a readable ONNX file (truncated or not ONNX?)",
-                path.display()
-            )
-        })?;
+        .with_context(|| format!("model {} is not a readable ONNX file (truncated or not ONNX?)", path.display()))?;
     if proto.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
         bail!("model {} holds no graph: is it an ONNX model?", path.display());
     }
@@ -53,11 +48,8 @@ pub fn read_model(path: &Path) -> anyhow::Result<pb::ModelProto> {
 pub fn inspect(proto: &pb::ModelProto) -> anyhow::Result<GraphFacts> {
     let graph = proto.graph.as_ref().context("the ONNX file holds no graph")?;
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let inputs: Vec<&pb::ValueInfoProto> = graph
-        .input
-        .iter()
-        .filter(|i| !initializers.contains(i.name.as_str()))
-        .collect();
+    let inputs: Vec<&pb::ValueInfoProto> =
+        graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).collect();
     let [input] = inputs.as_slice() else {
         bail!(
             "the model has {} inputs ({}); labelcast feeds one image tensor",
@@ -66,10 +58,7 @@ pub fn inspect(proto: &pb::ModelProto) -> anyhow::Result<GraphFacts> {
         );
     };
     let [output] = graph.output.as_slice() else {
-        bail!(
-            "the model has {} outputs; labelcast reads one score tensor",
-            graph.output.len()
-        );
+        bail!("the model has {} outputs; labelcast reads one score tensor", graph.output.len());
     };
     let (input_dims, input_type) = tensor_type(input)?;
     let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
@@ -80,11 +69,7 @@ pub fn inspect(proto: &pb::ModelProto) -> anyhow::Result<GraphFacts> {
         output_name: output.name.clone(),
         quantize_linear: count("QuantizeLinear"),
         dequantize_linear: count("DequantizeLinear"),
-        metadata: proto
-            .metadata_props
-            .iter()
-            .map(|p| (p.key.clone(), p.value.clone()))
-            .collect(),
+        metadata: proto.metadata_props.iter().map(|p| (p.key.clone(), p.value.clone())).collect(),
     })
 }
 

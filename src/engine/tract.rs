@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use tract_onnx::prelude::*;
 
 use super::onnx_graph::{self, Dim};
-use super::{Engine, ModelInfo, ModelMetadata, Tensor};
+use super::{Engine, ModelInfo, ModelMetadata, Tensor, qdq};
 use crate::config::{ConfigError, ModelConfig};
 
 pub struct TractEngine {
@@ -31,28 +31,28 @@ impl TractEngine {
 
     /// Loads a model for `model-info`: label names are not required.
     pub fn inspect(path: &Path) -> anyhow::Result<TractEngine> {
-        let config = ModelConfig {
-            path: path.to_path_buf(),
-            overrides: Default::default(),
-            threads: 1,
-        };
-        Self::load_checked(&config, false)
+        Self::load_checked(&ModelConfig::for_path(path), false)
     }
 
     fn load_checked(config: &ModelConfig, require_labels: bool) -> anyhow::Result<TractEngine> {
         let path = config.path.as_path();
         let started = Instant::now();
-        let proto = onnx_graph::read_model(path).map_err(|err| model_error(path, err))?;
+        let mut proto = onnx_graph::read_model(path).map_err(|err| model_error(path, err))?;
         let facts = onnx_graph::inspect(&proto).map_err(|err| model_error(path, err))?;
+        let repair = if config.repair_qdq { qdq::repair(&mut proto) } else { qdq::Repair::default() };
+        if !repair.ops_kept_float.is_empty() {
+            tracing::info!(
+                model = %path.display(),
+                ops = %repair.ops_kept_float.join(", "),
+                removed_nodes = repair.nodes_removed,
+                "kept these row-wise ops' outputs in float: tract would fuse their QuantizeLinear/DequantizeLinear into a wrong lookup table"
+            );
+        }
         let metadata = ModelMetadata::resolve(path, &facts.metadata, &config.overrides, require_labels)?;
         if facts.input_type != "float32" {
             return Err(model_error(
                 path,
-                anyhow::anyhow!(
-                    "input {:?} is {}; labelcast feeds float32 images",
-                    facts.input_name,
-                    facts.input_type
-                ),
+                anyhow::anyhow!("input {:?} is {}; labelcast feeds float32 images", facts.input_name, facts.input_type),
             ));
         }
         let input_shape = input_shape(&facts.input_dims, metadata.input_size).map_err(|err| model_error(path, err))?;
@@ -80,9 +80,7 @@ impl TractEngine {
                 .as_concrete()
                 .map(|s| s.to_vec())
                 .context("the output shape is not fixed once the input is")?;
-            let plan = model
-                .into_runnable_with_options(&options)
-                .map_err(|err| anyhow::anyhow!("{err:?}"))?;
+            let plan = model.into_runnable_with_options(&options).map_err(|err| anyhow::anyhow!("{err:?}"))?;
             let state = plan.spawn().map_err(|err| anyhow::anyhow!("{err:?}"))?;
             Ok((state, output_shape, loaded))
         }));
@@ -98,18 +96,11 @@ impl TractEngine {
         if !batch_ok || width == 0 {
             return Err(model_error(
                 path,
-                anyhow::anyhow!(
-                    "output {:?} has shape {output_shape:?}; expected [1, N] scores",
-                    facts.output_name
-                ),
+                anyhow::anyhow!("output {:?} has shape {output_shape:?}; expected [1, N] scores", facts.output_name),
             ));
         }
         if (require_labels || !metadata.labels.is_empty()) && width != metadata.labels.len() {
-            let field = if metadata.labels_from.starts_with("config") {
-                "model.labels"
-            } else {
-                "model.path"
-            };
+            let field = if metadata.labels_from.starts_with("config") { "model.labels" } else { "model.path" };
             return Err(ConfigError::new(
                 field,
                 format!(
@@ -131,6 +122,7 @@ impl TractEngine {
             output_shape,
             quantize_linear: facts.quantize_linear,
             dequantize_linear: facts.dequantize_linear,
+            qdq_repaired: repair.ops_kept_float,
             metadata,
             load_time,
             optimize_time,
@@ -152,11 +144,8 @@ impl TractEngine {
 /// config points at it, and restarting will not help.
 fn model_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     let detail = format!("{err:#}");
-    let message = if detail.contains(&path.display().to_string()) {
-        detail
-    } else {
-        format!("{}: {detail}", path.display())
-    };
+    let message =
+        if detail.contains(&path.display().to_string()) { detail } else { format!("{}: {detail}", path.display()) };
     ConfigError::new("model.path", message).into()
 }
 
@@ -164,10 +153,7 @@ fn model_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
 /// the metadata's size (or 224) for symbolic height and width.
 fn input_shape(dims: &[Dim], size: Option<(usize, usize)>) -> anyhow::Result<[usize; 4]> {
     if dims.len() != 4 {
-        bail!(
-            "the input has {} dimensions; labelcast feeds NCHW images [1, 3, H, W]",
-            dims.len()
-        );
+        bail!("the input has {} dimensions; labelcast feeds NCHW images [1, 3, H, W]", dims.len());
     }
     let fixed = |d: &Dim| match d {
         Dim::Fixed(v) => Some(*v),
@@ -183,12 +169,7 @@ fn input_shape(dims: &[Dim], size: Option<(usize, usize)>) -> anyhow::Result<[us
         bail!("the input has {channels} channels; labelcast feeds RGB (3)");
     }
     let (default_h, default_w) = size.unwrap_or((224, 224));
-    Ok([
-        1,
-        3,
-        fixed(&dims[2]).unwrap_or(default_h),
-        fixed(&dims[3]).unwrap_or(default_w),
-    ])
+    Ok([1, 3, fixed(&dims[2]).unwrap_or(default_h), fixed(&dims[3]).unwrap_or(default_w)])
 }
 
 impl Engine for TractEngine {
@@ -198,21 +179,12 @@ impl Engine for TractEngine {
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
         if input.shape != self.info.input_shape {
-            bail!(
-                "input tensor {:?} does not match the model's {:?}",
-                input.shape,
-                self.info.input_shape
-            );
+            bail!("input tensor {:?} does not match the model's {:?}", input.shape, self.info.input_shape);
         }
         let tensor = tract_onnx::prelude::Tensor::from_shape(&input.shape, &input.data)
             .map_err(|err| anyhow::anyhow!("{err:?}"))?;
-        let outputs = self
-            .state
-            .run(tvec!(tensor.into_tvalue()))
-            .map_err(|err| anyhow::anyhow!("{err:?}"))?;
-        let scores = outputs[0]
-            .to_plain_array_view::<f32>()
-            .map_err(|err| anyhow::anyhow!("{err:?}"))?;
+        let outputs = self.state.run(tvec!(tensor.into_tvalue())).map_err(|err| anyhow::anyhow!("{err:?}"))?;
+        let scores = outputs[0].to_plain_array_view::<f32>().map_err(|err| anyhow::anyhow!("{err:?}"))?;
         Ok(scores.iter().copied().collect())
     }
 }
@@ -223,23 +195,13 @@ mod tests {
 
     #[test]
     fn a_symbolic_batch_is_fixed_to_one_and_size_comes_from_the_graph() {
-        let dims = [
-            Dim::Symbolic("N".into()),
-            Dim::Fixed(3),
-            Dim::Fixed(160),
-            Dim::Fixed(128),
-        ];
+        let dims = [Dim::Symbolic("N".into()), Dim::Fixed(3), Dim::Fixed(160), Dim::Fixed(128)];
         assert_eq!(input_shape(&dims, None).unwrap(), [1, 3, 160, 128]);
     }
 
     #[test]
     fn symbolic_height_and_width_use_the_metadata_size() {
-        let dims = [
-            Dim::Fixed(1),
-            Dim::Fixed(3),
-            Dim::Symbolic("h".into()),
-            Dim::Symbolic("w".into()),
-        ];
+        let dims = [Dim::Fixed(1), Dim::Fixed(3), Dim::Symbolic("h".into()), Dim::Symbolic("w".into())];
         assert_eq!(input_shape(&dims, Some((300, 400))).unwrap(), [1, 3, 300, 400]);
     }
 

@@ -216,11 +216,7 @@ impl Publisher {
     /// Queues a message without waiting; false when rumqttc's queue is full.
     fn send(&self, topic: String, retain: bool, body: String) -> bool {
         // Retained state must not be lost silently: at least QoS 1 for it.
-        let qos = if retain && self.qos == QoS::AtMostOnce {
-            QoS::AtLeastOnce
-        } else {
-            self.qos
-        };
+        let qos = if retain && self.qos == QoS::AtMostOnce { QoS::AtLeastOnce } else { self.qos };
         match self.client.try_publish(topic.as_str(), qos, retain, body) {
             Ok(()) => true,
             Err(err) => {
@@ -262,26 +258,17 @@ async fn drive_connection(
                         "reconnected to MQTT broker; re-sending availability and label states"
                     );
                 }
-                let _ = link.send(Link {
-                    connected: true,
-                    generation,
-                });
+                let _ = link.send(Link { connected: true, generation });
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                let _ = link.send(Link {
-                    connected: false,
-                    generation,
-                });
+                let _ = link.send(Link { connected: false, generation });
                 return;
             }
             Ok(_) => {}
             Err(err) => {
                 if connected {
                     connected = false;
-                    let _ = link.send(Link {
-                        connected: false,
-                        generation,
-                    });
+                    let _ = link.send(Link { connected: false, generation });
                 }
                 if *stop.borrow() {
                     return;
@@ -316,17 +303,13 @@ fn tls_client_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ClientConfig
     };
     let builder = if tls.insecure_skip_verify {
         tracing::warn!("mqtt.tls.insecure_skip_verify is set: the broker's certificate is NOT checked");
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(insecure::AcceptAnyServer(provider)))
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(insecure::AcceptAnyServer(provider)))
     } else {
         let mut roots = rustls::RootCertStore::empty();
         match &tls.ca_file {
             Some(ca) => {
                 for cert in read_certs(ca).context("mqtt.tls.ca_file")? {
-                    roots
-                        .add(cert)
-                        .with_context(|| format!("mqtt.tls.ca_file {}: not a usable CA", ca.display()))?;
+                    roots.add(cert).with_context(|| format!("mqtt.tls.ca_file {}: not a usable CA", ca.display()))?;
                 }
             }
             None => {
@@ -334,10 +317,7 @@ fn tls_client_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ClientConfig
                 for cert in found.certs {
                     let _ = roots.add(cert);
                 }
-                anyhow::ensure!(
-                    !roots.is_empty(),
-                    "no system CA certificates found: set mqtt.tls.ca_file"
-                );
+                anyhow::ensure!(!roots.is_empty(), "no system CA certificates found: set mqtt.tls.ca_file");
             }
         }
         builder.with_root_certificates(roots)
@@ -349,9 +329,7 @@ fn tls_client_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ClientConfig
             let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut BufReader::new(file))
                 .with_context(|| format!("mqtt.tls.key_file {}", key.display()))?
                 .with_context(|| format!("mqtt.tls.key_file {} holds no PEM private key", key.display()))?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .context("mqtt.tls: client certificate and key do not match")?
+            builder.with_client_auth_cert(certs, key).context("mqtt.tls: client certificate and key do not match")?
         }
         None => builder.with_no_client_auth(),
     };
@@ -414,11 +392,7 @@ mod tests {
         let steps = [100, 200, 400, 800, 800, 800];
         for (wait, step) in waits.iter().zip(steps) {
             let step = Duration::from_millis(step);
-            assert!(
-                *wait >= step / 2 && *wait <= step,
-                "{wait:?} not within [{:?}, {step:?}]",
-                step / 2
-            );
+            assert!(*wait >= step / 2 && *wait <= step, "{wait:?} not within [{:?}, {step:?}]", step / 2);
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

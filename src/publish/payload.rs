@@ -15,9 +15,7 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.trim_end_matches('/').to_string(),
-        }
+        Self { prefix: prefix.trim_end_matches('/').to_string() }
     }
     /// `online` / `offline`, retained; `offline` is also the Last Will.
     pub fn available(&self) -> String {
@@ -56,10 +54,7 @@ pub fn labels_json(event: &LabelEvent) -> Value {
     let mut labels = Map::new();
     let mut active = Vec::new();
     for label in &event.labels {
-        labels.insert(
-            label.name.to_string(),
-            json!({ "score": round_score(label.score), "state": on_off(label.on) }),
-        );
+        labels.insert(label.name.to_string(), json!({ "score": round_score(label.score), "state": on_off(label.on) }));
         if label.on {
             active.push(label.name.to_string());
         }
@@ -93,16 +88,8 @@ mod tests {
             model: "demo".into(),
             inference_ms: 12.3456,
             labels: vec![
-                LabelScore {
-                    name: "cat".into(),
-                    score: 0.987_654,
-                    on: true,
-                },
-                LabelScore {
-                    name: "dog".into(),
-                    score: 0.012_34,
-                    on: false,
-                },
+                LabelScore { name: "cat".into(), score: 0.987_654, on: true },
+                LabelScore { name: "dog".into(), score: 0.012_34, on: false },
             ],
             changed: vec![0],
         };

@@ -42,10 +42,7 @@ impl FileSource {
 /// cannot be read or decoded is a [`SourceError::Skipped`] naming it.
 pub fn read_frame(path: &Path, sequence: u64) -> Result<Frame, SourceError> {
     let origin: Arc<str> = Arc::from(path.display().to_string());
-    let skipped = |reason: String| SourceError::Skipped {
-        origin: origin.to_string(),
-        reason,
-    };
+    let skipped = |reason: String| SourceError::Skipped { origin: origin.to_string(), reason };
     let bytes = std::fs::read(path).map_err(|err| skipped(err.to_string()))?;
     let captured_at = SystemTime::now();
     if bytes.starts_with(&[0xFF, 0xD8]) {
@@ -176,9 +173,7 @@ mod tests {
     fn jpeg_files_travel_undecoded_like_mjpeg() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.jpg");
-        image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30]))
-            .save(&path)
-            .unwrap();
+        image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30])).save(&path).unwrap();
         let mut source = FileSource::open(&path, 0.0, false).unwrap();
         let frame = source.next_frame().unwrap().unwrap();
         assert_eq!(frame.format, PixelFormat::Mjpeg);

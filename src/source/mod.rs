@@ -99,12 +99,7 @@ pub enum SourceSpec {
     /// `file:///path` to one image or a folder of images (name order).
     File { path: PathBuf, fps: f64, looping: bool },
     /// `test://pattern`: a deterministic moving test picture.
-    TestPattern {
-        width: u32,
-        height: u32,
-        fps: f64,
-        frames: Option<u64>,
-    },
+    TestPattern { width: u32, height: u32, fps: f64, frames: Option<u64> },
 }
 
 impl SourceSpec {
@@ -136,12 +131,7 @@ impl SourceSpec {
                 }
                 let fps = params.take_f64("fps", 10.0)?;
                 let frames = params.take_opt_u64("frames")?;
-                SourceSpec::TestPattern {
-                    width,
-                    height,
-                    fps,
-                    frames,
-                }
+                SourceSpec::TestPattern { width, height, fps, frames }
             }
             "v4l2" | "csi" | "rtsp" | "gst" => {
                 return Err(format!(
@@ -149,9 +139,7 @@ impl SourceSpec {
                 ));
             }
             other => {
-                return Err(format!(
-                    "unknown source scheme {other:?}: expected file:// or test://pattern"
-                ));
+                return Err(format!("unknown source scheme {other:?}: expected file:// or test://pattern"));
             }
         };
         params.finish()?;
@@ -163,12 +151,9 @@ impl SourceSpec {
 pub fn open(spec: &SourceSpec) -> anyhow::Result<Box<dyn FrameSource>> {
     Ok(match spec {
         SourceSpec::File { path, fps, looping } => Box::new(FileSource::open(path, *fps, *looping)?),
-        SourceSpec::TestPattern {
-            width,
-            height,
-            fps,
-            frames,
-        } => Box::new(TestPattern::new(*width, *height, *fps, *frames)),
+        SourceSpec::TestPattern { width, height, fps, frames } => {
+            Box::new(TestPattern::new(*width, *height, *fps, *frames))
+        }
     })
 }
 
@@ -208,19 +193,12 @@ impl QueryParams {
     fn take_u32(&mut self, key: &str, default: u32) -> Result<u32, String> {
         match self.take(key) {
             None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("{key}: expected a whole number, got {v:?}")),
+            Some(v) => v.parse().map_err(|_| format!("{key}: expected a whole number, got {v:?}")),
         }
     }
 
     fn take_opt_u64(&mut self, key: &str) -> Result<Option<u64>, String> {
-        self.take(key)
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| format!("{key}: expected a whole number, got {v:?}"))
-            })
-            .transpose()
+        self.take(key).map(|v| v.parse().map_err(|_| format!("{key}: expected a whole number, got {v:?}"))).transpose()
     }
 
     fn take_bool(&mut self, key: &str, default: bool) -> Result<bool, String> {
@@ -246,9 +224,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = text
-                .get(i + 1..i + 3)
-                .ok_or_else(|| format!("bad %-escape in {text:?}"))?;
+            let hex = text.get(i + 1..i + 3).ok_or_else(|| format!("bad %-escape in {text:?}"))?;
             out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad %-escape in {text:?}"))?);
             i += 3;
         } else {
@@ -266,27 +242,13 @@ mod tests {
     #[test]
     fn a_file_uri_with_parameters_parses() {
         let spec = SourceSpec::parse("file:///data/my%20photos?fps=0.5&loop=true").unwrap();
-        assert_eq!(
-            spec,
-            SourceSpec::File {
-                path: "/data/my photos".into(),
-                fps: 0.5,
-                looping: true
-            }
-        );
+        assert_eq!(spec, SourceSpec::File { path: "/data/my photos".into(), fps: 0.5, looping: true });
     }
 
     #[test]
     fn a_relative_file_path_is_kept_relative() {
         let spec = SourceSpec::parse("file://calibration/images").unwrap();
-        assert_eq!(
-            spec,
-            SourceSpec::File {
-                path: "calibration/images".into(),
-                fps: 2.0,
-                looping: false
-            }
-        );
+        assert_eq!(spec, SourceSpec::File { path: "calibration/images".into(), fps: 2.0, looping: false });
     }
 
     #[test]

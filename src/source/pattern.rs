@@ -7,16 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use super::{Frame, FrameSource, PixelFormat, SourceError, interval_for_fps};
 
-const BARS: [[u8; 3]; 8] = [
-    [255, 255, 255],
-    [255, 255, 0],
-    [0, 255, 255],
-    [0, 255, 0],
-    [255, 0, 255],
-    [255, 0, 0],
-    [0, 0, 255],
-    [0, 0, 0],
-];
+const BARS: [[u8; 3]; 8] =
+    [[255, 255, 255], [255, 255, 0], [0, 255, 255], [0, 255, 0], [255, 0, 255], [255, 0, 0], [0, 0, 255], [0, 0, 0]];
 
 pub struct TestPattern {
     width: u32,
@@ -28,13 +20,7 @@ pub struct TestPattern {
 
 impl TestPattern {
     pub fn new(width: u32, height: u32, fps: f64, limit: Option<u64>) -> Self {
-        Self {
-            width,
-            height,
-            interval: interval_for_fps(fps),
-            limit,
-            sequence: 0,
-        }
+        Self { width, height, interval: interval_for_fps(fps), limit, sequence: 0 }
     }
 
     /// The picture for one sequence number.
@@ -49,11 +35,7 @@ impl TestPattern {
         for (y, row) in data.chunks_exact_mut(w * 3).enumerate() {
             for (x, pixel) in row.chunks_exact_mut(3).enumerate() {
                 let in_square = (square_x..square_x + side).contains(&x) && (square_y..square_y + side).contains(&y);
-                let colour = if in_square {
-                    [255, 255, 255]
-                } else {
-                    BARS[((x + shift) % w) / bar_width]
-                };
+                let colour = if in_square { [255, 255, 255] } else { BARS[((x + shift) % w) / bar_width] };
                 pixel.copy_from_slice(&colour);
             }
         }

@@ -94,11 +94,7 @@ impl Daemon {
                 sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Daemon {
-            child: Some(child),
-            log,
-            stdout,
-        }
+        Daemon { child: Some(child), log, stdout }
     }
 
     pub fn log(&self) -> String {
@@ -111,10 +107,7 @@ impl Daemon {
 
     pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().unwrap().id().to_string();
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap();
         assert!(status.success());
     }
 
@@ -180,11 +173,7 @@ impl Mosquitto {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Mosquitto {
-            port: free_port(),
-            child: None,
-            dir,
-        };
+        let mut m = Mosquitto { port: free_port(), child: None, dir };
         m.spawn();
         Some(m)
     }
@@ -202,14 +191,8 @@ impl Mosquitto {
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                self.port
-            ),
-        )
-        .unwrap();
+        std::fs::write(&conf, format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n", self.port))
+            .unwrap();
         let child = Command::new(Self::binary())
             .arg("-c")
             .arg(&conf)
@@ -219,10 +202,8 @@ impl Mosquitto {
             .expect("mosquitto starts");
         self.child = Some(child);
         let port = self.port;
-        wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .expect("mosquitto listens within 10 s");
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            .expect("mosquitto listens within 10 s");
     }
 
     pub fn stop(&mut self) {
@@ -277,10 +258,7 @@ impl Subscriber {
                 }
             }
         });
-        Subscriber {
-            messages,
-            _thread: thread,
-        }
+        Subscriber { messages, _thread: thread }
     }
 
     pub fn all(&self) -> Vec<(String, String, bool)> {
@@ -293,32 +271,20 @@ impl Subscriber {
     }
 
     pub fn wait_for(&self, topic: &str, payload: &str, timeout: Duration) {
-        wait_until(timeout, || {
-            self.all().iter().any(|(t, p, _)| t == topic && p == payload)
-        })
-        .unwrap_or_else(|_| panic!("no {payload:?} on {topic} within {timeout:?}; saw: {:?}", self.latest()));
+        wait_until(timeout, || self.all().iter().any(|(t, p, _)| t == topic && p == payload))
+            .unwrap_or_else(|_| panic!("no {payload:?} on {topic} within {timeout:?}; saw: {:?}", self.latest()));
     }
 
     pub fn payloads(&self, topic: &str) -> Vec<String> {
-        self.all()
-            .into_iter()
-            .filter(|(t, _, _)| t == topic)
-            .map(|(_, p, _)| p)
-            .collect()
+        self.all().into_iter().filter(|(t, _, _)| t == topic).map(|(_, p, _)| p).collect()
     }
 }
 
 /// `labelcast classify --json` for one photo: label -> score.
 pub fn classify_scores(image: &Path) -> HashMap<String, f64> {
     let out = run_to_end(
-        labelcast(&[
-            "classify",
-            "--json",
-            "--model",
-            demo_model().to_str().unwrap(),
-            image.to_str().unwrap(),
-        ])
-        .env_remove("RUST_LOG"),
+        labelcast(&["classify", "--json", "--model", demo_model().to_str().unwrap(), image.to_str().unwrap()])
+            .env_remove("RUST_LOG"),
     );
     assert!(out.status.success(), "classify failed: {}", out.stderr);
     let value: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();

@@ -154,19 +154,23 @@ def train_head(features: torch.Tensor, targets: torch.Tensor) -> MLDecoder:
     return head
 
 
-def pick_thresholds(head: MLDecoder, features: torch.Tensor, targets: torch.Tensor) -> list[float]:
-    """Per label, the threshold that best matches the teacher's decisions
-    (target >= 0.5) on the training mosaics, kept within [0.3, 0.7]."""
+def pick_thresholds(teacher, head: MLDecoder, photos: list[common.Photo]) -> list[float]:
+    """Per label, the threshold that maximises F1 against the hand labels of
+    the *training* photos (the held-out ones are never looked at), scored the
+    way labelcast scores a frame (centre crop). Labels with no positive
+    training photo keep 0.5."""
     with torch.no_grad():
-        scores = torch.sigmoid(head(features)).numpy()
-    truth = targets.numpy() >= 0.5
+        x = torch.from_numpy(np.concatenate([common.preprocess(Image.open(p.path), INPUT) for p in photos]))
+        scores = torch.sigmoid(head(teacher.extract_features(x))).numpy()
     thresholds = []
-    for j in range(len(LABELS)):
+    for j, label in enumerate(LABELS):
+        truth = np.array([label in p.labels for p in photos])
         best = (0.5, -1.0)
-        for t in np.arange(0.3, 0.71, 0.05):
-            value = common.f1(scores[:, j] >= t, truth[:, j])
-            if value is not None and value > best[1]:
-                best = (round(float(t), 2), value)
+        if truth.any():
+            for t in np.arange(0.7, 0.149, -0.05):
+                value = common.f1(scores[:, j] >= t, truth)
+                if value is not None and value > best[1] + 1e-9:
+                    best = (round(float(t), 2), value)
         thresholds.append(best[0])
     return thresholds
 
@@ -197,7 +201,7 @@ def main() -> None:
     print("training the head...")
     head = train_head(features, targets)
     print(f"  head parameters: {head_parameter_count(head):,}")
-    thresholds = pick_thresholds(head, features, targets)
+    thresholds = pick_thresholds(teacher, head, [p for p in manifest if p.split == "train"])
     print("  thresholds: " + ", ".join(f"{l}={t}" for l, t in zip(LABELS, thresholds)))
 
     model = Classifier(EfficientNetLite0Features(teacher), head).eval()

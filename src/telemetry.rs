@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// Sets up `tracing` with `RUST_LOG`-style filtering (default `info`; the
-/// embedded broker's chatter is kept at `warn`).
+/// Sets up `tracing` with `RUST_LOG`-style filtering (default `info`). The
+/// embedded broker's own lines are off unless RUST_LOG asks for them: it
+/// reports every client that hangs up as an ERROR.
 pub fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},rumqttd=warn,tract=warn")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},rumqttd=off,tract=warn")));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

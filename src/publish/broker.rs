@@ -2,9 +2,11 @@
 //! configured, so `labelcast run` works on a bare machine and
 //! `mosquitto_sub -t 'labelcast/#'` shows labels at once. It runs on its own
 //! threads (rumqttd brings its own runtimes) and lives as long as the process.
+//! Its own log lines are off by default (it logs every client that hangs up
+//! as an ERROR); `RUST_LOG=info,rumqttd=info` shows them.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -60,8 +62,10 @@ pub fn start_embedded(listen: SocketAddr) -> anyhow::Result<()> {
         })
         .context("starting the embedded MQTT broker thread")?;
 
+    // Wait until the broker holds the port. Probing with a bind, not a
+    // connection: rumqttd logs a half-open probe connection as an error.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
+    while TcpListener::bind(listen).is_ok() {
         if Instant::now() > deadline {
             bail!("the embedded MQTT broker did not start listening on {listen} within 5 s");
         }

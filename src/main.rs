@@ -26,12 +26,9 @@ struct Cli {
     command: Command,
 }
 
+/// Flags that replace the config file's values, for `run` and `check-config`.
 #[derive(clap::Args, Default)]
-struct RunArgs {
-    /// TOML config file (see systemd/config.example.toml). Without one, the
-    /// embedded defaults: the demo model, the sample photos, an in-process broker.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
+struct OverrideArgs {
     /// Frame source URI, e.g. file:///photos?fps=2&loop=true or test://pattern.
     #[arg(long)]
     source: Option<String>,
@@ -49,14 +46,14 @@ struct RunArgs {
     device_id: Option<String>,
 }
 
-impl RunArgs {
-    fn overrides(&self) -> Overrides {
+impl OverrideArgs {
+    fn overrides(self) -> Overrides {
         Overrides {
-            device_id: self.device_id.clone(),
-            source: self.source.clone(),
-            model: self.model.clone(),
-            mqtt_url: self.mqtt.clone(),
-            output: self.output.clone(),
+            device_id: self.device_id,
+            source: self.source,
+            model: self.model,
+            mqtt_url: self.mqtt,
+            output: self.output,
         }
     }
 }
@@ -64,7 +61,14 @@ impl RunArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon until SIGINT/SIGTERM (or until a finite source ends).
-    Run(RunArgs),
+    Run {
+        /// TOML config file (see systemd/config.example.toml). Without one, the
+        /// embedded defaults: the demo model, the sample photos, an in-process broker.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: OverrideArgs,
+    },
     /// Classify image files and print the labels above threshold.
     Classify {
         /// Image files (JPEG or PNG).
@@ -88,31 +92,21 @@ enum Command {
     },
     /// Validate a config file (and the model it names) without running anything.
     CheckConfig {
+        /// The TOML config file to check, e.g. /etc/labelcast/config.toml.
         config: PathBuf,
         #[command(flatten)]
-        run: CheckOverrides,
+        overrides: OverrideArgs,
     },
-}
-
-/// The overrides `check-config` accepts, so it checks what `run` would run.
-#[derive(clap::Args)]
-struct CheckOverrides {
-    #[arg(long)]
-    source: Option<String>,
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[arg(long)]
-    mqtt: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(&cli.log_level);
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run { config, overrides } => run(config, overrides.overrides()),
         Command::Classify { images, model, config, json } => classify(&images, model, config, json),
         Command::ModelInfo { model, json } => model_info(&model, json),
-        Command::CheckConfig { config, run } => check_config(config, run),
+        Command::CheckConfig { config, overrides } => check_config(config, overrides.overrides()),
     };
     match result {
         Ok(code) => code,
@@ -123,8 +117,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(args.config.as_deref(), &args.overrides())?;
+fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path.as_deref(), &overrides)?;
     // Two worker threads: the MQTT client and the embedded broker's glue are
     // light; capture and inference run on their own OS threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -278,8 +272,7 @@ fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn check_config(path: PathBuf, extra: CheckOverrides) -> anyhow::Result<ExitCode> {
-    let overrides = Overrides { source: extra.source, model: extra.model, mqtt_url: extra.mqtt, ..Default::default() };
+fn check_config(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(&path), &overrides)?;
     let prepared = pipeline::prepare(&config).with_context(|| format!("config file {}", path.display()))?;
     let info = prepared.engine.info();

@@ -82,6 +82,14 @@ def list_photos(paths: list[Path]) -> list[Path]:
     return photos
 
 
+def split_photos(photos: list[Path], holdout_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(held back, calibration): the same split for the same photos and seed."""
+    photos = list(photos)
+    random.Random(seed).shuffle(photos)
+    n_hold = max(1, int(len(photos) * holdout_fraction))
+    return photos[:n_hold], photos[n_hold:]
+
+
 def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float = 0.25, seed: int = 0,
              quantize_attention: bool = False) -> dict:
     model = onnx.load(str(fp32))
@@ -90,9 +98,7 @@ def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float 
     photos = list(photos)
     if len(photos) < 4:
         raise SystemExit(f"need at least 4 calibration photos, got {len(photos)}")
-    random.Random(seed).shuffle(photos)
-    n_hold = max(1, int(len(photos) * holdout_fraction))
-    held, calib = photos[:n_hold], photos[n_hold:]
+    held, calib = split_photos(photos, holdout_fraction, seed)
     tensors = [common.preprocess(Image.open(p), size, mean, std) for p in calib]
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -156,33 +156,63 @@ def train_head(features: torch.Tensor, targets: torch.Tensor) -> MLDecoder:
     return head
 
 
-def pick_thresholds(teacher, head: MLDecoder, photos: list[common.Photo]) -> list[float]:
-    """Per label, the threshold that maximises F1 against the hand labels of
-    the *training* photos (the held-out ones are never looked at), scored the
-    way labelcast scores a frame (centre crop). Labels with no positive
-    training photo keep 0.5."""
-    with torch.no_grad():
-        x = torch.from_numpy(np.concatenate([common.preprocess(Image.open(p.path), INPUT) for p in photos]))
-        scores = torch.sigmoid(head(teacher.extract_features(x))).numpy()
+def pick_thresholds(fp32: Path, photos: list[common.Photo]) -> list[float]:
+    """Per label, the middle of the range of thresholds that maximise F1
+    against the hand labels of the *training* photos (the held-out ones are
+    never looked at). The middle, not an edge, so a small difference in
+    resizing between tools does not flip a decision. Scores come from the
+    exported ONNX model, so a full build and --retune-thresholds agree.
+    Labels whose best F1 is 0 (or that have no positive photo) keep 0.5.
+    Thresholds stay within [0.25, 0.75]: with 36 photos a plateau of best F1
+    often reaches down to scores that are noise, and a demo that turns labels
+    on at 0.05 would flicker."""
+    scores = evaluate.scores(fp32, photos)
+    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
     thresholds = []
     for j, label in enumerate(LABELS):
         truth = np.array([label in p.labels for p in photos])
-        best = (0.5, -1.0)
-        if truth.any():
-            for t in np.arange(0.7, 0.149, -0.05):
-                value = common.f1(scores[:, j] >= t, truth)
-                if value is not None and value > best[1] + 1e-9:
-                    best = (round(float(t), 2), value)
-        thresholds.append(best[0])
+        f1s = np.array([common.f1(scores[:, j] >= t, truth) or 0.0 for t in grid])
+        if not truth.any() or f1s.max() == 0.0:
+            thresholds.append(0.5)
+            continue
+        best = grid[f1s >= f1s.max() - 1e-9]
+        thresholds.append(round(float(np.clip((best.min() + best.max()) / 2, 0.25, 0.75)), 2))
     return thresholds
+
+
+def stamp_thresholds(models: list[Path], thresholds: list[float]) -> None:
+    """Writes the thresholds and this recipe's hash into the models' metadata."""
+    import json
+
+    import onnx
+
+    for path in models:
+        model = onnx.load(str(path))
+        props = export.labelcast_metadata(model)
+        props["labelcast.thresholds"] = json.dumps(dict(zip(LABELS, thresholds)))
+        props["labelcast.recipe_hash"] = recipe_hash()
+        export.set_metadata(model, props)
+        onnx.save(model, str(path))
+
+
+def retune(fp32: Path, others: list[Path], manifest: list[common.Photo]) -> None:
+    thresholds = pick_thresholds(fp32, [p for p in manifest if p.split == "train"])
+    stamp_thresholds([fp32, *others], thresholds)
+    print("  thresholds: " + ", ".join(f"{l}={t}" for l, t in zip(LABELS, thresholds)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO)
     parser.add_argument("--card-only", action="store_true", help="rewrite MODEL_CARD.md from the models already built")
+    parser.add_argument("--retune-thresholds", action="store_true",
+                        help="re-pick the thresholds on the built models (no retraining), then rewrite the card")
     parser.add_argument("--build-minutes", type=float, help="with --card-only: how long the build took, for the card")
     args = parser.parse_args()
+    if args.retune_thresholds:
+        manifest = common.load_manifest(require_extra=True)
+        retune(args.out / "labelcast-demo-fp32.onnx", [args.out / "labelcast-demo-int8.onnx"], manifest)
+        args.card_only = True
     if args.card_only:
         write_card(args.out, common.load_manifest(require_extra=True), minutes=args.build_minutes)
         return
@@ -208,8 +238,6 @@ def main() -> None:
     print("training the head...")
     head = train_head(features, targets)
     print(f"  head parameters: {head_parameter_count(head):,}")
-    thresholds = pick_thresholds(teacher, head, [p for p in manifest if p.split == "train"])
-    print("  thresholds: " + ", ".join(f"{l}={t}" for l, t in zip(LABELS, thresholds)))
 
     model = Classifier(EfficientNetLite0Features(teacher), head).eval()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +248,7 @@ def main() -> None:
         input_size=INPUT,
         mean=list(common.LITE0_MEAN),
         std=list(common.LITE0_STD),
-        thresholds=dict(zip(LABELS, thresholds)),
+        thresholds={label: 0.5 for label in LABELS},  # tuned below, on the exported model
         model_name="labelcast-demo",
         model_version="1",
         backbone="efficientnet-lite0",
@@ -228,6 +256,7 @@ def main() -> None:
     )
     check_images = [p.path for p in manifest if p.shipped]
     export.export_onnx(model, fp32, metadata, check_images)
+    retune(fp32, [], manifest)
     (args.out / "labels.txt").write_text("\n".join(LABELS) + "\n")
 
     calibration = [p.path for p in manifest]
@@ -292,8 +321,9 @@ models' `metadata_props` (recipe hash `{meta["labelcast.recipe_hash"]}`).
   mosaic's target is the union of its tiles' teacher scores, 1 - prod(1 - p).
 * **Training**: AdamW, one-cycle learning rate {RECIPE["lr"]}, {RECIPE["epochs"]} epochs, batch {RECIPE["batch"]},
   binary cross-entropy on the soft targets; only the head learns.
-* **Thresholds**: per label, the one that maximises F1 against the hand
-  labels of the *training* photos (0.5 where a label has no training photo):
+* **Thresholds**: per label, the middle of the range that maximises F1
+  against the hand labels of the *training* photos, kept within [0.25, 0.75]
+  (0.5 where a label has no training photo or no threshold helps):
 
 | label | ImageNet classes | default threshold |
 |---|---|---|

@@ -14,6 +14,9 @@ use crate::config::ResizeMode;
 use crate::engine::Tensor;
 use crate::source::{Frame, PixelFormat};
 
+/// The largest frame side accepted (a 16K camera is 15360 wide).
+const MAX_SIDE: u32 = 16384;
+
 pub struct Preprocessor {
     width: u32,
     height: u32,
@@ -71,6 +74,14 @@ impl Preprocessor {
         let (w, h) = (frame.width as usize, frame.height as usize);
         if frame.format != PixelFormat::Mjpeg && (w == 0 || h == 0) {
             bail!("frame size is {w}x{h}");
+        }
+        let row_bytes = match frame.format {
+            PixelFormat::Rgb8 => w * 3,
+            PixelFormat::Yuyv => w * 2,
+            PixelFormat::Gray8 | PixelFormat::Nv12 | PixelFormat::Mjpeg => w,
+        };
+        if frame.format != PixelFormat::Mjpeg && frame.stride < row_bytes {
+            bail!("stride {} is shorter than a row of {w} pixels ({row_bytes} bytes)", frame.stride);
         }
         let need = |bytes: usize| -> anyhow::Result<()> {
             if frame.data.len() < bytes {
@@ -135,6 +146,10 @@ impl Preprocessor {
         let decoder =
             image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(data)).context("corrupt JPEG header")?;
         let (w, h) = decoder.dimensions();
+        // A corrupt header can claim any size; refuse before allocating for it.
+        if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+            bail!("JPEG claims {w}x{h} pixels; expected 1 to {MAX_SIDE} on each side");
+        }
         let color = decoder.color_type();
         self.decoded.resize(decoder.total_bytes() as usize, 0);
         decoder.read_image(&mut self.decoded).context("corrupt JPEG data")?;
@@ -302,6 +317,29 @@ mod tests {
         let mut t = p.new_tensor();
         let err = p.run(&f, &mut t).unwrap_err();
         assert!(format!("{err:#}").contains("cam.jpg"), "{err:#}");
+    }
+
+    #[test]
+    fn a_zero_stride_is_an_error_not_a_panic() {
+        let mut p = identity(4, ResizeMode::Stretch);
+        let mut t = p.new_tensor();
+        let err = p.run(&frame(PixelFormat::Rgb8, 2, 2, 0, vec![0; 12]), &mut t).unwrap_err();
+        assert!(format!("{err:#}").contains("stride 0"), "{err:#}");
+    }
+
+    #[test]
+    fn a_jpeg_header_claiming_a_huge_size_is_refused_before_allocating() {
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
+            .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        // Patch the SOF0 frame header's height and width to 65000 x 65000.
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);
+        let mut p = identity(4, ResizeMode::Stretch);
+        let mut t = p.new_tensor();
+        let err = p.run(&frame(PixelFormat::Mjpeg, 0, 0, 0, jpeg), &mut t).unwrap_err();
+        assert!(format!("{err:#}").contains("65000x65000"), "{err:#}");
     }
 
     #[test]

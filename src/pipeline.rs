@@ -27,7 +27,7 @@ use crate::engine::tract::TractEngine;
 use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker};
 use crate::preprocess::Preprocessor;
 use crate::publish;
-use crate::source::{self, Frame, FrameSource, SourceError, SourceSpec};
+use crate::source::{self, Frame, FrameSource, SourceError};
 use crate::telemetry::{Counters, RateLimit};
 
 /// The model and label rules a config yields, loaded and cross-checked.
@@ -148,7 +148,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let Prepared { engine, rules } =
         tokio::task::spawn_blocking(move || prepare(&prepare_config)).await.context("model loading thread")??;
     let source = source::open(&config.source).context("opening the frame source")?;
-    let live = !matches!(config.source, SourceSpec::File { .. });
     tracing::info!(source = %source.describe(), device_id = %config.device_id, "source opened");
 
     // Room for a burst while a sink catches up; beyond it events are dropped and counted.
@@ -165,7 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let slot = Arc::new(FrameSlot::default());
     let stop = Arc::new(StopSignal::default());
-    let capture = spawn_capture(source, live, slot.clone(), stop.clone(), counters.clone())?;
+    let capture = spawn_capture(source, slot.clone(), stop.clone(), counters.clone())?;
     let inference = spawn_inference(engine, rules, config.labels.min_hold, slot.clone(), events_tx, counters.clone())?;
 
     // The inference thread ends by itself when a finite source runs out;
@@ -205,11 +204,11 @@ static FAIL_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 fn spawn_capture(
     mut source: Box<dyn FrameSource>,
-    live: bool,
     slot: Arc<FrameSlot>,
     stop: Arc<StopSignal>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<JoinHandle<()>> {
+    let live = source.is_live();
     let thread = std::thread::Builder::new().name("capture".into()).spawn(move || {
         let mut next_due = Instant::now();
         while !stop.is_stopped() {

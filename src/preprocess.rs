@@ -238,6 +238,14 @@ mod tests {
         frame(PixelFormat::Rgb8, w, h, w as usize * 3, rgb.repeat((w * h) as usize))
     }
 
+    fn jpeg_bytes(side: u32) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_pixel(side, side, image::Rgb([1, 2, 3]))
+            .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        jpeg
+    }
+
     fn identity(size: usize, mode: ResizeMode) -> Preprocessor {
         // mean 0, std 1/255: the tensor holds raw 0..255 values.
         Preprocessor::new(size, size, [0.0; 3], [1.0 / 255.0; 3], mode)
@@ -306,10 +314,7 @@ mod tests {
 
     #[test]
     fn a_truncated_jpeg_is_an_error_naming_its_origin() {
-        let mut jpeg = Vec::new();
-        image::RgbImage::from_pixel(16, 16, image::Rgb([1, 2, 3]))
-            .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
-            .unwrap();
+        let mut jpeg = jpeg_bytes(16);
         jpeg.truncate(jpeg.len() / 3);
         let mut f = frame(PixelFormat::Mjpeg, 0, 0, 0, jpeg);
         f.origin = Some("cam.jpg".into());
@@ -329,10 +334,7 @@ mod tests {
 
     #[test]
     fn a_jpeg_header_claiming_a_huge_size_is_refused_before_allocating() {
-        let mut jpeg = Vec::new();
-        image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
-            .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
-            .unwrap();
+        let mut jpeg = jpeg_bytes(8);
         // Patch the SOF0 frame header's height and width to 65000 x 65000.
         let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
         jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);

@@ -89,6 +89,10 @@ pub trait FrameSource: Send {
     /// The pause between frames the pipeline should keep, for sources that do
     /// not pace themselves (files, patterns); `None` for cameras.
     fn frame_interval(&self) -> Option<Duration>;
+    /// True for sources whose frames go stale (cameras, the test pattern):
+    /// the pipeline drops a frame inference has not taken when a newer one
+    /// arrives. False for files, which wait for inference instead.
+    fn is_live(&self) -> bool;
     /// The next frame; `Ok(None)` at the end of a finite source.
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError>;
 }

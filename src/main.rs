@@ -12,7 +12,7 @@ use labelcast::config::{self, Config, EXIT_CONFIG, Overrides, RawConfig};
 use labelcast::engine::Engine;
 use labelcast::engine::tract::TractEngine;
 use labelcast::labels::{self, LabelEvent, LabelScore};
-use labelcast::preprocess::Preprocessor;
+use labelcast::pipeline::FrameClassifier;
 use labelcast::publish::payload;
 use labelcast::{pipeline, source, telemetry};
 
@@ -157,23 +157,16 @@ fn classify(
     }
     let model_config = config::validate_model(&raw.model, config::data_dir().as_deref())?;
     let policy = config::validate_labels(&raw.labels)?;
-    let mut engine = TractEngine::load(&model_config)?;
+    let engine = TractEngine::load(&model_config)?;
     let rules = labels::resolve_rules(&policy, &engine.info().metadata)?;
-    let info = engine.info().clone();
-    let meta = &info.metadata;
-    let mut preprocessor = Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize);
-    let mut tensor = preprocessor.new_tensor();
-    let model_name: std::sync::Arc<str> = meta.name.as_str().into();
+    let mut classifier = FrameClassifier::new(Box::new(engine));
+    let model_name: std::sync::Arc<str> = classifier.info().metadata.name.as_str().into();
     let mut failures = 0;
     for (index, path) in images.iter().enumerate() {
-        let result = source::read_frame(path, index as u64).map_err(anyhow::Error::from).and_then(|frame| {
-            preprocessor.run(&frame, &mut tensor)?;
-            let began = std::time::Instant::now();
-            let mut scores = engine.infer(&tensor)?;
-            let inference_ms = began.elapsed().as_secs_f64() * 1e3;
-            labels::to_scores(&mut scores, meta.output);
-            Ok((scores, inference_ms))
-        });
+        let result = source::read_frame(path, index as u64)
+            .map_err(anyhow::Error::from)
+            .and_then(|frame| Ok(classifier.classify(&frame)?))
+            .map(|c| (c.scores, c.inference.as_secs_f64() * 1e3));
         let (scores, inference_ms) = match result {
             Ok(ok) => ok,
             Err(err) => {

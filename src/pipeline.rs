@@ -21,9 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, OutputConfig};
-use crate::engine::Engine;
+use crate::config::{Config, OutputConfig, OutputKind};
 use crate::engine::tract::TractEngine;
+use crate::engine::{Engine, ModelInfo, Tensor};
 use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker};
 use crate::preprocess::Preprocessor;
 use crate::publish;
@@ -42,6 +42,57 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let engine = TractEngine::load(&config.model)?;
     let rules = labels::resolve_rules(&config.labels, &engine.info().metadata)?;
     Ok(Prepared { engine: Box::new(engine), rules })
+}
+
+/// One frame through preprocessing and the engine, every buffer reused:
+/// what the inference thread and `labelcast classify` both do.
+pub struct FrameClassifier {
+    engine: Box<dyn Engine>,
+    preprocessor: Preprocessor,
+    tensor: Tensor,
+    output: OutputKind,
+}
+
+/// Scores in [0, 1], one per label, and the time the engine took.
+pub struct Classified {
+    pub scores: Vec<f32>,
+    pub inference: Duration,
+}
+
+/// Why a frame produced no scores; the daemon skips the first kind quietly
+/// (rate-limited WARN) and reports the second as an ERROR.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    /// The frame itself is unusable (corrupt JPEG, wrong size...).
+    #[error("{0:#}")]
+    BadFrame(anyhow::Error),
+    /// The engine failed on a well-formed input.
+    #[error("inference failed: {0:#}")]
+    Engine(anyhow::Error),
+}
+
+impl FrameClassifier {
+    pub fn new(engine: Box<dyn Engine>) -> Self {
+        let info = engine.info();
+        let meta = &info.metadata;
+        let preprocessor = Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize);
+        let tensor = preprocessor.new_tensor();
+        let output = meta.output;
+        Self { engine, preprocessor, tensor, output }
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        self.engine.info()
+    }
+
+    pub fn classify(&mut self, frame: &Frame) -> Result<Classified, ClassifyError> {
+        self.preprocessor.run(frame, &mut self.tensor).map_err(ClassifyError::BadFrame)?;
+        let began = Instant::now();
+        let mut scores = self.engine.infer(&self.tensor).map_err(ClassifyError::Engine)?;
+        let inference = began.elapsed();
+        labels::to_scores(&mut scores, self.output);
+        Ok(Classified { scores, inference })
+    }
 }
 
 /// One frame's worth of room between capture and inference.
@@ -262,42 +313,35 @@ fn spawn_capture(
 }
 
 fn spawn_inference(
-    mut engine: Box<dyn Engine>,
+    engine: Box<dyn Engine>,
     rules: Vec<LabelRule>,
     min_hold: Duration,
     slot: Arc<FrameSlot>,
     events: mpsc::Sender<LabelEvent>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let info = engine.info().clone();
-    let meta = &info.metadata;
-    let mut preprocessor = Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize);
-    let model_name: Arc<str> = Arc::from(meta.name.as_str());
-    let output_kind = meta.output;
+    let mut classifier = FrameClassifier::new(engine);
+    let model_name: Arc<str> = Arc::from(classifier.info().metadata.name.as_str());
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
-        let mut tensor = preprocessor.new_tensor();
         let mut tracker = LabelTracker::new(rules, min_hold);
         while let Some(frame) = slot.take() {
-            if let Err(err) = preprocessor.run(&frame, &mut tensor) {
-                Counters::inc(&counters.frames_failed);
-                if let Some(suppressed) = FAIL_WARNING.check(Instant::now()) {
-                    tracing::warn!(error = %format!("{err:#}"), suppressed, "frame skipped");
+            let Classified { scores, inference: elapsed } = match classifier.classify(&frame) {
+                Ok(classified) => classified,
+                Err(ClassifyError::BadFrame(err)) => {
+                    Counters::inc(&counters.frames_failed);
+                    if let Some(suppressed) = FAIL_WARNING.check(Instant::now()) {
+                        tracing::warn!(error = %format!("{err:#}"), suppressed, "frame skipped");
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let began = Instant::now();
-            let mut scores = match engine.infer(&tensor) {
-                Ok(scores) => scores,
-                Err(err) => {
+                Err(ClassifyError::Engine(err)) => {
                     Counters::inc(&counters.frames_failed);
                     tracing::error!(error = %format!("{err:#}"), origin = frame.origin(), "inference failed");
                     continue;
                 }
             };
-            let elapsed = began.elapsed();
             Counters::inc(&counters.inferences);
             Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
-            labels::to_scores(&mut scores, output_kind);
             let changed = tracker.update(&scores, Instant::now());
             let labels: Vec<LabelScore> = tracker
                 .rules()

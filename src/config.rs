@@ -80,6 +80,21 @@ pub struct RawModel {
     pub resize: Option<String>,
     pub threads: Option<i64>,
     pub repair_qdq: Option<bool>,
+    pub engine: Option<String>,
+    pub int8: Option<String>,
+    pub fallback: Option<String>,
+    pub onnxruntime_library: Option<PathBuf>,
+    #[serde(default)]
+    pub tensorrt: RawTensorRt,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTensorRt {
+    pub precision: Option<String>,
+    pub dla_core: Option<i64>,
+    pub workspace_mb: Option<i64>,
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +157,8 @@ pub struct Overrides {
     pub model: Option<PathBuf>,
     pub mqtt_url: Option<String>,
     pub output: Option<String>,
+    pub engine: Option<String>,
+    pub threads: Option<i64>,
 }
 
 impl RawConfig {
@@ -179,6 +196,12 @@ impl RawConfig {
         }
         if let Some(v) = &overrides.output {
             self.output.mode = Some(v.clone());
+        }
+        if let Some(v) = &overrides.engine {
+            self.model.engine = Some(v.clone());
+        }
+        if let Some(v) = overrides.threads {
+            self.model.threads = Some(v);
         }
     }
 }
@@ -218,12 +241,123 @@ pub struct ModelConfig {
     /// Keep row-wise ops' outputs out of INT8 so tract computes them right
     /// (see `engine::qdq`); off only to measure what it fixes.
     pub repair_qdq: bool,
+    pub engine: EngineKind,
+    pub int8: Int8Mode,
+    /// The engine to run on when `engine` cannot start (only tract).
+    pub fallback: Option<EngineKind>,
+    /// `libonnxruntime.so` to load; else `ORT_DYLIB_PATH`, else the system's.
+    pub onnxruntime_library: Option<PathBuf>,
+    pub tensorrt: TensorRtConfig,
 }
 
 impl ModelConfig {
     /// A model with everything at its defaults.
     pub fn for_path(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), overrides: MetadataOverrides::default(), threads: 1, repair_qdq: true }
+        Self {
+            path: path.into(),
+            overrides: MetadataOverrides::default(),
+            threads: 1,
+            repair_qdq: true,
+            engine: EngineKind::Tract,
+            int8: Int8Mode::default(),
+            fallback: None,
+            onnxruntime_library: None,
+            tensorrt: TensorRtConfig::default(),
+        }
+    }
+}
+
+/// Which inference engine runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Pure Rust, always built.
+    Tract,
+    /// ONNX Runtime's CPU execution provider (cargo feature `onnxruntime`).
+    OnnxRuntime,
+    /// ONNX Runtime with the TensorRT and CUDA providers (cargo feature `tensorrt`).
+    TensorRt,
+}
+
+impl EngineKind {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "tract" => Ok(Self::Tract),
+            "onnxruntime" | "ort" => Ok(Self::OnnxRuntime),
+            "tensorrt" | "trt" => Ok(Self::TensorRt),
+            other => Err(format!("expected \"tract\", \"onnxruntime\" or \"tensorrt\", got {other:?}")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tract => "tract",
+            Self::OnnxRuntime => "onnxruntime",
+            Self::TensorRt => "tensorrt",
+        }
+    }
+}
+
+/// How a QDQ INT8 model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Int8Mode {
+    /// The graph as quantised: activations go through quantise/dequantise.
+    Native,
+    /// Activation quantise/dequantise pairs removed; weights stay INT8 in
+    /// the file and are dequantised once at load, compute is float.
+    #[default]
+    WeightsOnly,
+}
+
+impl Int8Mode {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "native" => Ok(Self::Native),
+            "weights-only" => Ok(Self::WeightsOnly),
+            other => Err(format!("expected \"native\" or \"weights-only\", got {other:?}")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::WeightsOnly => "weights-only",
+        }
+    }
+}
+
+/// What TensorRT builds an engine with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRtPrecision {
+    Fp32,
+    Fp16,
+    Int8,
+}
+
+impl TensorRtPrecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Fp16 => "fp16",
+            Self::Int8 => "int8",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRtConfig {
+    pub precision: TensorRtPrecision,
+    /// Run on this DLA core (Jetson AGX/NX) instead of the GPU; opt-in.
+    pub dla_core: Option<u32>,
+    pub workspace_bytes: usize,
+    /// Where built engines are kept; under systemd, the CacheDirectory.
+    pub cache_dir: PathBuf,
+}
+
+impl Default for TensorRtConfig {
+    fn default() -> Self {
+        let cache_dir = std::env::var_os("CACHE_DIRECTORY")
+            .map(|dirs| PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or_default().to_string()))
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("/var/cache/labelcast"));
+        Self { precision: TensorRtPrecision::Fp16, dla_core: None, workspace_bytes: 1 << 30, cache_dir }
     }
 }
 
@@ -554,7 +688,77 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
         Some(n) if (1..=256).contains(&n) => n as usize,
         Some(n) => return Err(ConfigError::new("model.threads", format!("expected 1 to 256, got {n}"))),
     };
-    Ok(ModelConfig { path, overrides, threads, repair_qdq: raw.repair_qdq.unwrap_or(true) })
+    let engine = raw
+        .engine
+        .as_deref()
+        .map(EngineKind::parse)
+        .transpose()
+        .map_err(|m| ConfigError::new("model.engine", m))?
+        .unwrap_or(EngineKind::Tract);
+    let int8 = raw
+        .int8
+        .as_deref()
+        .map(Int8Mode::parse)
+        .transpose()
+        .map_err(|m| ConfigError::new("model.int8", m))?
+        .unwrap_or_default();
+    let fallback = match raw.fallback.as_deref() {
+        None | Some("none") => None,
+        Some("tract") if engine != EngineKind::Tract => Some(EngineKind::Tract),
+        Some("tract") => {
+            return Err(ConfigError::new("model.fallback", "\"tract\" is a fallback for another engine; remove it"));
+        }
+        Some(other) => {
+            return Err(ConfigError::new("model.fallback", format!("expected \"tract\" or \"none\", got {other:?}")));
+        }
+    };
+    Ok(ModelConfig {
+        path,
+        overrides,
+        threads,
+        repair_qdq: raw.repair_qdq.unwrap_or(true),
+        engine,
+        int8,
+        fallback,
+        onnxruntime_library: raw.onnxruntime_library.clone(),
+        tensorrt: validate_tensorrt(&raw.tensorrt)?,
+    })
+}
+
+fn validate_tensorrt(raw: &RawTensorRt) -> Result<TensorRtConfig, ConfigError> {
+    let mut config = TensorRtConfig::default();
+    if let Some(precision) = raw.precision.as_deref() {
+        config.precision = match precision {
+            "fp32" => TensorRtPrecision::Fp32,
+            "fp16" => TensorRtPrecision::Fp16,
+            "int8" => TensorRtPrecision::Int8,
+            other => {
+                return Err(ConfigError::new(
+                    "model.tensorrt.precision",
+                    format!("expected \"fp32\", \"fp16\" or \"int8\", got {other:?}"),
+                ));
+            }
+        };
+    }
+    if let Some(core) = raw.dla_core {
+        if !(0..=1).contains(&core) {
+            return Err(ConfigError::new(
+                "model.tensorrt.dla_core",
+                format!("Jetson modules have DLA cores 0 and 1, got {core}"),
+            ));
+        }
+        config.dla_core = Some(core as u32);
+    }
+    if let Some(mb) = raw.workspace_mb {
+        if !(16..=65536).contains(&mb) {
+            return Err(ConfigError::new("model.tensorrt.workspace_mb", format!("expected 16 to 65536, got {mb}")));
+        }
+        config.workspace_bytes = mb as usize * 1024 * 1024;
+    }
+    if let Some(dir) = &raw.cache_dir {
+        config.cache_dir = dir.clone();
+    }
+    Ok(config)
 }
 
 fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {

@@ -14,6 +14,7 @@
 //! TOML file and command-line flags into a checked [`config::Config`] before
 //! anything starts.
 
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod labels;

@@ -9,12 +9,11 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use labelcast::config::{self, Config, EXIT_CONFIG, Overrides, RawConfig};
-use labelcast::engine::Engine;
-use labelcast::engine::tract::TractEngine;
+use labelcast::engine;
 use labelcast::labels::{self, LabelEvent, LabelScore};
 use labelcast::pipeline::FrameClassifier;
 use labelcast::publish::payload;
-use labelcast::{pipeline, source, telemetry};
+use labelcast::{bench, pipeline, source, telemetry};
 
 #[derive(Parser)]
 #[command(name = "labelcast", version, about = "Camera frames in, labels out on MQTT: an edge inference daemon")]
@@ -44,6 +43,40 @@ struct OverrideArgs {
     /// Device id used in topics and the MQTT client id.
     #[arg(long)]
     device_id: Option<String>,
+    /// Inference engine: tract, onnxruntime or tensorrt.
+    #[arg(long)]
+    engine: Option<String>,
+    /// Inference threads.
+    #[arg(long)]
+    threads: Option<i64>,
+}
+
+/// Engine choice for the one-shot commands (the daemon takes them from the config).
+#[derive(clap::Args, Default, Clone)]
+struct EngineArgs {
+    /// Inference engine: tract, onnxruntime or tensorrt.
+    #[arg(long)]
+    engine: Option<String>,
+    /// How tract runs an INT8 model: native or weights-only.
+    #[arg(long)]
+    int8: Option<String>,
+    /// Inference threads.
+    #[arg(long)]
+    threads: Option<i64>,
+}
+
+impl EngineArgs {
+    fn apply(&self, model: &mut config::RawModel) {
+        if self.engine.is_some() {
+            model.engine = self.engine.clone();
+        }
+        if self.int8.is_some() {
+            model.int8 = self.int8.clone();
+        }
+        if self.threads.is_some() {
+            model.threads = self.threads;
+        }
+    }
 }
 
 impl OverrideArgs {
@@ -54,6 +87,8 @@ impl OverrideArgs {
             model: self.model,
             mqtt_url: self.mqtt,
             output: self.output,
+            engine: self.engine,
+            threads: self.threads,
         }
     }
 }
@@ -80,15 +115,53 @@ enum Command {
         /// Config file whose [model] and [labels] sections apply.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        engine: EngineArgs,
         /// One JSON object per image instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Show what a model file holds and how long tract takes to load it.
+    /// Show what a model file holds and how long the engine takes to load it.
     ModelInfo {
         model: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Measure each engine and INT8 mode in this build on the model: latency,
+    /// throughput, peak memory, load time and agreement, side by side.
+    Bench {
+        /// INT8 model (default: the demo model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// FP32 model to compare with (default: the model's -fp32 sibling when it exists).
+        #[arg(long)]
+        fp32: Option<PathBuf>,
+        /// Images or folders to run (default: the shipped photos).
+        #[arg(long)]
+        images: Vec<PathBuf>,
+        /// Thread counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Engines to measure, comma-separated (default: every engine in this build).
+        #[arg(long, value_delimiter = ',')]
+        engines: Vec<String>,
+        /// Timed inferences per row.
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+        /// Untimed inferences per row before timing.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// libonnxruntime.so for the onnxruntime rows (else ORT_DYLIB_PATH).
+        #[arg(long)]
+        onnxruntime_library: Option<PathBuf>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Internal: measure one row (JSON) in this process.
+        #[arg(long, hide = true)]
+        row: Option<String>,
     },
     /// Validate a config file (and the model it names) without running anything.
     CheckConfig {
@@ -104,8 +177,33 @@ fn main() -> ExitCode {
     telemetry::init_logging(&cli.log_level);
     let result = match cli.command {
         Command::Run { config, overrides } => run(config, overrides.overrides()),
-        Command::Classify { images, model, config, json } => classify(&images, model, config, json),
-        Command::ModelInfo { model, json } => model_info(&model, json),
+        Command::Classify { images, model, config, engine, json } => classify(&images, model, config, &engine, json),
+        Command::ModelInfo { model, engine, json } => model_info(&model, &engine, json),
+        Command::Bench {
+            model,
+            fp32,
+            images,
+            threads,
+            engines,
+            iterations,
+            warmup,
+            onnxruntime_library,
+            json,
+            row,
+        } => match row {
+            Some(row) => bench_row(&row),
+            None => bench(BenchArgs {
+                model,
+                fp32,
+                images,
+                threads,
+                engines,
+                iterations,
+                warmup,
+                onnxruntime_library,
+                json,
+            }),
+        },
         Command::CheckConfig { config, overrides } => check_config(config, overrides.overrides()),
     };
     match result {
@@ -146,6 +244,7 @@ fn classify(
     images: &[PathBuf],
     model: Option<PathBuf>,
     config_path: Option<PathBuf>,
+    engine_args: &EngineArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut raw = match &config_path {
@@ -155,11 +254,12 @@ fn classify(
     if model.is_some() {
         raw.model.path = model;
     }
+    engine_args.apply(&mut raw.model);
     let model_config = config::validate_model(&raw.model, config::data_dir().as_deref())?;
     let policy = config::validate_labels(&raw.labels)?;
-    let engine = TractEngine::load(&model_config)?;
+    let engine = engine::load(&model_config)?;
     let rules = labels::resolve_rules(&policy, &engine.info().metadata)?;
-    let mut classifier = FrameClassifier::new(Box::new(engine));
+    let mut classifier = FrameClassifier::new(engine);
     let model_name: std::sync::Arc<str> = classifier.info().metadata.name.as_str().into();
     let mut failures = 0;
     for (index, path) in images.iter().enumerate() {
@@ -201,8 +301,12 @@ fn classify(
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode> {
-    let engine = TractEngine::inspect(path)?;
+fn model_info(path: &std::path::Path, engine_args: &EngineArgs, json_out: bool) -> anyhow::Result<ExitCode> {
+    let mut raw = config::RawModel::default();
+    engine_args.apply(&mut raw);
+    raw.path = Some(path.to_path_buf());
+    let model_config = config::validate_model(&raw, None)?;
+    let engine = engine::inspect(path, &model_config)?;
     let info = engine.info();
     let meta = &info.metadata;
     let size_mb = std::fs::metadata(path).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
@@ -217,13 +321,22 @@ fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode
             "input": { "name": info.input_name, "shape": info.input_shape, "type": info.input_type },
             "output": { "name": info.output_name, "shape": info.output_shape, "kind": meta.output.as_str() },
             "int8": info.is_int8(),
+            "int8_mode": info.int8_mode.map(|m| m.as_str()),
             "quantize_linear": info.quantize_linear,
             "dequantize_linear": info.dequantize_linear,
+            "activation_qdq_removed": info.activation_qdq_removed,
+            "qdq_repaired": info.qdq_repaired,
             "labels": meta.labels,
             "labels_from": meta.labels_from,
             "thresholds": meta.thresholds,
             "preprocess": { "resize": meta.resize.as_str(), "mean": meta.mean, "std": meta.std },
-            "tract": { "load_ms": info.load_time.as_secs_f64() * 1e3, "optimize_ms": info.optimize_time.as_secs_f64() * 1e3 },
+            "engine": {
+                "name": info.engine,
+                "version": info.engine_version,
+                "threads": info.threads,
+                "load_ms": info.load_time.as_secs_f64() * 1e3,
+                "optimize_ms": info.optimize_time.as_secs_f64() * 1e3,
+            },
         });
         println!("{value:#}");
         return Ok(ExitCode::SUCCESS);
@@ -239,11 +352,22 @@ fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode
     println!("name         {name}");
     println!("input        {} {} {:?}", info.input_name, info.input_type, info.input_shape);
     println!("output       {} {:?} ({})", info.output_name, info.output_shape, meta.output.as_str());
-    if info.is_int8() {
+    if let Some(mode) = info.int8_mode {
         println!(
-            "int8         yes (QDQ): {} QuantizeLinear, {} DequantizeLinear",
-            info.quantize_linear, info.dequantize_linear
+            "int8         yes (QDQ): {} QuantizeLinear, {} DequantizeLinear; runs {}",
+            info.quantize_linear,
+            info.dequantize_linear,
+            mode.as_str()
         );
+        if info.activation_qdq_removed > 0 {
+            println!(
+                "             weights-only: {} activation quantise/dequantise pairs removed",
+                info.activation_qdq_removed
+            );
+        }
+        if !info.qdq_repaired.is_empty() {
+            println!("             kept in float for tract: {}", info.qdq_repaired.join(", "));
+        }
     } else {
         println!("int8         no (no QuantizeLinear/DequantizeLinear nodes)");
     }
@@ -258,7 +382,9 @@ fn model_info(path: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode
     }
     println!("preprocess   {}, mean {:?}, std {:?}", meta.resize.as_str(), meta.mean, meta.std);
     println!(
-        "tract        load {:.0} ms, optimise {:.0} ms",
+        "engine       {}, {} thread(s): load {:.0} ms, optimise {:.0} ms",
+        info.engine_version,
+        info.threads,
         info.load_time.as_secs_f64() * 1e3,
         info.optimize_time.as_secs_f64() * 1e3
     );
@@ -283,5 +409,125 @@ fn check_config(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode>
         info.metadata.labels.len(),
         config.source
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+struct BenchArgs {
+    model: Option<PathBuf>,
+    fp32: Option<PathBuf>,
+    images: Vec<PathBuf>,
+    threads: Vec<usize>,
+    engines: Vec<String>,
+    iterations: usize,
+    warmup: usize,
+    onnxruntime_library: Option<PathBuf>,
+    json: bool,
+}
+
+fn bench_row(row: &str) -> anyhow::Result<ExitCode> {
+    let spec: bench::RowSpec =
+        serde_json::from_str(row).context("bench --row takes the JSON that bench itself writes")?;
+    let result = bench::run_row(&spec)?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let data = config::data_dir();
+    let int8_model = match args.model {
+        Some(path) => path,
+        None => data
+            .as_deref()
+            .map(|d| d.join(config::DEFAULT_MODEL))
+            .context("the demo model was not found; give --model")?,
+    };
+    if !int8_model.is_file() {
+        anyhow::bail!("--model {} does not exist", int8_model.display());
+    }
+    let fp32_model = match args.fp32 {
+        Some(path) if path.is_file() => Some(path),
+        Some(path) => anyhow::bail!("--fp32 {} does not exist", path.display()),
+        None => {
+            let name = int8_model.file_name().map(|n| n.to_string_lossy().replace("-int8", "-fp32"));
+            name.map(|n| int8_model.with_file_name(n)).filter(|p| p.is_file() && *p != int8_model)
+        }
+    };
+    let image_args = if args.images.is_empty() {
+        vec![
+            data.as_deref()
+                .map(|d| d.join(config::DEFAULT_PHOTOS))
+                .context("the shipped photos were not found; give --images")?,
+        ]
+    } else {
+        args.images
+    };
+    let images = bench::collect_images(&image_args)?;
+    let engines = if args.engines.is_empty() {
+        let mut all = Vec::new();
+        if cfg!(feature = "onnxruntime") {
+            all.push(config::EngineKind::OnnxRuntime);
+        }
+        all.push(config::EngineKind::Tract);
+        all
+    } else {
+        args.engines
+            .iter()
+            .map(|e| config::EngineKind::parse(e).map_err(|m| anyhow::anyhow!("--engines: {m}")))
+            .collect::<anyhow::Result<_>>()?
+    };
+    if args.iterations == 0 || args.threads.contains(&0) {
+        anyhow::bail!("--iterations and --threads must be at least 1");
+    }
+    let plan = bench::BenchPlan {
+        int8_model,
+        fp32_model,
+        images,
+        threads: args.threads,
+        engines,
+        iterations: args.iterations,
+        warmup: args.warmup,
+        onnxruntime_library: args.onnxruntime_library,
+    };
+    let exe = std::env::current_exe().context("finding the labelcast binary to run rows")?;
+    let started = std::time::Instant::now();
+    let results = bench::run_plan(&exe, &plan, |spec| {
+        eprintln!("bench: {} {} {} threads={} ...", spec.engine, spec.model_kind, spec.int8, spec.threads)
+    })?;
+    let (done, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, outcome)| outcome.is_ok());
+    let done: Vec<bench::RowResult> = done.into_iter().filter_map(|(_, o)| o.ok()).collect();
+    let failed: Vec<(bench::RowSpec, String)> =
+        failed.into_iter().filter_map(|(s, o)| o.err().map(|e| (s, e))).collect();
+    let Some(baseline) = done.first() else {
+        for (spec, why) in &failed {
+            eprintln!("labelcast: error: {} {}: {why}", spec.engine, spec.model_kind);
+        }
+        anyhow::bail!("no bench row could run");
+    };
+    let summaries: Vec<bench::RowSummary> = done.iter().map(|row| bench::summarise(baseline, row)).collect();
+    if args.json {
+        let value = json!({
+            "model": plan.int8_model.display().to_string(),
+            "fp32_model": plan.fp32_model.as_ref().map(|p| p.display().to_string()),
+            "images": plan.images.len(),
+            "iterations": plan.iterations,
+            "cpu": bench::cpu_description(),
+            "rows": summaries,
+            "not_measured": failed.iter().map(|(s, why)| json!({"engine": s.engine, "model": s.model_kind, "mode": s.int8, "threads": s.threads, "error": why})).collect::<Vec<_>>(),
+        });
+        println!("{value:#}");
+    } else {
+        println!(
+            "labelcast bench: {} (fp32: {}), {} images, {} timed runs per row after {} warm-up; {}",
+            plan.int8_model.display(),
+            plan.fp32_model.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
+            plan.images.len(),
+            plan.iterations,
+            plan.warmup,
+            bench::cpu_description()
+        );
+        println!("baseline (ratios, score differences): the first row; each row in its own process\n");
+        print!("{}", bench::render_table(&summaries, &failed));
+        println!("\n{} rows in {:.0} s", summaries.len() + failed.len(), started.elapsed().as_secs_f64());
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -22,8 +22,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, OutputConfig, OutputKind};
-use crate::engine::tract::TractEngine;
-use crate::engine::{Engine, ModelInfo, Tensor};
+use crate::engine::{self, Engine, ModelInfo, Tensor};
 use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker};
 use crate::preprocess::Preprocessor;
 use crate::publish;
@@ -39,9 +38,9 @@ pub struct Prepared {
 /// Loads the model and checks it against the config (label count, label
 /// overrides). `check-config` stops here; `run` goes on.
 pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
-    let engine = TractEngine::load(&config.model)?;
+    let engine = engine::load(&config.model)?;
     let rules = labels::resolve_rules(&config.labels, &engine.info().metadata)?;
-    Ok(Prepared { engine: Box::new(engine), rules })
+    Ok(Prepared { engine, rules })
 }
 
 /// One frame through preprocessing and the engine, every buffer reused:

@@ -98,6 +98,12 @@ impl RateLimit {
     }
 }
 
+/// This process's peak resident set size in KiB (`VmHWM`), where Linux reports it.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|line| line.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

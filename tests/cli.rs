@@ -71,7 +71,8 @@ fn model_info_reports_shapes_int8_labels_and_load_time() {
     assert!(text.contains("[1, 12]"), "{text}");
     assert!(text.contains("int8         yes (QDQ)"), "{text}");
     assert!(text.contains("person, cat, dog"), "{text}");
-    assert!(text.contains("tract        load"), "{text}");
+    assert!(text.contains("engine       tract 0."), "{text}");
+    assert!(text.contains("runs weights-only"), "the default INT8 mode is reported: {text}");
 
     let out = run_to_end(&mut labelcast(&["model-info", "--json", demo_fp32_model().to_str().unwrap()]));
     let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -179,4 +180,105 @@ fn a_missing_config_file_is_named() {
     let out = run_to_end(&mut labelcast(&["check-config", "/nonexistent/labelcast.toml"]));
     assert_eq!(out.status.code(), Some(78));
     assert!(out.stderr.contains("/nonexistent/labelcast.toml"), "{}", out.stderr);
+}
+
+#[test]
+fn model_info_reports_the_int8_mode_it_was_asked_for() {
+    let out = run_to_end(&mut labelcast(&["model-info", "--json", "--int8", "native", demo_model().to_str().unwrap()]));
+    assert!(out.status.success(), "{}", out.stderr);
+    let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(info["int8_mode"], "native");
+    assert_eq!(info["activation_qdq_removed"], 0);
+    assert_eq!(info["engine"]["name"], "tract");
+
+    let out = run_to_end(&mut labelcast(&["model-info", "--json", demo_model().to_str().unwrap()]));
+    let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(info["int8_mode"], "weights-only");
+    assert!(info["activation_qdq_removed"].as_u64().unwrap() > 100, "{info}");
+
+    let out = run_to_end(&mut labelcast(&["model-info", "--int8", "fast", demo_model().to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(78));
+    assert!(out.stderr.contains("model.int8") && out.stderr.contains("weights-only"), "{}", out.stderr);
+}
+
+#[test]
+fn an_engine_that_cannot_start_is_an_error_naming_the_library_unless_tract_is_the_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let strict = dir.path().join("strict.toml");
+    std::fs::write(
+        &strict,
+        "[model]\nengine = \"onnxruntime\"\nonnxruntime_library = \"/nonexistent/libonnxruntime.so\"\n",
+    )
+    .unwrap();
+    let photo_path = photo("chelsea.jpg");
+    let out = run_to_end(&mut labelcast(&["classify", "-c", strict.to_str().unwrap(), photo_path.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
+    let expected =
+        if cfg!(feature = "onnxruntime") { "/nonexistent/libonnxruntime.so" } else { "--features onnxruntime" };
+    assert!(out.stderr.contains(expected), "{}", out.stderr);
+
+    let lenient = dir.path().join("lenient.toml");
+    std::fs::write(
+        &lenient,
+        "[model]\nengine = \"onnxruntime\"\nonnxruntime_library = \"/nonexistent/libonnxruntime.so\"\nfallback = \"tract\"\n",
+    )
+    .unwrap();
+    let out = run_to_end(&mut labelcast(&["classify", "-c", lenient.to_str().unwrap(), photo_path.to_str().unwrap()]));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("WARN") && out.stderr.contains("running on tract"), "{}", out.stderr);
+    assert!(out.stdout.contains("cat "), "{}", out.stdout);
+}
+
+#[test]
+fn classify_gives_the_same_labels_on_onnxruntime_as_on_tract() {
+    if !cfg!(feature = "onnxruntime") || std::env::var_os("ORT_DYLIB_PATH").is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs the onnxruntime engine (tests/run.sh sets ORT_DYLIB_PATH)");
+        eprintln!("skipped: ORT_DYLIB_PATH is not set");
+        return;
+    }
+    let photos: Vec<String> = ["chelsea.jpg", "coffee.jpg", "china.jpg", "rocket.jpg"]
+        .iter()
+        .map(|p| photo(p).display().to_string())
+        .collect();
+    let active = |engine: &str| {
+        let mut args = vec!["classify", "--json", "--engine", engine];
+        args.extend(photos.iter().map(String::as_str));
+        let out = run_to_end(&mut labelcast(&args));
+        assert!(out.status.success(), "{engine}: {}", out.stderr);
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["active"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(active("onnxruntime"), active("tract"));
+}
+
+#[test]
+fn bench_measures_every_engine_row_and_reports_ratios_against_the_first() {
+    let out = run_to_end(&mut labelcast(&[
+        "bench",
+        "--json",
+        "--iterations",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--engines",
+        "tract",
+        "--images",
+        photo("chelsea.jpg").to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{}", out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["float", "native", "weights-only"], "{report}");
+    assert_eq!(rows[0]["p50_ratio"], 1.0);
+    assert_eq!(rows[0]["max_score_diff"], 0.0);
+    for row in rows {
+        assert!(row["p50_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["peak_rss_mb"].as_f64().unwrap() > 10.0, "{row}");
+        assert!(row["max_score_diff"].as_f64().unwrap() < 0.1, "INT8 stays close to FP32: {row}");
+    }
 }

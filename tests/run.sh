@@ -48,6 +48,11 @@ else
 fi
 
 stage "cargo test"
+# The onnxruntime engine loads ONNX Runtime at run time; the wheel above
+# carries the library, so the conformance suite runs that engine too.
+ORT_DYLIB_PATH=$(.venv/bin/python -c 'import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0])')
+export ORT_DYLIB_PATH
+echo "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
 LABELCAST_ORT_FIXTURES="$work/ort" cargo test --all-targets --locked
 
 stage "done"

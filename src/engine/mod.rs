@@ -8,13 +8,22 @@
 
 pub mod metadata;
 mod onnx_graph;
+pub mod prepare;
 pub mod qdq;
 pub mod tract;
 
-use std::path::PathBuf;
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
+#[cfg(not(feature = "onnxruntime"))]
+#[path = "disabled.rs"]
+pub mod onnxruntime;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use metadata::ModelMetadata;
+
+use crate::config::{EngineKind, Int8Mode, ModelConfig};
 
 /// A model input: NCHW float32, batch 1.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,7 +42,11 @@ impl Tensor {
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub path: PathBuf,
+    /// `tract`, `onnxruntime` or `tensorrt`.
     pub engine: &'static str,
+    /// The engine build, e.g. `tract 0.23.9` or `ONNX Runtime 1.32.0 (CPU)`.
+    pub engine_version: String,
+    pub threads: usize,
     pub input_name: String,
     /// `[1, 3, height, width]`.
     pub input_shape: [usize; 4],
@@ -42,13 +55,18 @@ pub struct ModelInfo {
     pub output_shape: Vec<usize>,
     pub quantize_linear: usize,
     pub dequantize_linear: usize,
+    /// How INT8 runs; `None` for a float model.
+    pub int8_mode: Option<Int8Mode>,
+    /// Activation quantise/dequantise pairs removed (weights-only mode).
+    pub activation_qdq_removed: usize,
     /// Row-wise ops (Softmax...) whose output labelcast kept in float
     /// because tract would mis-fuse their Q/DQ (see [`qdq`]).
     pub qdq_repaired: Vec<String>,
     pub metadata: ModelMetadata,
-    /// Reading and parsing the ONNX file.
+    /// Reading and parsing the ONNX file (and, for tract, building its graph).
     pub load_time: Duration,
-    /// tract's type analysis, optimisation and planning.
+    /// The engine's analysis, optimisation and planning (session creation
+    /// for ONNX Runtime).
     pub optimize_time: Duration,
 }
 
@@ -67,6 +85,64 @@ impl ModelInfo {
     pub fn input_width(&self) -> usize {
         self.input_shape[3]
     }
+
+    /// `native`, `weights-only` or `float`, for tables and logs.
+    pub fn precision(&self) -> &'static str {
+        self.int8_mode.map_or("float", Int8Mode::as_str)
+    }
+
+    pub(crate) fn log_loaded(&self) {
+        tracing::info!(
+            model = %self.path.display(),
+            engine = %self.engine_version,
+            labels = self.metadata.labels.len(),
+            int8 = self.precision(),
+            threads = self.threads,
+            load_ms = self.load_time.as_millis() as u64,
+            optimize_ms = self.optimize_time.as_millis() as u64,
+            "model loaded"
+        );
+    }
+}
+
+/// Loads the model on the engine the config names. If that engine cannot
+/// start and `model.fallback = "tract"` is set, logs why and runs on tract;
+/// otherwise the error says what to fix.
+pub fn load(config: &ModelConfig) -> anyhow::Result<Box<dyn Engine>> {
+    let attempt: anyhow::Result<Box<dyn Engine>> = match config.engine {
+        EngineKind::Tract => return Ok(Box::new(tract::TractEngine::load(config)?)),
+        EngineKind::OnnxRuntime | EngineKind::TensorRt => {
+            onnxruntime::OrtEngine::load(config, true).map(|e| Box::new(e) as Box<dyn Engine>)
+        }
+    };
+    match (attempt, config.fallback) {
+        (Ok(engine), _) => Ok(engine),
+        (Err(err), Some(EngineKind::Tract)) if !is_model_problem(&err) => {
+            tracing::warn!(
+                engine = config.engine.as_str(),
+                error = %format!("{err:#}"),
+                "the configured engine cannot start; running on tract as model.fallback allows"
+            );
+            Ok(Box::new(tract::TractEngine::load(config)?))
+        }
+        (Err(err), _) => Err(err),
+    }
+}
+
+/// Loads a model for `model-info`: label names are not required.
+pub fn inspect(path: &Path, config: &ModelConfig) -> anyhow::Result<Box<dyn Engine>> {
+    let config = ModelConfig { path: path.to_path_buf(), ..config.clone() };
+    match config.engine {
+        EngineKind::Tract => Ok(Box::new(tract::TractEngine::inspect_with(&config)?)),
+        _ => Ok(Box::new(onnxruntime::OrtEngine::load(&config, false)?)),
+    }
+}
+
+/// A bad model or label list fails on every engine alike: falling back
+/// would only hide it.
+fn is_model_problem(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<crate::config::ConfigError>()
+        .is_some_and(|e| e.field.starts_with("model.path") || e.field == "model.labels")
 }
 
 /// Runs a model, one frame at a time.

@@ -112,6 +112,82 @@ pub fn repair(model: &mut pb::ModelProto) -> Repair {
     report
 }
 
+/// Weights-only INT8: removes every QuantizeLinear -> DequantizeLinear pair
+/// on an activation (a tensor computed at run time), so the graph computes
+/// in float from dequantised INT8 weights. Weight pairs (on initializers or
+/// constants) stay: the file keeps its INT8 weights and the engine
+/// dequantises them once at load. Returns the number of pairs removed.
+pub fn strip_activation_qdq(model: &mut pb::ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else { return 0 };
+    let constants: std::collections::HashSet<String> = graph
+        .initializer
+        .iter()
+        .map(|t| t.name.clone())
+        .chain(graph.node.iter().filter(|n| n.op_type == "Constant").flat_map(|n| n.output.clone()))
+        .collect();
+    let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        for input in &node.input {
+            consumers.entry(input.clone()).or_default().push(i);
+        }
+    }
+    let graph_outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+
+    let mut rename: HashMap<String, String> = HashMap::new();
+    let mut dropped = vec![false; graph.node.len()];
+    let mut pairs = 0;
+    for (index, node) in graph.node.iter().enumerate() {
+        if node.op_type != "QuantizeLinear" || node.input.is_empty() || node.output.is_empty() {
+            continue;
+        }
+        let source = &node.input[0];
+        let quantized = &node.output[0];
+        if constants.contains(source) || graph_outputs.contains(quantized) {
+            continue;
+        }
+        let Some(dqs) = consumers.get(quantized) else { continue };
+        if !dqs.iter().all(|&d| graph.node[d].op_type == "DequantizeLinear" && !graph.node[d].output.is_empty()) {
+            continue;
+        }
+        dropped[index] = true;
+        for &d in dqs {
+            dropped[d] = true;
+            rename.insert(graph.node[d].output[0].clone(), source.clone());
+        }
+        pairs += 1;
+    }
+    if pairs == 0 {
+        return 0;
+    }
+    // A pair can feed another pair (Q -> DQ -> Q -> DQ): follow the chain.
+    let resolve = |name: &String| {
+        let mut current = name;
+        for _ in 0..rename.len() {
+            match rename.get(current) {
+                Some(next) => current = next,
+                None => break,
+            }
+        }
+        current.clone()
+    };
+    let nodes = std::mem::take(&mut graph.node);
+    graph.node = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !dropped[*i])
+        .map(|(_, mut node)| {
+            for input in &mut node.input {
+                *input = resolve(input);
+            }
+            node
+        })
+        .collect();
+    for output in &mut graph.output {
+        output.name = resolve(&output.name);
+    }
+    pairs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +273,46 @@ mod tests {
         );
         assert_eq!(repair(&mut m).nodes_removed, 2);
         assert_eq!(m.graph.unwrap().output[0].name, "p");
+    }
+
+    fn initializer(name: &str) -> pb::TensorProto {
+        pb::TensorProto { name: name.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn weights_only_removes_activation_pairs_and_keeps_weight_dequantization() {
+        let mut m = model(
+            vec![
+                node("QuantizeLinear", "qx", &["x", "s", "z"], &["xq"]),
+                node("DequantizeLinear", "dqx", &["xq", "s", "z"], &["xdq"]),
+                node("DequantizeLinear", "dqw", &["w_int8", "ws", "wz"], &["w"]),
+                node("Conv", "conv", &["xdq", "w"], &["y"]),
+                node("QuantizeLinear", "qy", &["y", "s", "z"], &["yq"]),
+                node("DequantizeLinear", "dqy", &["yq", "s", "z"], &["out"]),
+            ],
+            "out",
+        );
+        m.graph.as_mut().unwrap().initializer = vec![initializer("w_int8"), initializer("ws"), initializer("wz")];
+        assert_eq!(strip_activation_qdq(&mut m), 2);
+        let g = m.graph.unwrap();
+        let names: Vec<&str> = g.node.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["dqw", "conv"]);
+        assert_eq!(g.node[1].input, ["x", "w"]);
+        assert_eq!(g.output[0].name, "y");
+    }
+
+    #[test]
+    fn weights_only_leaves_a_quantized_tensor_that_something_else_reads() {
+        let mut m = model(
+            vec![
+                node("QuantizeLinear", "qx", &["x", "s", "z"], &["xq"]),
+                node("DequantizeLinear", "dqx", &["xq", "s", "z"], &["xdq"]),
+                node("Cast", "cast", &["xq"], &["xc"]),
+                node("Add", "add", &["xdq", "xc"], &["out"]),
+            ],
+            "out",
+        );
+        assert_eq!(strip_activation_qdq(&mut m), 0);
+        assert_eq!(m.graph.unwrap().node.len(), 4);
     }
 }

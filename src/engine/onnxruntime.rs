@@ -1,0 +1,347 @@
+//! The ONNX Runtime engine: the fast INT8 path on x86 and ARM CPUs and, with
+//! the `tensorrt` feature, the TensorRT path on Jetson.
+//!
+//! Nothing of ONNX Runtime is linked at build time: `ort` is built with
+//! `load-dynamic`, and the shared library is opened at load from
+//! `model.onnxruntime_library`, else `ORT_DYLIB_PATH`, else the system's
+//! `libonnxruntime.so`. Every failure to find or open it is an error that
+//! says where labelcast looked and how to point it elsewhere.
+//!
+//! ONNX Runtime runs QDQ graphs correctly and as integer math, so the graph
+//! is handed over as written: no repair, no INT8 mode.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorRef;
+
+use super::prepare::{self, Rewrite};
+use super::{Engine, ModelInfo, Tensor};
+use crate::config::{ConfigError, EngineKind, ModelConfig};
+
+/// `ort`'s loader panics on some malformed libraries; it also keeps the first
+/// library it opened for the life of the process, so the outcome is kept too.
+static RUNTIME: OnceLock<Result<RuntimeLibrary, String>> = OnceLock::new();
+
+#[derive(Clone)]
+struct RuntimeLibrary {
+    path: PathBuf,
+    version: String,
+    environment: ort::environment::Environment,
+}
+
+pub struct OrtEngine {
+    info: ModelInfo,
+    session: Session,
+}
+
+impl OrtEngine {
+    pub fn load(config: &ModelConfig, require_labels: bool) -> anyhow::Result<OrtEngine> {
+        if config.engine == EngineKind::TensorRt {
+            tensorrt::check_built()?;
+        }
+        let runtime = open_runtime(config.onnxruntime_library.as_deref())?;
+        let path = config.path.as_path();
+        let prepared = prepare::prepare(config, require_labels, Rewrite::None)?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
+        let input_shape = prepared.input_shape;
+        let started = Instant::now();
+        let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            build_session(&runtime.environment, config, &bytes, input_shape)
+        }));
+        let (session, output_shape, engine_name) = match built {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(err)) => return Err(engine_error(config.engine, path, err)),
+            Err(_) => bail!("{}: ONNX Runtime panicked while creating the session", path.display()),
+        };
+        let optimize_time = started.elapsed();
+        prepare::check_output(path, &prepared.facts.output_name, &output_shape, &prepared.metadata, require_labels)?;
+        let facts = prepared.facts;
+        let info = ModelInfo {
+            path: path.to_path_buf(),
+            engine: engine_name,
+            engine_version: format!("ONNX Runtime {} ({})", runtime.version, runtime.path.display()),
+            threads: config.threads,
+            input_name: facts.input_name,
+            input_shape,
+            input_type: facts.input_type,
+            output_name: facts.output_name,
+            output_shape,
+            quantize_linear: facts.quantize_linear,
+            dequantize_linear: facts.dequantize_linear,
+            int8_mode: prepared.int8_mode,
+            qdq_repaired: Vec::new(),
+            activation_qdq_removed: 0,
+            metadata: prepared.metadata,
+            load_time: prepared.read_time,
+            optimize_time,
+        };
+        info.log_loaded();
+        Ok(OrtEngine { info, session })
+    }
+}
+
+fn build_session(
+    environment: &ort::environment::Environment,
+    config: &ModelConfig,
+    bytes: &[u8],
+    input_shape: [usize; 4],
+) -> anyhow::Result<(Session, Vec<usize>, &'static str)> {
+    let ort_err = |err: ort::Error<_>| anyhow::anyhow!("{err}");
+    let mut builder = Session::builder(environment)
+        .map_err(|err| anyhow::anyhow!("{err}"))?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(ort_err)?
+        .with_intra_threads(config.threads)
+        .map_err(ort_err)?
+        .with_inter_threads(1)
+        .map_err(ort_err)?;
+    let engine_name = match config.engine {
+        EngineKind::TensorRt => {
+            builder = tensorrt::register(builder, config, bytes)?;
+            "tensorrt"
+        }
+        _ => "onnxruntime",
+    };
+    let mut session = builder.commit_from_memory(bytes).map_err(|err| anyhow::anyhow!("{err}"))?;
+    // One run now: it fixes the output shape and takes the first-run cost
+    // (allocations, kernel selection) before the first real frame.
+    let zeros = vec![0.0f32; input_shape.iter().product()];
+    let output_shape = {
+        let input = TensorRef::from_array_view((input_shape, zeros.as_slice())).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let outputs = session.run(ort::inputs![input]).map_err(|e| anyhow::anyhow!("first inference failed: {e}"))?;
+        let (shape, _) = outputs[0].try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("{e}"))?;
+        shape.iter().map(|&d| d.max(0) as usize).collect()
+    };
+    Ok((session, output_shape, engine_name))
+}
+
+impl Engine for OrtEngine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
+        if input.shape != self.info.input_shape {
+            bail!("input tensor {:?} does not match the model's {:?}", input.shape, self.info.input_shape);
+        }
+        let tensor =
+            TensorRef::from_array_view((input.shape, input.data.as_slice())).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let outputs = self.session.run(ort::inputs![tensor]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (_, scores) = outputs[0].try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(scores.to_vec())
+    }
+}
+
+/// Where to find `libonnxruntime.so`, in order: the config, `ORT_DYLIB_PATH`,
+/// the dynamic loader's search path.
+fn library_candidate(configured: Option<&Path>) -> (PathBuf, &'static str) {
+    if let Some(path) = configured {
+        return (path.to_path_buf(), "model.onnxruntime_library");
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return (PathBuf::from(path), "ORT_DYLIB_PATH");
+    }
+    (PathBuf::from("libonnxruntime.so"), "the system library path")
+}
+
+fn open_runtime(configured: Option<&Path>) -> anyhow::Result<RuntimeLibrary> {
+    let outcome = RUNTIME.get_or_init(|| {
+        let (path, from) = library_candidate(configured);
+        if path.components().count() > 1 && !path.exists() {
+            return Err(format!(
+                "{} (from {from}) does not exist; install ONNX Runtime (>= 1.17) and point model.onnxruntime_library or ORT_DYLIB_PATH at its libonnxruntime.so",
+                path.display()
+            ));
+        }
+        let opened = std::panic::catch_unwind(|| -> Result<ort::environment::Environment, String> {
+            let builder = ort::init_from(&path).map_err(|err| err.to_string())?;
+            builder.with_name("labelcast").with_telemetry(false).build().map_err(|err| err.to_string())
+        });
+        match opened {
+            Ok(Ok(environment)) => Ok(RuntimeLibrary { version: runtime_version(&path), path, environment }),
+            Ok(Err(err)) => Err(format!(
+                "cannot load ONNX Runtime from {} (from {from}): {err}; install ONNX Runtime (>= 1.17) and point model.onnxruntime_library or ORT_DYLIB_PATH at its libonnxruntime.so",
+                path.display()
+            )),
+            Err(_) => Err(format!("{} (from {from}) is not a usable ONNX Runtime library", path.display())),
+        }
+    });
+    match outcome {
+        Ok(runtime) => {
+            let (wanted, _) = library_candidate(configured);
+            if wanted != runtime.path && wanted.components().count() > 1 {
+                tracing::warn!(
+                    loaded = %runtime.path.display(),
+                    ignored = %wanted.display(),
+                    "ONNX Runtime is already loaded in this process; one process can hold only one"
+                );
+            }
+            Ok(runtime.clone())
+        }
+        Err(message) => Err(ConfigError::new("model.onnxruntime_library", message.clone()).into()),
+    }
+}
+
+/// ONNX Runtime's own version, from its build string (`git-branch=rel-1.32.0`).
+fn runtime_version(path: &Path) -> String {
+    let info = std::panic::catch_unwind(ort::info).unwrap_or_default();
+    info.split([',', ' '])
+        .find_map(|part| part.trim().strip_prefix("git-branch=rel-"))
+        .map(str::to_string)
+        .or_else(|| {
+            let name = path.file_name()?.to_string_lossy().into_owned();
+            name.strip_prefix("libonnxruntime.so.").map(str::to_string)
+        })
+        .unwrap_or_else(|| "(version unknown)".to_string())
+}
+
+fn engine_error(engine: EngineKind, path: &Path, err: anyhow::Error) -> anyhow::Error {
+    anyhow::anyhow!("{}: {} could not create a session: {err:#}", path.display(), engine.as_str())
+}
+
+#[cfg(feature = "tensorrt")]
+mod tensorrt {
+    //! The TensorRT and CUDA execution providers. TensorRT builds an engine
+    //! for the exact GPU, TensorRT version and precision, which takes
+    //! minutes on a Jetson; built engines are cached on disk under a key of
+    //! all of these, so a restart (or an upgrade of any of them) never runs
+    //! a stale engine.
+
+    use std::path::Path;
+
+    use ort::ep::{CUDA, ExecutionProvider, TensorRT};
+    use ort::session::builder::SessionBuilder;
+    use sha2::{Digest, Sha256};
+
+    use crate::config::{ModelConfig, TensorRtPrecision};
+
+    pub fn check_built() -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    pub fn register(builder: SessionBuilder, config: &ModelConfig, model: &[u8]) -> anyhow::Result<SessionBuilder> {
+        if !TensorRT::is_available().unwrap_or(false) {
+            anyhow::bail!(
+                "this ONNX Runtime has no TensorRT execution provider; use a JetPack build of onnxruntime-gpu and point model.onnxruntime_library at it"
+            );
+        }
+        let trt = &config.tensorrt;
+        let key = cache_key(model, &ort_version(), &tensorrt_version(), &gpu_name(), trt.precision);
+        let cache = trt.cache_dir.join(&key);
+        std::fs::create_dir_all(&cache).map_err(|err| {
+            anyhow::anyhow!(
+                "cannot create the TensorRT engine cache {} ({err}); set model.tensorrt.cache_dir",
+                cache.display()
+            )
+        })?;
+        tracing::info!(cache = %cache.display(), precision = trt.precision.as_str(), dla_core = ?trt.dla_core, "TensorRT: engines are cached here; the first build takes minutes");
+        let mut provider = TensorRT::default()
+            .with_fp16(trt.precision != TensorRtPrecision::Fp32)
+            .with_int8(trt.precision == TensorRtPrecision::Int8)
+            .with_max_workspace_size(trt.workspace_bytes)
+            .with_engine_cache(true)
+            .with_engine_cache_path(cache.display())
+            .with_timing_cache(true)
+            .with_timing_cache_path(cache.display());
+        if let Some(core) = trt.dla_core {
+            provider = provider.with_dla(true).with_dla_core(core);
+        }
+        builder
+            .with_execution_providers([provider.build().error_on_failure(), CUDA::default().build()])
+            .map_err(|err| anyhow::anyhow!("{err}"))
+    }
+
+    /// The cache folder name: every input that changes the built engine.
+    pub fn cache_key(model: &[u8], ort: &str, tensorrt: &str, gpu: &str, precision: TensorRtPrecision) -> String {
+        let mut hash = Sha256::new();
+        hash.update(model);
+        let model_hash = hash.finalize();
+        let mut key = Sha256::new();
+        for part in [&format!("{model_hash:x}"), ort, tensorrt, gpu, precision.as_str()] {
+            key.update(part.as_bytes());
+            key.update([0]);
+        }
+        format!("{}-{:x}", precision.as_str(), key.finalize())[..5 + 32].to_string()
+    }
+
+    fn ort_version() -> String {
+        ort::info().to_string()
+    }
+
+    /// TensorRT's version from `getInferLibVersion` in libnvinfer.
+    fn tensorrt_version() -> String {
+        for name in ["libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"] {
+            // SAFETY: libnvinfer's initialisers only register plugins; the
+            // symbol is a plain C function returning an int.
+            let Ok(lib) = (unsafe { libloading::Library::new(name) }) else { continue };
+            let version: Result<libloading::Symbol<unsafe extern "C" fn() -> i32>, _> =
+                unsafe { lib.get(b"getInferLibVersion") };
+            if let Ok(version) = version {
+                let v = unsafe { version() };
+                return format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100);
+            }
+        }
+        "unknown".to_string()
+    }
+
+    /// The board (Jetson) or GPU model.
+    fn gpu_name() -> String {
+        let jetson = std::fs::read_to_string("/proc/device-tree/model").ok();
+        let dgpu = || {
+            let dir = std::fs::read_dir("/proc/driver/nvidia/gpus").ok()?.flatten().next()?;
+            let text = std::fs::read_to_string(dir.path().join("information")).ok()?;
+            text.lines().find_map(|l| l.strip_prefix("Model:")).map(|m| m.trim().to_string())
+        };
+        jetson
+            .map(|m| m.trim_end_matches('\0').to_string())
+            .or_else(dgpu)
+            .unwrap_or_else(|| Path::new("unknown-gpu").display().to_string())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_engine_cache_key_changes_with_every_input_that_changes_the_engine() {
+            let base = cache_key(b"model", "1.20", "10.3.0", "Orin", TensorRtPrecision::Fp16);
+            assert_eq!(base, cache_key(b"model", "1.20", "10.3.0", "Orin", TensorRtPrecision::Fp16));
+            for other in [
+                cache_key(b"model2", "1.20", "10.3.0", "Orin", TensorRtPrecision::Fp16),
+                cache_key(b"model", "1.21", "10.3.0", "Orin", TensorRtPrecision::Fp16),
+                cache_key(b"model", "1.20", "10.4.0", "Orin", TensorRtPrecision::Fp16),
+                cache_key(b"model", "1.20", "10.3.0", "Xavier", TensorRtPrecision::Fp16),
+                cache_key(b"model", "1.20", "10.3.0", "Orin", TensorRtPrecision::Int8),
+            ] {
+                assert_ne!(base, other);
+            }
+            assert!(base.starts_with("fp16-"));
+        }
+    }
+}
+
+#[cfg(not(feature = "tensorrt"))]
+mod tensorrt {
+    use ort::session::builder::SessionBuilder;
+
+    use crate::config::{ConfigError, ModelConfig};
+
+    pub fn register(builder: SessionBuilder, _: &ModelConfig, _: &[u8]) -> anyhow::Result<SessionBuilder> {
+        check_built()?;
+        Ok(builder)
+    }
+
+    pub fn check_built() -> anyhow::Result<()> {
+        Err(ConfigError::new(
+            "model.engine",
+            "\"tensorrt\" is not in this build: rebuild with `cargo build --release --features tensorrt` (JetPack 6, onnxruntime-gpu with TensorRT)",
+        )
+        .into())
+    }
+}

@@ -147,29 +147,58 @@ impl BenchPlan {
 /// One finished row, or why it could not run.
 pub type RowOutcome = Result<RowResult, String>;
 
-/// Runs every row of the plan in a child process of `exe`.
+/// Runs every row of the plan in child processes of `exe`, in `rounds`
+/// interleaved passes (row 1, row 2, ..., row 1, row 2, ...) so that a slow
+/// patch on a shared machine spreads over every row instead of landing on
+/// one. A row's latencies are pooled over its rounds; its peak RSS is the
+/// highest and its load time the lowest seen.
 pub fn run_plan(
     exe: &Path,
     plan: &BenchPlan,
-    progress: impl Fn(&RowSpec),
+    rounds: usize,
+    progress: impl Fn(usize, &RowSpec),
 ) -> anyhow::Result<Vec<(RowSpec, RowOutcome)>> {
-    let mut out = Vec::new();
-    for spec in plan.rows() {
-        progress(&spec);
-        let encoded = serde_json::to_string(&spec)?;
-        let child = Command::new(exe)
-            .args(["--log-level", "error", "bench", "--row", &encoded])
-            .output()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let outcome = if child.status.success() {
-            serde_json::from_slice::<RowResult>(&child.stdout).map_err(|err| format!("unreadable row result: {err}"))
-        } else {
-            let stderr = String::from_utf8_lossy(&child.stderr);
-            Err(stderr.trim().trim_start_matches("labelcast: error: ").to_string())
-        };
-        out.push((spec, outcome));
+    let rows = plan.rows();
+    let rounds = rounds.clamp(1, plan.iterations.max(1));
+    let mut outcomes: Vec<RowOutcome> = vec![Err("not run".to_string()); rows.len()];
+    for round in 0..rounds {
+        for (index, spec) in rows.iter().enumerate() {
+            if round > 0 && outcomes[index].is_err() {
+                continue;
+            }
+            progress(round, spec);
+            let share = plan.iterations / rounds + usize::from(round < plan.iterations % rounds);
+            let spec_this_round = RowSpec { iterations: share, ..spec.clone() };
+            let outcome = run_child(exe, &spec_this_round)?;
+            outcomes[index] = match (std::mem::replace(&mut outcomes[index], Err(String::new())), outcome) {
+                (_, Err(why)) => Err(why),
+                (Ok(mut pooled), Ok(new)) if round > 0 => {
+                    pooled.latencies_ms.extend(new.latencies_ms);
+                    pooled.peak_rss_mb = pooled.peak_rss_mb.max(new.peak_rss_mb);
+                    if new.load_ms + new.optimize_ms < pooled.load_ms + pooled.optimize_ms {
+                        (pooled.load_ms, pooled.optimize_ms) = (new.load_ms, new.optimize_ms);
+                    }
+                    Ok(pooled)
+                }
+                (_, Ok(new)) => Ok(RowResult { spec: spec.clone(), ..new }),
+            };
+        }
     }
-    Ok(out)
+    Ok(rows.into_iter().zip(outcomes).collect())
+}
+
+fn run_child(exe: &Path, spec: &RowSpec) -> anyhow::Result<RowOutcome> {
+    let encoded = serde_json::to_string(spec)?;
+    let child = Command::new(exe)
+        .args(["--log-level", "error", "bench", "--row", &encoded])
+        .output()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    Ok(if child.status.success() {
+        serde_json::from_slice::<RowResult>(&child.stdout).map_err(|err| format!("unreadable row result: {err}"))
+    } else {
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        Err(stderr.trim().trim_start_matches("labelcast: error: ").to_string())
+    })
 }
 
 /// Percentile by nearest rank over a sorted slice.

@@ -153,6 +153,9 @@ enum Command {
         /// Untimed inferences per row before timing.
         #[arg(long, default_value_t = 5)]
         warmup: usize,
+        /// Interleaved passes over the rows; the timed runs are split between them.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// libonnxruntime.so for the onnxruntime rows (else ORT_DYLIB_PATH).
         #[arg(long)]
         onnxruntime_library: Option<PathBuf>,
@@ -187,6 +190,7 @@ fn main() -> ExitCode {
             engines,
             iterations,
             warmup,
+            rounds,
             onnxruntime_library,
             json,
             row,
@@ -200,6 +204,7 @@ fn main() -> ExitCode {
                 engines,
                 iterations,
                 warmup,
+                rounds,
                 onnxruntime_library,
                 json,
             }),
@@ -420,6 +425,7 @@ struct BenchArgs {
     engines: Vec<String>,
     iterations: usize,
     warmup: usize,
+    rounds: usize,
     onnxruntime_library: Option<PathBuf>,
     json: bool,
 }
@@ -490,8 +496,16 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let exe = std::env::current_exe().context("finding the labelcast binary to run rows")?;
     let started = std::time::Instant::now();
-    let results = bench::run_plan(&exe, &plan, |spec| {
-        eprintln!("bench: {} {} {} threads={} ...", spec.engine, spec.model_kind, spec.int8, spec.threads)
+    let results = bench::run_plan(&exe, &plan, args.rounds, |round, spec| {
+        eprintln!(
+            "bench: round {} of {}: {} {} {} threads={}",
+            round + 1,
+            args.rounds,
+            spec.engine,
+            spec.model_kind,
+            spec.int8,
+            spec.threads
+        )
     })?;
     let (done, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, outcome)| outcome.is_ok());
     let done: Vec<bench::RowResult> = done.into_iter().filter_map(|(_, o)| o.ok()).collect();
@@ -517,11 +531,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{value:#}");
     } else {
         println!(
-            "labelcast bench: {} (fp32: {}), {} images, {} timed runs per row after {} warm-up; {}",
+            "labelcast bench: {} (fp32: {}), {} images, {} timed runs per row in {} interleaved rounds, {} warm-up each; {}",
             plan.int8_model.display(),
             plan.fp32_model.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
             plan.images.len(),
             plan.iterations,
+            args.rounds,
             plan.warmup,
             bench::cpu_description()
         );

@@ -61,6 +61,25 @@ pub struct RawConfig {
     pub mqtt: RawMqtt,
     #[serde(default)]
     pub output: RawOutput,
+    #[serde(default)]
+    pub service: RawService,
+    #[serde(default)]
+    pub homeassistant: RawHomeAssistant,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub stall_timeout: Option<String>,
+    pub http_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHomeAssistant {
+    pub discovery: Option<bool>,
+    pub prefix: Option<String>,
+    pub birth_delay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +178,8 @@ pub struct Overrides {
     pub output: Option<String>,
     pub engine: Option<String>,
     pub threads: Option<i64>,
+    /// `/metrics` and `/healthz` address, or `off`.
+    pub http_listen: Option<String>,
 }
 
 impl RawConfig {
@@ -203,6 +224,9 @@ impl RawConfig {
         if let Some(v) = overrides.threads {
             self.model.threads = Some(v);
         }
+        if let Some(v) = &overrides.http_listen {
+            self.service.http_listen = Some(v.clone());
+        }
     }
 }
 
@@ -231,6 +255,32 @@ pub struct Config {
     pub model: ModelConfig,
     pub labels: LabelPolicy,
     pub output: OutputConfig,
+    pub service: ServiceConfig,
+}
+
+/// How labelcast watches itself: the hang detector behind the systemd
+/// watchdog and `/healthz`, and where `/metrics` and `/healthz` listen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// A capture or inference call that has not returned for this long is hung.
+    pub stall_timeout: Duration,
+    /// `None`: no HTTP endpoint.
+    pub http_listen: Option<SocketAddr>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self { stall_timeout: Duration::from_secs(30), http_listen: DEFAULT_HTTP_LISTEN.parse().ok() }
+    }
+}
+
+/// Home Assistant MQTT discovery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HomeAssistantConfig {
+    pub prefix: String,
+    /// Wait after Home Assistant's `online` before re-sending, so it has
+    /// subscribed to everything first.
+    pub birth_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -470,6 +520,8 @@ pub struct MqttConfig {
     pub stats_interval: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Home Assistant discovery; `None` when switched off.
+    pub homeassistant: Option<HomeAssistantConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -523,6 +575,8 @@ pub fn data_dir() -> Option<PathBuf> {
 }
 
 /// The shipped demo model, relative to [`data_dir`].
+/// `/metrics` and `/healthz`: loopback only unless the config says otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_MODEL: &str = "models/demo/labelcast-demo-int8.onnx";
 /// The shipped sample photos, relative to [`data_dir`].
 pub const DEFAULT_PHOTOS: &str = "calibration/images";
@@ -622,14 +676,19 @@ impl Config {
 
         let mode = raw.output.mode.as_deref().unwrap_or("mqtt");
         let output = match mode {
-            "mqtt" => OutputConfig::Mqtt(Box::new(validate_mqtt(&raw.mqtt, &device_id)?)),
+            "mqtt" => {
+                let mut mqtt = validate_mqtt(&raw.mqtt, &device_id)?;
+                mqtt.homeassistant = validate_homeassistant(&raw.homeassistant)?;
+                OutputConfig::Mqtt(Box::new(mqtt))
+            }
             "stdout" => OutputConfig::Stdout,
             other => {
                 return Err(ConfigError::new("output.mode", format!("expected \"mqtt\" or \"stdout\", got {other:?}")));
             }
         };
 
-        Ok(Config { device_id, source, model, labels, output })
+        let service = validate_service(&raw.service)?;
+        Ok(Config { device_id, source, model, labels, output, service })
     }
 
     /// Reads `path` (if any), applies the overrides and validates.
@@ -645,6 +704,42 @@ impl Config {
             None => Ok(config?),
         }
     }
+}
+
+fn validate_service(raw: &RawService) -> Result<ServiceConfig, ConfigError> {
+    let defaults = ServiceConfig::default();
+    let stall_timeout = duration("service.stall_timeout", &raw.stall_timeout, defaults.stall_timeout)?;
+    if stall_timeout < Duration::from_secs(1) {
+        return Err(ConfigError::new("service.stall_timeout", "must be at least 1s"));
+    }
+    let http_listen = match raw.http_listen.as_deref() {
+        None => defaults.http_listen,
+        Some("" | "off") => None,
+        Some(text) => Some(text.parse().map_err(|_| {
+            ConfigError::new(
+                "service.http_listen",
+                format!("expected host:port like \"127.0.0.1:9464\", or \"off\", got {text:?}"),
+            )
+        })?),
+    };
+    Ok(ServiceConfig { stall_timeout, http_listen })
+}
+
+fn validate_homeassistant(raw: &RawHomeAssistant) -> Result<Option<HomeAssistantConfig>, ConfigError> {
+    if raw.discovery == Some(false) {
+        return Ok(None);
+    }
+    let prefix = raw.prefix.clone().unwrap_or_else(|| "homeassistant".to_string());
+    if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.starts_with('/') || prefix.ends_with('/') {
+        return Err(ConfigError::new(
+            "homeassistant.prefix",
+            format!(
+                "expected a topic prefix like \"homeassistant\" (no wildcards, no leading or trailing '/'), got {prefix:?}"
+            ),
+        ));
+    }
+    let birth_delay = duration("homeassistant.birth_delay", &raw.birth_delay, Duration::from_secs(2))?;
+    Ok(Some(HomeAssistantConfig { prefix, birth_delay }))
 }
 
 /// Checks the `[model]` section; an unset path means the shipped demo model.
@@ -946,6 +1041,7 @@ fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigErr
         stats_interval,
         reconnect_min,
         reconnect_max,
+        homeassistant: None,
     })
 }
 

@@ -17,9 +17,11 @@
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod labels;
 pub mod pipeline;
 pub mod preprocess;
 pub mod publish;
+pub mod service;
 pub mod source;
 pub mod telemetry;

@@ -49,6 +49,9 @@ struct OverrideArgs {
     /// Inference threads.
     #[arg(long)]
     threads: Option<i64>,
+    /// Address for /metrics and /healthz (default 127.0.0.1:9464), or "off".
+    #[arg(long)]
+    http_listen: Option<String>,
 }
 
 /// Engine choice for the one-shot commands (the daemon takes them from the config).
@@ -89,6 +92,7 @@ impl OverrideArgs {
             output: self.output,
             engine: self.engine,
             threads: self.threads,
+            http_listen: self.http_listen,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::engine::{self, Engine, ModelInfo, Tensor};
 use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker};
 use crate::preprocess::Preprocessor;
 use crate::publish;
+use crate::service::{self, Health, Notifier};
 use crate::source::{self, Frame, FrameSource, SourceError};
 use crate::telemetry::{Counters, RateLimit};
 
@@ -194,6 +195,8 @@ impl StopSignal {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
+    let health = Arc::new(Health::new(config.service.stall_timeout));
+    service::spawn_watchdog(health.clone(), counters.clone()).context("starting the watchdog thread")?;
     let prepare_config = config.clone();
     let Prepared { engine, rules } =
         tokio::task::spawn_blocking(move || prepare(&prepare_config)).await.context("model loading thread")??;
@@ -207,15 +210,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             if let crate::config::BrokerChoice::Embedded { listen } = mqtt.broker {
                 publish::broker::start_embedded(listen)?;
             }
-            tokio::spawn(publish::mqtt::run((**mqtt).clone(), rules.clone(), events_rx, counters.clone()))
+            let sink = publish::mqtt::Sink {
+                device_id: config.device_id.clone(),
+                config: (**mqtt).clone(),
+                rules: rules.clone(),
+                model: publish::mqtt::ModelFacts::new(engine.info()),
+                counters: counters.clone(),
+                health: health.clone(),
+            };
+            tokio::spawn(sink.run(events_rx))
         }
         OutputConfig::Stdout => tokio::spawn(publish::stdout::run(events_rx)),
     };
 
     let slot = Arc::new(FrameSlot::default());
     let stop = Arc::new(StopSignal::default());
-    let capture = spawn_capture(source, slot.clone(), stop.clone(), counters.clone())?;
-    let inference = spawn_inference(engine, rules, config.labels.min_hold, slot.clone(), events_tx, counters.clone())?;
+    if let Some(listen) = config.service.http_listen {
+        let exporter = crate::http::Exporter {
+            health: health.clone(),
+            counters: counters.clone(),
+            source: source.describe(),
+            engine: engine.info().engine.to_string(),
+        };
+        crate::http::start(listen, exporter).await;
+    }
+    let capture = spawn_capture(source, slot.clone(), stop.clone(), counters.clone(), health.clone())?;
+    let inference = spawn_inference(
+        engine,
+        rules,
+        config.labels.min_hold,
+        slot.clone(),
+        events_tx,
+        counters.clone(),
+        health.clone(),
+    )?;
 
     // The inference thread ends by itself when a finite source runs out;
     // watch it from async code without blocking the runtime.
@@ -230,10 +258,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         _ = shutdown => tracing::info!("shutdown requested: stopping capture, finishing the frame in flight"),
         _ = done_rx => tracing::info!("source finished: all frames processed"),
     }
+    Notifier::stopping();
     stop.stop();
     slot.close(true);
-    join_thread("capture", capture)?;
-    let _ = tokio::task::spawn_blocking(move || inference_watch.join()).await;
+    // A capture call that hangs (a wedged camera driver) must not hold the
+    // shutdown hostage: give it a moment, then leave it behind.
+    if !join_within("capture", capture, Duration::from_secs(2)).await? {
+        tracing::warn!("the capture thread is stuck in the source; exiting without it");
+    }
+    if tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || inference_watch.join()))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the frame in flight did not finish within 10 s; exiting without it");
+    }
     // The inference thread dropped the event sender; the sink drains and disconnects.
     match tokio::time::timeout(Duration::from_secs(10), sink).await {
         Ok(Ok(result)) => result?,
@@ -244,8 +282,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-fn join_thread(name: &str, handle: JoinHandle<()>) -> anyhow::Result<()> {
-    handle.join().map_err(|_| anyhow::anyhow!("the {name} thread panicked"))
+/// Joins a thread if it finishes within `limit`; false if it did not.
+async fn join_within(name: &str, handle: JoinHandle<()>, limit: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + limit;
+    while !handle.is_finished() {
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.join().map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?;
+    Ok(true)
 }
 
 static SKIP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
@@ -257,6 +304,7 @@ fn spawn_capture(
     slot: Arc<FrameSlot>,
     stop: Arc<StopSignal>,
     counters: Arc<Counters>,
+    health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let live = source.is_live();
     let thread = std::thread::Builder::new().name("capture".into()).spawn(move || {
@@ -270,7 +318,10 @@ fn spawn_capture(
                 // Keep a steady cadence, but do not burst to catch up after a stall.
                 next_due = (next_due + interval).max(Instant::now());
             }
-            match source.next_frame() {
+            health.capture_started();
+            let next = source.next_frame();
+            health.capture_finished();
+            match next {
                 Ok(Some(frame)) => {
                     Counters::inc(&counters.frames_captured);
                     tracing::trace!(sequence = frame.sequence, origin = frame.origin(), "frame captured");
@@ -291,6 +342,7 @@ fn spawn_capture(
                 }
                 Ok(None) => {
                     tracing::info!(source = %source.describe(), "source reached its end");
+                    health.source_ended();
                     slot.close(false);
                     return;
                 }
@@ -302,6 +354,7 @@ fn spawn_capture(
                 }
                 Err(SourceError::Fatal(message)) => {
                     tracing::error!(source = %source.describe(), error = message, "source failed; no more frames");
+                    health.source_ended();
                     slot.close(false);
                     return;
                 }
@@ -318,13 +371,18 @@ fn spawn_inference(
     slot: Arc<FrameSlot>,
     events: mpsc::Sender<LabelEvent>,
     counters: Arc<Counters>,
+    health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
+    health.set_labels(rules.iter().map(|r| r.name.clone()));
     let mut classifier = FrameClassifier::new(engine);
     let model_name: Arc<str> = Arc::from(classifier.info().metadata.name.as_str());
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
         let mut tracker = LabelTracker::new(rules, min_hold);
         while let Some(frame) = slot.take() {
-            let Classified { scores, inference: elapsed } = match classifier.classify(&frame) {
+            health.inference_started();
+            let classified = classifier.classify(&frame);
+            health.inference_finished(classified.is_ok());
+            let Classified { scores, inference: elapsed } = match classified {
                 Ok(classified) => classified,
                 Err(ClassifyError::BadFrame(err)) => {
                     Counters::inc(&counters.frames_failed);
@@ -341,6 +399,11 @@ fn spawn_inference(
             };
             Counters::inc(&counters.inferences);
             Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
+            if health.mark_ready() {
+                let ms = elapsed.as_secs_f64() * 1e3;
+                tracing::info!(inference_ms = ms, "first frame classified: ready");
+                Notifier::ready(&format!("ready; first frame classified in {ms:.0} ms"));
+            }
             let changed = tracker.update(&scores, Instant::now());
             let labels: Vec<LabelScore> = tracker
                 .rules()
@@ -349,7 +412,9 @@ fn spawn_inference(
                 .enumerate()
                 .map(|(i, (rule, &score))| LabelScore { name: rule.name.clone(), score, on: tracker.is_on(i) })
                 .collect();
+            health.inference_seconds.observe(elapsed.as_secs_f64());
             for &i in &changed {
+                health.set_label(i, labels[i].on);
                 Counters::inc(&counters.state_changes);
                 tracing::info!(label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = frame.origin(), "label changed");
             }

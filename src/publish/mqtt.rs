@@ -16,9 +16,12 @@ use anyhow::Context;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 
+use super::homeassistant::Discovery;
 use super::payload::{self, Topics};
 use crate::config::{BrokerChoice, MqttConfig, TlsConfig};
+use crate::engine::ModelInfo;
 use crate::labels::{LabelEvent, LabelRule};
+use crate::service::Health;
 use crate::telemetry::{Counters, RateLimit};
 
 /// Capped exponential backoff with "equal jitter": each wait is between half
@@ -62,94 +65,149 @@ struct Link {
     generation: u64,
 }
 
-/// Runs until `events` closes (the pipeline stopped), then publishes
-/// `offline` and disconnects cleanly.
-pub async fn run(
-    config: MqttConfig,
-    rules: Vec<LabelRule>,
-    mut events: mpsc::Receiver<LabelEvent>,
-    counters: Arc<Counters>,
-) -> anyhow::Result<()> {
-    // The embedded broker, when chosen, was started before the sink and
-    // listens on its address.
-    let (host, port) = match &config.broker {
-        BrokerChoice::External { host, port } => (host.clone(), *port),
-        BrokerChoice::Embedded { listen } => (listen.ip().to_string(), listen.port()),
-    };
-    let topics = Topics::new(&config.topic_prefix);
-    let mut options = MqttOptions::new(&config.client_id, host.as_str(), port);
-    options
-        .set_keep_alive(config.keep_alive)
-        .set_clean_session(true)
-        .set_max_packet_size(256 * 1024, 256 * 1024)
-        .set_last_will(LastWill::new(topics.available(), "offline", QoS::AtLeastOnce, true));
-    if let Some(user) = &config.username {
-        options.set_credentials(user, config.password.as_ref().map(|p| p.expose()).unwrap_or(""));
-    }
-    if let Some(tls) = &config.tls {
-        options.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls_client_config(tls)?)));
-    }
-    let (client, eventloop) = AsyncClient::new(options, 256);
-    let (link_tx, link_rx) = watch::channel(Link::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let driver = tokio::spawn(drive_connection(
-        eventloop,
-        config.reconnect_min,
-        config.reconnect_max,
-        link_tx,
-        stop_rx,
-        counters.clone(),
-    ));
-    tracing::info!(broker = %format!("{host}:{port}"), tls = config.tls.is_some(), client_id = %config.client_id, prefix = %config.topic_prefix, "MQTT sink starting");
+/// What the device block in Home Assistant shows as the model.
+#[derive(Debug, Clone)]
+pub struct ModelFacts {
+    pub name: String,
+}
 
-    let mut publisher = Publisher {
-        client: client.clone(),
-        topics,
-        qos: qos(config.qos),
-        publish_every: config.publish_every,
-        states: rules.iter().map(|r| (r.name.clone(), false)).collect(),
-        counters: counters.clone(),
-        started: Instant::now(),
-        events_seen: 0,
-        connected: false,
-        drop_warning: RateLimit::new(Duration::from_secs(30)),
-    };
-    let mut link_rx = link_rx;
-    let mut stats_tick = tokio::time::interval(config.stats_interval);
-    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        // Each branch is cancel-safe: recv, changed and tick lose nothing when
-        // another branch wins.
-        tokio::select! {
-            event = events.recv() => match event {
-                Some(event) => publisher.on_event(&event),
-                None => break,
-            },
-            changed = link_rx.changed() => {
-                if changed.is_err() {
-                    break;
+impl ModelFacts {
+    pub fn new(info: &ModelInfo) -> Self {
+        let meta = &info.metadata;
+        let mut name = meta.name.clone();
+        if let Some(version) = &meta.version {
+            name += &format!(" v{version}");
+        }
+        Self { name: format!("{name} ({}, {})", info.engine, info.precision()) }
+    }
+}
+
+/// The MQTT sink and what it needs.
+pub struct Sink {
+    pub device_id: String,
+    pub config: MqttConfig,
+    pub rules: Vec<LabelRule>,
+    pub model: ModelFacts,
+    pub counters: Arc<Counters>,
+    pub health: Arc<Health>,
+}
+
+impl Sink {
+    /// Runs until `events` closes (the pipeline stopped), then publishes
+    /// `offline` and disconnects cleanly.
+    pub async fn run(self, mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
+        let Sink { device_id, config, rules, model, counters, health } = self;
+        // The embedded broker, when chosen, was started before the sink and
+        // listens on its address.
+        let (host, port) = match &config.broker {
+            BrokerChoice::External { host, port } => (host.clone(), *port),
+            BrokerChoice::Embedded { listen } => (listen.ip().to_string(), listen.port()),
+        };
+        let topics = Topics::new(&config.topic_prefix);
+        let mut options = MqttOptions::new(&config.client_id, host.as_str(), port);
+        options
+            .set_keep_alive(config.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(256 * 1024, 256 * 1024)
+            .set_last_will(LastWill::new(topics.available(), "offline", QoS::AtLeastOnce, true));
+        if let Some(user) = &config.username {
+            options.set_credentials(user, config.password.as_ref().map(|p| p.expose()).unwrap_or(""));
+        }
+        if let Some(tls) = &config.tls {
+            options.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls_client_config(tls)?)));
+        }
+        let (client, eventloop) = AsyncClient::new(options, 256);
+        let (link_tx, link_rx) = watch::channel(Link::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (incoming_tx, mut incoming_rx) = mpsc::channel::<rumqttc::Publish>(256);
+        let driver = tokio::spawn(drive_connection(
+            eventloop,
+            config.reconnect_min,
+            config.reconnect_max,
+            link_tx,
+            incoming_tx,
+            stop_rx,
+            counters.clone(),
+        ));
+        tracing::info!(broker = %format!("{host}:{port}"), tls = config.tls.is_some(), client_id = %config.client_id, prefix = %config.topic_prefix, homeassistant = config.homeassistant.is_some(), "MQTT sink starting");
+
+        // Label states are re-sent with every stats message, so Home
+        // Assistant's expire_after (three stats intervals, at least a
+        // minute) only fires when labelcast is really gone.
+        let expire_after_s = (config.stats_interval.as_secs() * 3).max(60);
+        let discovery = config
+            .homeassistant
+            .as_ref()
+            .map(|ha| Discovery::new(ha, &device_id, topics.clone(), model.name.clone(), expire_after_s));
+        let birth_delay = config.homeassistant.as_ref().map(|ha| ha.birth_delay).unwrap_or_default();
+        let mut publisher = Publisher {
+            client: client.clone(),
+            topics,
+            qos: qos(config.qos),
+            publish_every: config.publish_every,
+            states: rules.iter().map(|r| (r.name.clone(), false)).collect(),
+            counters: counters.clone(),
+            started: Instant::now(),
+            fps_window: (Instant::now(), 0),
+            events_seen: 0,
+            connected: false,
+            drop_warning: RateLimit::new(Duration::from_secs(30)),
+            discovery,
+        };
+        let mut link_rx = link_rx;
+        let mut stats_tick = tokio::time::interval(config.stats_interval);
+        stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut birth_due: Option<tokio::time::Instant> = None;
+        loop {
+            // Each branch is cancel-safe: recv, changed, tick and sleep_until
+            // lose nothing when another branch wins.
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => publisher.on_event(&event),
+                    None => break,
+                },
+                changed = link_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let link = *link_rx.borrow_and_update();
+                    publisher.connected = link.connected;
+                    health.set_mqtt(link.connected);
+                    if link.connected {
+                        publisher.on_connect();
+                    }
                 }
-                let link = *link_rx.borrow_and_update();
-                publisher.connected = link.connected;
-                if link.connected {
-                    publisher.on_connect();
+                Some(message) = incoming_rx.recv() => {
+                    if publisher.on_message(&message) {
+                        birth_due = Some(tokio::time::Instant::now() + birth_delay);
+                    }
+                }
+                _ = tokio::time::sleep_until(birth_due.unwrap_or_else(tokio::time::Instant::now)), if birth_due.is_some() => {
+                    birth_due = None;
+                    if publisher.connected {
+                        tracing::info!("Home Assistant came online: re-sending discovery and label states");
+                        publisher.announce();
+                    }
+                }
+                _ = stats_tick.tick() => {
+                    publisher.publish_stats();
+                    publisher.publish_states();
                 }
             }
-            _ = stats_tick.tick() => publisher.publish_stats(),
         }
-    }
 
-    if publisher.connected {
-        publisher.publish_stats();
-        let _ = client.try_publish(publisher.topics.available(), QoS::AtLeastOnce, true, "offline");
-        let _ = client.try_disconnect();
+        if publisher.connected {
+            publisher.publish_stats();
+            let _ = client.try_publish(publisher.topics.available(), QoS::AtLeastOnce, true, "offline");
+            let _ = client.try_disconnect();
+        }
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(Duration::from_secs(3), driver).await.is_err() {
+            tracing::warn!("MQTT connection did not close within 3 s; exiting anyway");
+        }
+        tracing::info!("MQTT sink stopped");
+        Ok(())
     }
-    let _ = stop_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(3), driver).await.is_err() {
-        tracing::warn!("MQTT connection did not close within 3 s; exiting anyway");
-    }
-    tracing::info!("MQTT sink stopped");
-    Ok(())
 }
 
 struct Publisher {
@@ -160,18 +218,63 @@ struct Publisher {
     states: Vec<(Arc<str>, bool)>,
     counters: Arc<Counters>,
     started: Instant,
+    /// Start and inference count of the current frames-per-second window.
+    fps_window: (Instant, u64),
     events_seen: u64,
     connected: bool,
     drop_warning: RateLimit,
+    discovery: Option<Discovery>,
 }
 
 impl Publisher {
     fn on_connect(&mut self) {
-        self.send(self.topics.available(), true, "online".into());
-        for (name, on) in self.states.clone() {
-            self.send(self.topics.label(&name), true, payload::on_off(on).into());
+        if let Some(discovery) = &self.discovery {
+            // Clean sessions: subscriptions are made again on every connect.
+            for filter in [discovery.status_topic(), discovery.binary_sensor_configs()] {
+                if let Err(err) = self.client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                    tracing::warn!(filter, error = %err, "cannot subscribe");
+                }
+            }
         }
+        self.announce();
+    }
+
+    /// Discovery (when on), availability, every label state and stats.
+    fn announce(&mut self) {
+        if let Some(discovery) = &self.discovery {
+            let labels: Vec<&str> = self.states.iter().map(|(name, _)| name.as_ref()).collect();
+            for (topic, body) in discovery.messages(&labels) {
+                self.send(topic, true, body);
+            }
+        }
+        self.send(self.topics.available(), true, "online".into());
+        self.publish_states();
         self.publish_stats();
+    }
+
+    /// Handles a message from a subscription; true when Home Assistant
+    /// announced it is online (discovery is then re-sent after a delay).
+    fn on_message(&mut self, message: &rumqttc::Publish) -> bool {
+        let Some(discovery) = &self.discovery else { return false };
+        if message.topic == discovery.status_topic() {
+            return message.payload.as_ref() == b"online";
+        }
+        if message.retain {
+            let labels: Vec<&str> = self.states.iter().map(|(name, _)| name.as_ref()).collect();
+            if let Some(stale) = discovery.stale_label(&message.topic, &message.payload, &labels) {
+                tracing::info!(label = %stale, topic = %message.topic, "removing the Home Assistant entity of a label no longer configured");
+                self.send(message.topic.clone(), true, String::new());
+            }
+        }
+        false
+    }
+
+    fn publish_states(&self) {
+        if self.connected {
+            for (name, on) in &self.states {
+                self.send(self.topics.label(name), true, payload::on_off(*on).into());
+            }
+        }
     }
 
     fn on_event(&mut self, event: &LabelEvent) {
@@ -208,8 +311,16 @@ impl Publisher {
 
     fn publish_stats(&mut self) {
         if self.connected {
-            let body = self.counters.snapshot(self.started.elapsed()).to_string();
-            self.send(self.topics.stats(), true, body);
+            let mut snapshot = self.counters.snapshot(self.started.elapsed());
+            let inferences = Counters::get(&self.counters.inferences);
+            let (since, before) = self.fps_window;
+            let seconds = since.elapsed().as_secs_f64();
+            if seconds > 0.0 {
+                let recent = (inferences - before) as f64 / seconds;
+                snapshot["fps_recent"] = serde_json::json!((recent * 100.0).round() / 100.0);
+            }
+            self.fps_window = (Instant::now(), inferences);
+            self.send(self.topics.stats(), true, snapshot.to_string());
         }
     }
 
@@ -232,6 +343,7 @@ async fn drive_connection(
     min: Duration,
     max: Duration,
     link: watch::Sender<Link>,
+    incoming: mpsc::Sender<rumqttc::Publish>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<Counters>,
 ) {
@@ -259,6 +371,11 @@ async fn drive_connection(
                     );
                 }
                 let _ = link.send(Link { connected: true, generation });
+            }
+            Ok(Event::Incoming(Packet::Publish(message))) => {
+                // Only discovery traffic is subscribed to; if the publisher
+                // lags, dropping a replayed config costs nothing.
+                let _ = incoming.try_send(message);
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 let _ = link.send(Link { connected: false, generation });

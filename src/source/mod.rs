@@ -103,7 +103,15 @@ pub enum SourceSpec {
     /// `file:///path` to one image or a folder of images (name order).
     File { path: PathBuf, fps: f64, looping: bool },
     /// `test://pattern`: a deterministic moving test picture.
-    TestPattern { width: u32, height: u32, fps: f64, frames: Option<u64> },
+    TestPattern {
+        width: u32,
+        height: u32,
+        fps: f64,
+        frames: Option<u64>,
+        /// After this many frames the source blocks like a hung camera
+        /// driver (to test the watchdog and `/healthz`).
+        hang_after: Option<u64>,
+    },
 }
 
 impl SourceSpec {
@@ -135,7 +143,8 @@ impl SourceSpec {
                 }
                 let fps = params.take_f64("fps", 10.0)?;
                 let frames = params.take_opt_u64("frames")?;
-                SourceSpec::TestPattern { width, height, fps, frames }
+                let hang_after = params.take_opt_u64("hang_after")?;
+                SourceSpec::TestPattern { width, height, fps, frames, hang_after }
             }
             "v4l2" | "csi" | "rtsp" | "gst" => {
                 return Err(format!(
@@ -155,8 +164,8 @@ impl SourceSpec {
 pub fn open(spec: &SourceSpec) -> anyhow::Result<Box<dyn FrameSource>> {
     Ok(match spec {
         SourceSpec::File { path, fps, looping } => Box::new(FileSource::open(path, *fps, *looping)?),
-        SourceSpec::TestPattern { width, height, fps, frames } => {
-            Box::new(TestPattern::new(*width, *height, *fps, *frames))
+        SourceSpec::TestPattern { width, height, fps, frames, hang_after } => {
+            Box::new(TestPattern::new(*width, *height, *fps, *frames).hanging_after(*hang_after))
         }
     })
 }

@@ -15,12 +15,20 @@ pub struct TestPattern {
     height: u32,
     interval: Option<Duration>,
     limit: Option<u64>,
+    hang_after: Option<u64>,
     sequence: u64,
 }
 
 impl TestPattern {
     pub fn new(width: u32, height: u32, fps: f64, limit: Option<u64>) -> Self {
-        Self { width, height, interval: interval_for_fps(fps), limit, sequence: 0 }
+        Self { width, height, interval: interval_for_fps(fps), limit, hang_after: None, sequence: 0 }
+    }
+
+    /// Blocks forever in `next_frame` after `frames` frames, as a hung
+    /// camera driver would.
+    pub fn hanging_after(mut self, frames: Option<u64>) -> Self {
+        self.hang_after = frames;
+        self
     }
 
     /// The picture for one sequence number.
@@ -59,6 +67,12 @@ impl FrameSource for TestPattern {
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
         if self.limit.is_some_and(|limit| self.sequence >= limit) {
             return Ok(None);
+        }
+        if self.hang_after.is_some_and(|after| self.sequence >= after) {
+            tracing::debug!(after = self.sequence, "test pattern: hanging as asked (hang_after)");
+            loop {
+                std::thread::park();
+            }
         }
         let frame = Frame {
             format: PixelFormat::Rgb8,

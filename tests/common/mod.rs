@@ -76,8 +76,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let log = tempfile::NamedTempFile::new().unwrap();
-        let mut child = labelcast(args)
+        let mut args = args.to_vec();
+        // Tests run daemons side by side: each serves /metrics on a port of its own.
+        if args.first() == Some(&"run") && !args.contains(&"--http-listen") {
+            args.extend(["--http-listen", "127.0.0.1:0"]);
+        }
+        let mut child = labelcast(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log.reopen().unwrap())
             .spawn()
@@ -298,4 +308,34 @@ pub fn scores_of(labels_payload: &serde_json::Value) -> HashMap<String, f64> {
         .iter()
         .map(|(k, v)| (k.clone(), v["score"].as_f64().unwrap()))
         .collect()
+}
+
+/// A plain HTTP GET on loopback: (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the HTTP endpoint accepts");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Publishes one retained message and waits until the broker has it.
+pub fn publish_retained(port: u16, topic: &str, payload: &str) {
+    let id = format!("test-pub-{}", fastrand::u64(..));
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = rumqttc::Client::new(options, 16);
+    client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload.as_bytes().to_vec()).unwrap();
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(err) => panic!("publishing {topic}: {err}"),
+        }
+    }
+    let _ = client.disconnect();
 }

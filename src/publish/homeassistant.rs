@@ -1,0 +1,265 @@
+//! Home Assistant MQTT discovery: one retained `binary_sensor` per label and
+//! two diagnostic sensors (frames per second, inference time), grouped under
+//! one device. Home Assistant finds them when it starts or when the broker
+//! replays the retained configs; when it announces itself on
+//! `<prefix>/status` with `online`, labelcast sends everything again.
+//!
+//! A label that left the config (or the model) leaves a retained config
+//! behind; labelcast spots those among the retained configs the broker
+//! replays on subscribe (by this device's identifiers, never by topic name
+//! alone, so another labelcast's entities are safe) and clears them with an
+//! empty retained payload.
+
+use serde_json::{Value, json};
+
+use super::payload::Topics;
+use crate::config::HomeAssistantConfig;
+
+/// Everything the discovery payloads need to know about this daemon.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    pub prefix: String,
+    pub device_id: String,
+    pub topics: Topics,
+    /// What the device block shows as the model, e.g. `labelcast-demo v1`.
+    pub model: String,
+    /// Seconds without a state message after which Home Assistant shows the
+    /// entity unavailable; label states are re-sent well within it.
+    pub expire_after_s: u64,
+}
+
+impl Discovery {
+    pub fn new(
+        config: &HomeAssistantConfig,
+        device_id: &str,
+        topics: Topics,
+        model: String,
+        expire_after_s: u64,
+    ) -> Self {
+        Self { prefix: config.prefix.clone(), device_id: device_id.to_string(), topics, model, expire_after_s }
+    }
+
+    /// Where Home Assistant announces itself.
+    pub fn status_topic(&self) -> String {
+        format!("{}/status", self.prefix)
+    }
+
+    /// The filter that replays every retained binary_sensor config.
+    pub fn binary_sensor_configs(&self) -> String {
+        format!("{}/binary_sensor/+/config", self.prefix)
+    }
+
+    fn device_identifier(&self) -> String {
+        format!("labelcast_{}", self.device_id)
+    }
+
+    fn unique_id(&self, entity: &str) -> String {
+        format!("labelcast_{}_{}", self.device_id, node_safe(entity))
+    }
+
+    fn config_topic(&self, component: &str, entity: &str) -> String {
+        format!("{}/{component}/{}_{}/config", self.prefix, self.device_id, node_safe(entity))
+    }
+
+    fn device(&self) -> Value {
+        json!({
+            "identifiers": [self.device_identifier()],
+            "name": format!("labelcast {}", self.device_id),
+            "model": self.model,
+            "manufacturer": "labelcast",
+            "sw_version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+
+    fn common(&self, entity: &str) -> serde_json::Map<String, Value> {
+        let mut map = serde_json::Map::new();
+        map.insert("unique_id".into(), json!(self.unique_id(entity)));
+        map.insert("availability_topic".into(), json!(self.topics.available()));
+        map.insert("payload_available".into(), json!("online"));
+        map.insert("payload_not_available".into(), json!("offline"));
+        map.insert("expire_after".into(), json!(self.expire_after_s));
+        map.insert("device".into(), self.device());
+        map.insert("origin".into(), json!({ "name": "labelcast", "sw_version": env!("CARGO_PKG_VERSION") }));
+        map.insert("qos".into(), json!(1));
+        map
+    }
+
+    /// The retained config messages for these labels and the two sensors.
+    pub fn messages(&self, labels: &[&str]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for label in labels {
+            let mut config = self.common(label);
+            config.insert("name".into(), json!(label));
+            config.insert("state_topic".into(), json!(self.topics.label(label)));
+            config.insert("payload_on".into(), json!("ON"));
+            config.insert("payload_off".into(), json!("OFF"));
+            out.push((self.config_topic("binary_sensor", label), Value::Object(config).to_string()));
+        }
+        for (entity, name, field, unit, extra) in [
+            ("fps", "Frames per second", "fps_recent", "fps", json!({})),
+            ("inference_ms", "Inference time", "inference_ms_mean", "ms", json!({ "device_class": "duration" })),
+        ] {
+            let mut config = self.common(entity);
+            config.insert("name".into(), json!(name));
+            config.insert("state_topic".into(), json!(self.topics.stats()));
+            config.insert("value_template".into(), json!(format!("{{{{ value_json.{field} }}}}")));
+            config.insert("unit_of_measurement".into(), json!(unit));
+            config.insert("state_class".into(), json!("measurement"));
+            config.insert("entity_category".into(), json!("diagnostic"));
+            if let Value::Object(extra) = extra {
+                config.extend(extra);
+            }
+            out.push((self.config_topic("sensor", entity), Value::Object(config).to_string()));
+        }
+        out
+    }
+
+    /// For a retained binary_sensor config the broker replayed: the label it
+    /// belongs to if it is this device's and not among `labels` (so it must
+    /// be cleared), else `None`.
+    pub fn stale_label(&self, topic: &str, payload: &[u8], labels: &[&str]) -> Option<String> {
+        if payload.is_empty() || !topic.starts_with(&format!("{}/binary_sensor/{}_", self.prefix, self.device_id)) {
+            return None;
+        }
+        let config: Value = serde_json::from_slice(payload).ok()?;
+        let ours = config["device"]["identifiers"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(&self.device_identifier())));
+        let unique_id = config["unique_id"].as_str()?;
+        if !ours || labels.iter().any(|label| self.unique_id(label) == unique_id) {
+            return None;
+        }
+        Some(config["name"].as_str().unwrap_or(unique_id).to_string())
+    }
+}
+
+/// Home Assistant's discovery node ids allow `[a-zA-Z0-9_-]`.
+fn node_safe(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discovery() -> Discovery {
+        Discovery {
+            prefix: "homeassistant".into(),
+            device_id: "kitchen".into(),
+            topics: Topics::new("labelcast/kitchen"),
+            model: "labelcast-demo v1".into(),
+            expire_after_s: 90,
+        }
+    }
+
+    /// The keys Home Assistant's MQTT discovery documentation requires or
+    /// that labelcast relies on, with their types.
+    fn assert_valid_entity(config: &Value, component: &str) {
+        type TypeCheck = fn(&Value) -> bool;
+        let keys: &[(&str, TypeCheck)] = &[
+            ("unique_id", Value::is_string),
+            ("name", Value::is_string),
+            ("state_topic", Value::is_string),
+            ("availability_topic", Value::is_string),
+            ("payload_available", Value::is_string),
+            ("payload_not_available", Value::is_string),
+            ("expire_after", Value::is_u64),
+            ("qos", Value::is_u64),
+            ("device", Value::is_object),
+            ("origin", Value::is_object),
+        ];
+        for (key, is_type) in keys {
+            assert!(is_type(&config[key]), "{component}: {key} missing or of the wrong type in {config}");
+        }
+        let device = &config["device"];
+        assert!(device["identifiers"].as_array().is_some_and(|ids| !ids.is_empty()), "{device}");
+        for key in ["name", "model", "manufacturer", "sw_version"] {
+            assert!(device[key].is_string(), "device.{key} in {device}");
+        }
+        assert!(config["origin"]["name"].is_string(), "origin.name is required by Home Assistant");
+        let allowed: &[&str] = match component {
+            "binary_sensor" => &[
+                "unique_id",
+                "name",
+                "state_topic",
+                "availability_topic",
+                "payload_available",
+                "payload_not_available",
+                "expire_after",
+                "qos",
+                "device",
+                "origin",
+                "payload_on",
+                "payload_off",
+            ],
+            _ => &[
+                "unique_id",
+                "name",
+                "state_topic",
+                "availability_topic",
+                "payload_available",
+                "payload_not_available",
+                "expire_after",
+                "qos",
+                "device",
+                "origin",
+                "value_template",
+                "unit_of_measurement",
+                "state_class",
+                "entity_category",
+                "device_class",
+            ],
+        };
+        for key in config.as_object().unwrap().keys() {
+            assert!(allowed.contains(&key.as_str()), "{component}: {key} is not a discovery option of this component");
+        }
+    }
+
+    #[test]
+    fn every_label_gets_a_retained_binary_sensor_config_under_one_device() {
+        let messages = discovery().messages(&["cat", "coffee cup"]);
+        assert_eq!(messages.len(), 4);
+        let (topic, body) = &messages[0];
+        assert_eq!(topic, "homeassistant/binary_sensor/kitchen_cat/config");
+        let config: Value = serde_json::from_str(body).unwrap();
+        assert_valid_entity(&config, "binary_sensor");
+        assert_eq!(config["state_topic"], "labelcast/kitchen/label/cat");
+        assert_eq!(config["availability_topic"], "labelcast/kitchen/available");
+        assert_eq!(config["payload_on"], "ON");
+        assert_eq!(config["unique_id"], "labelcast_kitchen_cat");
+        assert_eq!(config["device"]["identifiers"][0], "labelcast_kitchen");
+        assert_eq!(config["expire_after"], 90);
+        assert_eq!(messages[1].0, "homeassistant/binary_sensor/kitchen_coffee_cup/config", "node ids are sanitised");
+    }
+
+    #[test]
+    fn fps_and_inference_time_are_diagnostic_sensors_on_the_stats_topic() {
+        let messages = discovery().messages(&[]);
+        let topics: Vec<&str> = messages.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["homeassistant/sensor/kitchen_fps/config", "homeassistant/sensor/kitchen_inference_ms/config"]
+        );
+        for (_, body) in &messages {
+            let config: Value = serde_json::from_str(body).unwrap();
+            assert_valid_entity(&config, "sensor");
+            assert_eq!(config["state_topic"], "labelcast/kitchen/stats");
+            assert!(config["value_template"].as_str().unwrap().starts_with("{{ value_json."));
+        }
+    }
+
+    #[test]
+    fn a_retained_config_of_a_removed_label_of_this_device_is_stale_and_others_are_not() {
+        let d = discovery();
+        let old = d.messages(&["dog"]);
+        let (topic, body) = &old[0];
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"]), Some("dog".to_string()));
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat", "dog"]), None, "still configured");
+        assert_eq!(d.stale_label(topic, b"", &["cat"]), None, "already cleared");
+        // Another labelcast whose device id starts the same way.
+        let other = Discovery { device_id: "kitchen_2".into(), ..discovery() };
+        let (topic, body) = &other.messages(&["dog"])[0];
+        assert!(topic.starts_with("homeassistant/binary_sensor/kitchen_"));
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"]), None, "not this device's entity");
+    }
+}

@@ -239,13 +239,22 @@ fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<Exi
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the daemon with SIGKILL");
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT/SIGHUP; stop the daemon with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => return tracing::info!("SIGTERM received"),
+            _ = int.recv() => return tracing::info!("SIGINT received"),
+            // A half-applied config on a device nobody watches is worse than
+            // a restart: reloading is deliberately not supported.
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP received: reloading the config is not supported; restart labelcast to apply changes (systemctl restart labelcast)"
+            ),
+        }
     }
 }
 

@@ -42,12 +42,17 @@ impl EngineUnderTest {
     }
 }
 
+/// Every engine in this build; `LABELCAST_TEST_ENGINES=tract` restricts the
+/// suite (the aarch64 run under qemu has no ONNX Runtime library).
 fn engines() -> Vec<EngineUnderTest> {
+    let only: Option<Vec<String>> =
+        std::env::var("LABELCAST_TEST_ENGINES").ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|names| names.iter().any(|n| n == name));
     let mut all = vec![
         EngineUnderTest { name: "tract native", engine: EngineKind::Tract, int8: Int8Mode::Native },
         EngineUnderTest { name: "tract weights-only", engine: EngineKind::Tract, int8: Int8Mode::WeightsOnly },
     ];
-    if cfg!(feature = "onnxruntime") {
+    if cfg!(feature = "onnxruntime") && wanted("onnxruntime") {
         let library = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).filter(|p| p.is_file());
         if library.is_some() {
             all.push(EngineUnderTest { name: "onnxruntime", engine: EngineKind::OnnxRuntime, int8: Int8Mode::Native });
@@ -59,6 +64,7 @@ fn engines() -> Vec<EngineUnderTest> {
             eprintln!("onnxruntime engine not tested: ORT_DYLIB_PATH is not set (bash tests/run.sh sets it)");
         }
     }
+    all.retain(|e| wanted(e.engine.as_str()));
     all
 }
 

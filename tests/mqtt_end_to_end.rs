@@ -196,3 +196,73 @@ fn an_unreadable_photo_in_the_folder_is_skipped_with_a_warning_and_the_rest_are_
     assert!(log.contains("broken.jpg") && log.contains("frame skipped"), "{log}");
     assert!(log.contains("\"frames_failed\":2"), "both bad files are counted: {log}");
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+#[test]
+fn fifty_broker_restarts_in_a_row_leave_the_daemon_running_with_state_right_and_memory_flat() {
+    let Some(mut broker) = Mosquitto::start() else { return };
+    let device = "e2e-fifty";
+    let photos = photo_folder(&["chelsea.jpg"]);
+    let source = format!("file://{}?fps=10&loop=true", photos.path().display());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fifty.toml");
+    std::fs::write(&config, "[mqtt]\nreconnect_min = \"100ms\"\nreconnect_max = \"400ms\"\nstats_interval = \"1h\"\n")
+        .unwrap();
+    let url = broker.url();
+    let model = demo_model();
+    let mut daemon = Daemon::start(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--device-id",
+        device,
+        "--source",
+        &source,
+        "--model",
+        model.to_str().unwrap(),
+        "--mqtt",
+        &url,
+    ]);
+    let topic = |rest: &str| format!("labelcast/{device}/{rest}");
+    let restart_and_check = |broker: &mut Mosquitto| {
+        broker.restart();
+        // No persistence: whatever retained state is there now was re-sent.
+        let sub = Subscriber::connect(broker.port, &topic("#"));
+        sub.wait_for(&topic("available"), "online", WAIT);
+        sub.wait_for(&topic("label/cat"), "ON", WAIT);
+        sub.wait_for(&topic("label/dog"), "OFF", WAIT);
+    };
+    let first = Subscriber::connect(broker.port, &topic("#"));
+    first.wait_for(&topic("label/cat"), "ON", WAIT);
+    // Warm up the allocator and the reconnect path before measuring.
+    for _ in 0..3 {
+        restart_and_check(&mut broker);
+    }
+    let pid = daemon.pid();
+    let rss_before = rss_kib(pid);
+    let started = std::time::Instant::now();
+    for cycle in 0..50 {
+        restart_and_check(&mut broker);
+        assert!(daemon.is_running(), "cycle {cycle}: daemon died:\n{}", daemon.log());
+    }
+    let rss_after = rss_kib(pid);
+    let elapsed = started.elapsed().as_secs_f64();
+    let sub = Subscriber::connect(broker.port, &topic("stats"));
+    wait_until(WAIT, || !sub.payloads(&topic("stats")).is_empty()).expect("stats retained");
+    let stats: serde_json::Value = serde_json::from_str(sub.payloads(&topic("stats")).last().unwrap()).unwrap();
+    let attempts = stats["mqtt_connect_attempts"].as_u64().unwrap();
+    println!(
+        "50 restarts in {elapsed:.0} s: RSS {rss_before} -> {rss_after} KiB, {attempts} connection attempts, {} connections",
+        stats["mqtt_connections"]
+    );
+    assert!(stats["mqtt_connections"].as_u64().unwrap() >= 54, "{stats}");
+    // Backoff from 100 ms: a busy loop would make thousands of attempts a second.
+    assert!((attempts as f64) < 20.0 * elapsed, "{attempts} attempts in {elapsed:.0} s: {stats}");
+    assert!(rss_after < rss_before + 6 * 1024, "RSS grew from {rss_before} to {rss_after} KiB over 50 restarts");
+    assert!(daemon.stop().success());
+}

@@ -212,3 +212,19 @@ fn home_assistant_discovery_can_be_switched_off() {
     assert!(ha.all().is_empty(), "no discovery messages: {:?}", ha.all());
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn sighup_is_logged_as_not_supported_and_the_daemon_keeps_running() {
+    let source = "test://pattern?width=64&height=64&fps=5";
+    let model = demo_model();
+    let mut daemon =
+        Daemon::start(&["run", "--output", "stdout", "--source", source, "--model", model.to_str().unwrap()]);
+    daemon.wait_for_log("first frame classified", Duration::from_secs(60));
+    daemon.signal("HUP");
+    daemon.wait_for_log("reloading the config is not supported", Duration::from_secs(10));
+    let lines_before = daemon.stdout.lock().unwrap().lines().count();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(daemon.is_running());
+    assert!(daemon.stdout.lock().unwrap().lines().count() > lines_before, "labels keep coming after SIGHUP");
+    assert!(daemon.stop().success());
+}

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Builds labelcast for aarch64 (the shipped `edge` profile, linked by
-# cargo-zigbuild against glibc 2.31 so it starts on JetPack 5) and proves it
-# on this x86-64 machine under qemu-user:
-#   1. the highest GLIBC_x.y symbol it needs (fails above 2.31) and its size;
-#   2. it starts against Debian bullseye's arm64 glibc 2.31 (JetPack 5's);
-#   3. unit tests and the engine conformance suite (tract), under qemu;
-#   4. its scores on the shipped photos equal the x86-64 build's within 1e-4;
+# Builds labelcast for aarch64, linked by cargo-zigbuild against glibc 2.31
+# so it starts on JetPack 5, and proves it on this x86-64 machine under
+# qemu-user:
+#   1. the highest GLIBC_x.y symbol it needs (fails above 2.31) and its
+#      stripped size;
+#   2. it starts against Debian bullseye's arm64 glibc 2.31 (JetPack 5's) and
+#      loads the demo model;
+#   3. the library's unit tests (config, labels, QDQ repair, preprocessing,
+#      payloads...) under qemu;
+#   4. its scores on shipped photos equal the x86-64 build's within 1e-4;
 #   5. end to end: the aarch64 daemon under qemu publishes to a native
 #      mosquitto on loopback and label/cat turns ON.
+# CI builds the `release` profile: the shipped `edge` profile (fat LTO) takes
+# another ~15 minutes of linking on two cores; LABELCAST_AARCH64_PROFILE=edge
+# builds that instead. qemu runs an inference in about 6 s, so the photo
+# comparison uses three photos and the conformance suite stays on x86-64.
 # Run cross/setup-debian.sh first. Prints how long each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,18 +27,20 @@ export CARGO_TARGET_DIR=${LABELCAST_AARCH64_TARGET_DIR:-$repo/target/aarch64}
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /"
 triple=aarch64-unknown-linux-gnu
 zig_target=$triple.2.31
-bin=$CARGO_TARGET_DIR/$triple/edge/labelcast
+profile=${LABELCAST_AARCH64_PROFILE:-release}
+bin=$CARGO_TARGET_DIR/$triple/$profile/labelcast
 host_target=${CARGO_TARGET_DIR_HOST:-${LABELCAST_HOST_TARGET_DIR:-$repo/target}}
 
-step "build (profile edge, glibc 2.31 via cargo-zigbuild)"
-cargo zigbuild --locked --profile edge --target "$zig_target" --bin labelcast
+step "build (profile $profile, glibc 2.31 via cargo-zigbuild)"
+cargo zigbuild --locked --profile "$profile" --target "$zig_target" --bin labelcast
 
 step "glibc symbols and size"
 glibc=$(aarch64-linux-gnu-objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -1)
-size=$(stat -c %s "$bin")
-echo "aarch64 binary: $bin"
+aarch64-linux-gnu-strip -o "$bin.stripped" "$bin"
+size=$(stat -c %s "$bin.stripped")
+echo "aarch64 binary: $bin (profile $profile)"
 echo "highest glibc symbol version needed: $glibc (JetPack 5 has 2.31)"
-printf 'stripped size: %d bytes (%.1f MB)\n' "$size" "$(echo "$size / 1000000" | bc -l)"
+awk -v s="$size" 'BEGIN { printf "stripped size: %d bytes (%.1f MB)\n", s, s / 1e6 }'
 newest=$(printf '%s\nGLIBC_2.31\n' "$glibc" | sort -V | tail -1)
 [ "$newest" = "GLIBC_2.31" ] || { echo "needs $glibc, newer than JetPack 5's 2.31" >&2; exit 1; }
 
@@ -39,9 +48,10 @@ step "start against glibc 2.31 (Debian bullseye arm64 libc6)"
 sysroot=$CARGO_TARGET_DIR/bullseye-arm64
 if [ ! -e "$sysroot/lib/aarch64-linux-gnu/libc.so.6" ]; then
   mkdir -p "$sysroot/debs"
-  index=$(curl -fsS --retry 3 http://deb.debian.org/debian/dists/bullseye/main/binary-arm64/Packages.xz | xz -dc)
+  curl -fsS --retry 3 -o "$sysroot/debs/Packages.xz" http://deb.debian.org/debian/dists/bullseye/main/binary-arm64/Packages.xz
+  xz -dcf "$sysroot/debs/Packages.xz" > "$sysroot/debs/Packages"
   for package in libc6 libgcc-s1; do
-    file=$(printf '%s\n' "$index" | awk -v p="$package" '$0 == "Package: " p {f=1} f && /^Filename:/ {print $2; exit}')
+    file=$(awk -v p="$package" '$0 == "Package: " p {f=1} f && /^Filename:/ {print $2; exit}' "$sysroot/debs/Packages")
     curl -fsS --retry 3 -o "$sysroot/debs/$package.deb" "http://deb.debian.org/debian/$file"
     dpkg-deb -x "$sysroot/debs/$package.deb" "$sysroot"
   done
@@ -50,30 +60,28 @@ qemu-aarch64 -L "$sysroot" "$sysroot/lib/aarch64-linux-gnu/libc.so.6" | head -1
 qemu-aarch64 -L "$sysroot" "$bin" --version
 qemu-aarch64 -L "$sysroot" "$bin" --log-level warn model-info models/demo/labelcast-demo-int8.onnx | grep -E '^(input|output|int8|engine)'
 
-step "unit tests and engine conformance (tract) under qemu"
-fixtures=()
-[ -d target/ci/ort ] && fixtures=(LABELCAST_ORT_FIXTURES="$repo/target/ci/ort")
-env "${fixtures[@]}" LABELCAST_TEST_ENGINES=tract \
-  cargo zigbuild test --locked --profile edge --target "$zig_target" --lib --test engine_conformance
+step "unit tests under qemu"
+cargo zigbuild test --locked --profile "$profile" --target "$zig_target" --lib
 
 step "same scores as the x86-64 build on the shipped photos"
 host_bin=$host_target/debug/labelcast
 [ -x "$host_bin" ] || host_bin=$host_target/release/labelcast
 [ -x "$host_bin" ] || { echo "no x86-64 labelcast in $host_target (run the tests first)" >&2; exit 1; }
-photos=(calibration/images/*.jpg)
+photos=(calibration/images/chelsea.jpg calibration/images/coffee.jpg calibration/images/china.jpg)
 "$host_bin" --log-level warn classify --json "${photos[@]}" > "$CARGO_TARGET_DIR/scores-x86_64.jsonl"
 qemu-aarch64 -L / "$bin" --log-level warn classify --json "${photos[@]}" > "$CARGO_TARGET_DIR/scores-aarch64.jsonl"
 python3 - "$CARGO_TARGET_DIR/scores-x86_64.jsonl" "$CARGO_TARGET_DIR/scores-aarch64.jsonl" <<'PY'
 import json, sys
 x86 = [json.loads(l) for l in open(sys.argv[1])]
 arm = [json.loads(l) for l in open(sys.argv[2])]
-assert len(x86) == len(arm) == 9, (len(x86), len(arm))
+assert len(x86) == len(arm) == 3, (len(x86), len(arm))
 worst = 0.0
 for a, b in zip(x86, arm):
     assert a["active"] == b["active"], (a["origin"], a["active"], b["active"])
     for label, v in a["labels"].items():
         worst = max(worst, abs(v["score"] - b["labels"][label]["score"]))
-print(f"9 photos x 12 labels: same active labels; largest score difference {worst:.6f} (tolerance 1e-4)")
+print(f"3 photos x 12 labels: same active labels; largest score difference {worst:.6f} (tolerance 1e-4)")
+print("active:", [b["active"] for b in arm])
 assert worst <= 1e-4, worst
 PY
 

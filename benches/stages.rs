@@ -116,6 +116,7 @@ fn postprocessing(c: &mut Criterion) {
                 origin: Some(origin.clone()),
                 model: model_name.clone(),
                 inference_ms: 12.5,
+                frame_ms: 14.0,
                 labels: rules
                     .iter()
                     .zip(&scores)

@@ -61,7 +61,7 @@ qemu-aarch64 -L "$sysroot" "$bin" --version
 qemu-aarch64 -L "$sysroot" "$bin" --log-level warn model-info models/demo/labelcast-demo-int8.onnx | grep -E '^(input|output|int8|engine)'
 
 step "unit tests under qemu"
-cargo zigbuild test --locked --profile "$profile" --target "$zig_target" --lib
+cargo-zigbuild test --locked --profile "$profile" --target "$zig_target" --lib
 
 step "same scores as the x86-64 build on the shipped photos"
 host_bin=$host_target/debug/labelcast

@@ -133,6 +133,8 @@ pub struct LabelEvent {
     pub origin: Option<Arc<str>>,
     pub model: Arc<str>,
     pub inference_ms: f64,
+    /// From capture to scores: waiting, decode, preprocess and inference.
+    pub frame_ms: f64,
     pub labels: Vec<LabelScore>,
     /// Indices into `labels` of those whose state changed on this frame.
     pub changed: Vec<usize>,

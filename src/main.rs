@@ -284,8 +284,11 @@ fn classify(
         let result = source::read_frame(path, index as u64)
             .map_err(anyhow::Error::from)
             .and_then(|frame| Ok(classifier.classify(&frame)?))
-            .map(|c| (c.scores, c.inference.as_secs_f64() * 1e3));
-        let (scores, inference_ms) = match result {
+            .map(|c| {
+                let total = c.inference + c.preprocess.decode + c.preprocess.fit_normalise;
+                (c.scores, c.inference.as_secs_f64() * 1e3, total.as_secs_f64() * 1e3)
+            });
+        let (scores, inference_ms, frame_ms) = match result {
             Ok(ok) => ok,
             Err(err) => {
                 failures += 1;
@@ -299,6 +302,7 @@ fn classify(
             origin: Some(path.display().to_string().into()),
             model: model_name.clone(),
             inference_ms,
+            frame_ms,
             labels: rules
                 .iter()
                 .zip(&scores)

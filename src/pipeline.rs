@@ -53,10 +53,11 @@ pub struct FrameClassifier {
     output: OutputKind,
 }
 
-/// Scores in [0, 1], one per label, and the time the engine took.
+/// Scores in [0, 1], one per label, and where the time went.
 pub struct Classified {
     pub scores: Vec<f32>,
     pub inference: Duration,
+    pub preprocess: crate::preprocess::StageTimes,
 }
 
 /// Why a frame produced no scores; the daemon skips the first kind quietly
@@ -86,12 +87,12 @@ impl FrameClassifier {
     }
 
     pub fn classify(&mut self, frame: &Frame) -> Result<Classified, ClassifyError> {
-        self.preprocessor.run(frame, &mut self.tensor).map_err(ClassifyError::BadFrame)?;
+        let preprocess = self.preprocessor.run_timed(frame, &mut self.tensor).map_err(ClassifyError::BadFrame)?;
         let began = Instant::now();
         let mut scores = self.engine.infer(&self.tensor).map_err(ClassifyError::Engine)?;
         let inference = began.elapsed();
         labels::to_scores(&mut scores, self.output);
-        Ok(Classified { scores, inference })
+        Ok(Classified { scores, inference, preprocess })
     }
 }
 
@@ -382,7 +383,7 @@ fn spawn_inference(
             health.inference_started();
             let classified = classifier.classify(&frame);
             health.inference_finished(classified.is_ok());
-            let Classified { scores, inference: elapsed } = match classified {
+            let Classified { scores, inference: elapsed, preprocess } = match classified {
                 Ok(classified) => classified,
                 Err(ClassifyError::BadFrame(err)) => {
                     Counters::inc(&counters.frames_failed);
@@ -399,6 +400,8 @@ fn spawn_inference(
             };
             Counters::inc(&counters.inferences);
             Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
+            Counters::add(&counters.decode_us_total, preprocess.decode.as_micros() as u64);
+            Counters::add(&counters.fit_normalise_us_total, preprocess.fit_normalise.as_micros() as u64);
             if health.mark_ready() {
                 let ms = elapsed.as_secs_f64() * 1e3;
                 tracing::info!(inference_ms = ms, "first frame classified: ready");
@@ -425,6 +428,7 @@ fn spawn_inference(
                 origin: frame.origin.clone(),
                 model: model_name.clone(),
                 inference_ms: elapsed.as_secs_f64() * 1e3,
+                frame_ms: frame.captured_at.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e3),
                 labels,
                 changed,
             };

@@ -17,6 +17,15 @@ use crate::source::{Frame, PixelFormat};
 /// The largest frame side accepted (a 16K camera is 15360 wide).
 const MAX_SIDE: u32 = 16384;
 
+/// Where preprocessing time went, for the per-stage figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    /// JPEG decode or pixel-format conversion to RGB.
+    pub decode: std::time::Duration,
+    /// Resize/crop to the model input and normalise to NCHW float.
+    pub fit_normalise: std::time::Duration,
+}
+
 pub struct Preprocessor {
     width: u32,
     height: u32,
@@ -61,12 +70,20 @@ impl Preprocessor {
     /// Fills `out` from `frame`. A corrupt or inconsistent frame is an error
     /// naming where it came from; `out` is then unspecified.
     pub fn run(&mut self, frame: &Frame, out: &mut Tensor) -> anyhow::Result<()> {
+        self.run_timed(frame, out).map(|_| ())
+    }
+
+    /// [`Preprocessor::run`], also saying how long decoding (or pixel
+    /// conversion) and fitting + normalising took.
+    pub fn run_timed(&mut self, frame: &Frame, out: &mut Tensor) -> anyhow::Result<StageTimes> {
+        let began = std::time::Instant::now();
         let (w, h) = self
             .convert_to_rgb(frame)
             .with_context(|| format!("{} frame from {}", frame.format.as_str(), frame.origin()))?;
+        let decoded = std::time::Instant::now();
         self.fit(w, h)?;
         self.normalise(out);
-        Ok(())
+        Ok(StageTimes { decode: decoded - began, fit_normalise: decoded.elapsed() })
     }
 
     /// Leaves the frame as packed RGB in `self.rgb` and returns its size.

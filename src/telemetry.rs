@@ -37,6 +37,11 @@ pub struct Counters {
     pub mqtt_connections: AtomicU64,
     /// Sum of inference time in microseconds, for the mean.
     pub inference_us_total: AtomicU64,
+    /// Sums of JPEG decode / pixel conversion and of resize + normalise time.
+    pub decode_us_total: AtomicU64,
+    pub fit_normalise_us_total: AtomicU64,
+    /// Sum of the time to build and queue `labels` messages, and their count.
+    pub publish_us_total: AtomicU64,
 }
 
 impl Counters {
@@ -55,8 +60,20 @@ impl Counters {
         let inferences = Self::get(&self.inferences);
         let mean_ms =
             if inferences > 0 { Self::get(&self.inference_us_total) as f64 / inferences as f64 / 1000.0 } else { 0.0 };
+        let per_inference = |total: &AtomicU64| {
+            if inferences > 0 { (Self::get(total) as f64 / inferences as f64 / 10.0).round() / 100.0 } else { 0.0 }
+        };
+        let published = Self::get(&self.labels_published);
+        let publish_ms_mean = if published > 0 {
+            (Self::get(&self.publish_us_total) as f64 / published as f64 / 10.0).round() / 100.0
+        } else {
+            0.0
+        };
         json!({
             "uptime_s": uptime.as_secs(),
+            "decode_ms_mean": per_inference(&self.decode_us_total),
+            "preprocess_ms_mean": per_inference(&self.fit_normalise_us_total),
+            "publish_ms_mean": publish_ms_mean,
             "frames_captured": Self::get(&self.frames_captured),
             "frames_dropped": Self::get(&self.frames_dropped),
             "frames_failed": Self::get(&self.frames_failed),

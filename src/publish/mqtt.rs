@@ -301,8 +301,10 @@ impl Publisher {
             }
             return;
         }
+        let began = Instant::now();
         let body = payload::labels_json(event).to_string();
         if self.send(self.topics.labels(), false, body) {
+            Counters::add(&self.counters.publish_us_total, began.elapsed().as_micros() as u64);
             Counters::inc(&self.counters.labels_published);
         } else {
             Counters::inc(&self.counters.labels_dropped);

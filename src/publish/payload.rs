@@ -64,6 +64,7 @@ pub fn labels_json(event: &LabelEvent) -> Value {
         "sequence": event.sequence,
         "model": &*event.model,
         "inference_ms": (event.inference_ms * 100.0).round() / 100.0,
+        "frame_ms": (event.frame_ms * 100.0).round() / 100.0,
         "active": active,
         "labels": labels,
     });
@@ -87,6 +88,7 @@ mod tests {
             origin: Some("/photos/chelsea.jpg".into()),
             model: "demo".into(),
             inference_ms: 12.3456,
+            frame_ms: 20.0,
             labels: vec![
                 LabelScore { name: "cat".into(), score: 0.987_654, on: true },
                 LabelScore { name: "dog".into(), score: 0.012_34, on: false },

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# End-to-end: labelcast against the Python pipeline a user would write
+# instead (benches/baseline/pipeline.py), back to back on the same machine,
+# the same model file, the same JPEG frames (60 at 640x480 and 60 at
+# 1280x720, made from the shipped photos, as a camera would send MJPEG), the
+# same thread counts (1 and 2) and the same broker (mosquitto on loopback).
+# Prints one table: frames/s, p50/p99 per-frame latency (capture to scores,
+# from each message's frame_ms), mean time per stage, peak RSS, time from
+# process start to the first label on the broker; then the ratios.
+#
+#   bash benches/e2e.sh          (needs ONNX Runtime: the .venv tests/run.sh makes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+target=${CARGO_TARGET_DIR:-$repo/target}
+bin=$target/release/labelcast
+[ -x "$bin" ] || cargo build --release --locked
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r models/requirements-ci.txt -r benches/baseline/requirements.txt
+py=$repo/.venv/bin/python
+ORT_DYLIB_PATH=$("$py" -c 'import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0])')
+export ORT_DYLIB_PATH
+model=$repo/models/demo/labelcast-demo-int8.onnx
+work=$target/bench-e2e
+rm -rf "$work" && mkdir -p "$work"
+
+"$py" - "$work" <<'PY'
+import os, sys
+from PIL import Image, ImageOps
+work = sys.argv[1]
+photos = sorted(p for p in os.listdir("calibration/images") if p.endswith(".jpg"))
+for w, h in [(640, 480), (1280, 720)]:
+    folder = os.path.join(work, f"frames-{w}x{h}")
+    os.makedirs(folder)
+    for i in range(60):
+        image = Image.open(os.path.join("calibration/images", photos[i % len(photos)])).convert("RGB")
+        ImageOps.fit(image, (w, h), Image.BILINEAR).save(os.path.join(folder, f"{i:03d}.jpg"), quality=85)
+PY
+
+port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n' "$port" > "$work/mosquitto.conf"
+/usr/sbin/mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+broker=$!
+trap 'kill $broker 2>/dev/null || true' EXIT
+sleep 1
+
+results=$work/results.jsonl
+run_row() {  # name engine threads resolution topic command...
+  local name=$1 engine=$2 threads=$3 res=$4 topic=$5
+  shift 5
+  local ready=$work/ready-$RANDOM
+  "$py" benches/baseline/listen.py --mqtt "127.0.0.1:$port" --topic "$topic" --count 60 --ready-file "$ready" > "$work/listen.json" &
+  local listener=$!
+  while [ ! -e "$ready" ]; do sleep 0.05; done
+  local start
+  start=$("$py" -c 'import time; print(time.time())')
+  /usr/bin/time -f '%M' -o "$work/rss" "$@" > "$work/out" 2> "$work/err" || { cat "$work/err"; exit 1; }
+  wait "$listener"
+  "$py" - "$name" "$engine" "$threads" "$res" "$start" "$work" >> "$results" <<'PY'
+import json, re, sys
+name, engine, threads, res, start, work = sys.argv[1:]
+listen = json.load(open(f"{work}/listen.json"))
+rss_kib = int(open(f"{work}/rss").read().split()[-1])
+if name == "labelcast":
+    log = re.sub(r"\x1b\[[0-9;]*m", "", open(f"{work}/err").read())
+    stats = json.loads(log[log.rindex("stats=") + 6:].splitlines()[0])
+    stages = {"decode": stats["decode_ms_mean"], "preprocess": stats["preprocess_ms_mean"],
+              "infer": stats["inference_ms_mean"], "publish": stats["publish_ms_mean"]}
+else:
+    summary = json.loads(open(f"{work}/out").read().strip().splitlines()[-1])
+    stages = {"decode": summary["decode"], "preprocess": summary["preprocess"], "infer": summary["infer"],
+              "publish": summary["publish"], "read": summary["read"]}
+frame_ms = sorted(listen["frame_ms"])
+pct = lambda p: frame_ms[min(len(frame_ms) - 1, int(round(p / 100 * len(frame_ms) + 0.5)) - 1)]
+fps = (listen["count"] - 1) / (listen["last"] - listen["first"])
+print(json.dumps({"name": name, "engine": engine, "threads": int(threads), "res": res, "count": listen["count"],
+                  "fps": fps, "p50": pct(50), "p99": pct(99), "stages": stages, "rss_mb": rss_kib / 1024,
+                  "first_label_s": listen["first"] - float(start)}))
+PY
+}
+
+for res in 640x480 1280x720; do
+  frames=$work/frames-$res
+  for threads in 1 2; do
+    for engine in onnxruntime tract; do
+      run_row labelcast "$engine" "$threads" "$res" labelcast/bench/labels \
+        "$bin" --log-level info run --device-id bench --engine "$engine" --threads "$threads" --http-listen off \
+        --source "file://$frames?fps=0" --mqtt "mqtt://127.0.0.1:$port" --model "$model"
+    done
+    run_row baseline onnxruntime "$threads" "$res" baseline/bench/labels \
+      "$py" benches/baseline/pipeline.py --model "$model" --frames "$frames" --mqtt "127.0.0.1:$port" --threads "$threads"
+  done
+done
+
+"$py" - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"{'run':<10} {'engine':<12} {'thr':>3} {'frames':<9} {'fps':>7} {'p50 ms':>7} {'p99 ms':>7} {'decode':>7} {'prep':>6} {'infer':>7} {'publish':>7} {'RSS MB':>7} {'1st label s':>11}")
+for r in rows:
+    s = r["stages"]
+    print(f"{r['name']:<10} {r['engine']:<12} {r['threads']:>3} {r['res']:<9} {r['fps']:>7.1f} {r['p50']:>7.1f} {r['p99']:>7.1f} "
+          f"{s['decode']:>7.2f} {s['preprocess']:>6.2f} {s['infer']:>7.2f} {s['publish']:>7.3f} {r['rss_mb']:>7.1f} {r['first_label_s']:>11.2f}")
+print("\nratios (same resolution and threads; labelcast on the onnxruntime engine unless said):")
+print(f"{'frames':<9} {'thr':>3} {'fps lc/py':>9} {'RSS lc/py':>9} {'1st label lc/py':>15} {'lc per-frame / bare infer':>26} {'tract fps / py':>14}")
+for res in dict.fromkeys(r["res"] for r in rows):
+    for threads in (1, 2):
+        pick = lambda name, engine: next(r for r in rows if r["name"] == name and r["engine"] == engine and r["res"] == res and r["threads"] == threads)
+        lc, tr, py = pick("labelcast", "onnxruntime"), pick("labelcast", "tract"), pick("baseline", "onnxruntime")
+        per_frame = 1000 / lc["fps"]
+        print(f"{res:<9} {threads:>3} {lc['fps'] / py['fps']:>9.2f} {lc['rss_mb'] / py['rss_mb']:>9.2f} "
+              f"{lc['first_label_s'] / py['first_label_s']:>15.2f} {per_frame / lc['stages']['infer']:>26.2f} {tr['fps'] / py['fps']:>14.2f}")
+PY

@@ -136,36 +136,8 @@ enum Command {
     /// Measure each engine and INT8 mode in this build on the model: latency,
     /// throughput, peak memory, load time and agreement, side by side.
     Bench {
-        /// INT8 model (default: the demo model).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// FP32 model to compare with (default: the model's -fp32 sibling when it exists).
-        #[arg(long)]
-        fp32: Option<PathBuf>,
-        /// Images or folders to run (default: the shipped photos).
-        #[arg(long)]
-        images: Vec<PathBuf>,
-        /// Thread counts to measure, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        threads: Vec<usize>,
-        /// Engines to measure, comma-separated (default: every engine in this build).
-        #[arg(long, value_delimiter = ',')]
-        engines: Vec<String>,
-        /// Timed inferences per row.
-        #[arg(long, default_value_t = 50)]
-        iterations: usize,
-        /// Untimed inferences per row before timing.
-        #[arg(long, default_value_t = 5)]
-        warmup: usize,
-        /// Interleaved passes over the rows; the timed runs are split between them.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// libonnxruntime.so for the onnxruntime rows (else ORT_DYLIB_PATH).
-        #[arg(long)]
-        onnxruntime_library: Option<PathBuf>,
-        /// One JSON document instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        args: BenchArgs,
         /// Internal: measure one row (JSON) in this process.
         #[arg(long, hide = true)]
         row: Option<String>,
@@ -186,32 +158,9 @@ fn main() -> ExitCode {
         Command::Run { config, overrides } => run(config, overrides.overrides()),
         Command::Classify { images, model, config, engine, json } => classify(&images, model, config, &engine, json),
         Command::ModelInfo { model, engine, json } => model_info(&model, &engine, json),
-        Command::Bench {
-            model,
-            fp32,
-            images,
-            threads,
-            engines,
-            iterations,
-            warmup,
-            rounds,
-            onnxruntime_library,
-            json,
-            row,
-        } => match row {
+        Command::Bench { args, row } => match row {
             Some(row) => bench_row(&row),
-            None => bench(BenchArgs {
-                model,
-                fp32,
-                images,
-                threads,
-                engines,
-                iterations,
-                warmup,
-                rounds,
-                onnxruntime_library,
-                json,
-            }),
+            None => bench(args),
         },
         Command::CheckConfig { config, overrides } => check_config(config, overrides.overrides()),
     };
@@ -434,16 +383,37 @@ fn check_config(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(clap::Args)]
 struct BenchArgs {
+    /// INT8 model (default: the demo model).
+    #[arg(long)]
     model: Option<PathBuf>,
+    /// FP32 model to compare with (default: the model's -fp32 sibling when it exists).
+    #[arg(long)]
     fp32: Option<PathBuf>,
+    /// Images or folders to run (default: the shipped photos).
+    #[arg(long)]
     images: Vec<PathBuf>,
+    /// Thread counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
+    /// Engines to measure, comma-separated (default: every engine in this build).
+    #[arg(long, value_delimiter = ',')]
     engines: Vec<String>,
+    /// Timed inferences per row.
+    #[arg(long, default_value_t = 50)]
     iterations: usize,
+    /// Untimed inferences per row before timing.
+    #[arg(long, default_value_t = 5)]
     warmup: usize,
+    /// Interleaved passes over the rows; the timed runs are split between them.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// libonnxruntime.so for the onnxruntime rows (else ORT_DYLIB_PATH).
+    #[arg(long)]
     onnxruntime_library: Option<PathBuf>,
+    /// One JSON document instead of a table.
+    #[arg(long)]
     json: bool,
 }
 

@@ -86,6 +86,14 @@ impl ModelInfo {
         self.input_shape[3]
     }
 
+    /// An input of another shape is refused before it reaches an engine.
+    pub fn check_input(&self, input: &Tensor) -> anyhow::Result<()> {
+        if input.shape != self.input_shape {
+            anyhow::bail!("input tensor {:?} does not match the model's {:?}", input.shape, self.input_shape);
+        }
+        Ok(())
+    }
+
     /// `native`, `weights-only` or `float`, for tables and logs.
     pub fn precision(&self) -> &'static str {
         self.int8_mode.map_or("float", Int8Mode::as_str)

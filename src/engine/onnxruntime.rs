@@ -127,9 +127,7 @@ impl Engine for OrtEngine {
     }
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
-        if input.shape != self.info.input_shape {
-            bail!("input tensor {:?} does not match the model's {:?}", input.shape, self.info.input_shape);
-        }
+        self.info.check_input(input)?;
         let tensor =
             TensorRef::from_array_view((input.shape, input.data.as_slice())).map_err(|e| anyhow::anyhow!("{e}"))?;
         let outputs = self.session.run(ort::inputs![tensor]).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tract_onnx::prelude::*;
 
 use super::prepare::{self, PreparedModel, Rewrite};
@@ -109,9 +109,7 @@ impl Engine for TractEngine {
     }
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
-        if input.shape != self.info.input_shape {
-            bail!("input tensor {:?} does not match the model's {:?}", input.shape, self.info.input_shape);
-        }
+        self.info.check_input(input)?;
         let tensor = tract_onnx::prelude::Tensor::from_shape(&input.shape, &input.data)
             .map_err(|err| anyhow::anyhow!("{err:?}"))?;
         let outputs = self.state.run(tvec!(tensor.into_tvalue())).map_err(|err| anyhow::anyhow!("{err:?}"))?;

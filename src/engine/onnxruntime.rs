@@ -20,7 +20,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 
-use super::prepare::{self, Rewrite};
+use super::prepare::{self, EngineFacts, Rewrite};
 use super::{Engine, ModelInfo, Tensor};
 use crate::config::{ConfigError, EngineKind, ModelConfig};
 
@@ -59,28 +59,16 @@ impl OrtEngine {
             Ok(Err(err)) => return Err(engine_error(config.engine, path, err)),
             Err(_) => bail!("{}: ONNX Runtime panicked while creating the session", path.display()),
         };
-        let optimize_time = started.elapsed();
-        prepare::check_output(path, &prepared.facts.output_name, &output_shape, &prepared.metadata, require_labels)?;
-        let facts = prepared.facts;
-        let info = ModelInfo {
-            path: path.to_path_buf(),
+        let built = EngineFacts {
             engine: engine_name,
             engine_version: format!("ONNX Runtime {} ({})", runtime.version, runtime.path.display()),
             threads: config.threads,
-            input_name: facts.input_name,
-            input_shape,
-            input_type: facts.input_type,
-            output_name: facts.output_name,
             output_shape,
-            quantize_linear: facts.quantize_linear,
-            dequantize_linear: facts.dequantize_linear,
-            int8_mode: prepared.int8_mode,
-            qdq_repaired: Vec::new(),
-            activation_qdq_removed: 0,
-            metadata: prepared.metadata,
-            load_time: prepared.read_time,
-            optimize_time,
+            // The session is built from the bytes in one step: all of it counts as optimising.
+            graph_time: std::time::Duration::ZERO,
+            optimize_time: started.elapsed(),
         };
+        let info = prepared.into_info(path, built, require_labels)?;
         info.log_loaded();
         Ok(OrtEngine { info, session })
     }

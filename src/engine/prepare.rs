@@ -10,7 +10,7 @@ use anyhow::bail;
 use tract_onnx::pb;
 
 use super::onnx_graph::{self, Dim, GraphFacts};
-use super::{ModelMetadata, qdq};
+use super::{ModelInfo, ModelMetadata, qdq};
 use crate::config::{ConfigError, Int8Mode, ModelConfig};
 
 /// A model read, checked and (for tract) rewritten, ready for an engine.
@@ -91,6 +91,45 @@ pub fn prepare(config: &ModelConfig, require_labels: bool, rewrite: Rewrite) -> 
         int8_mode,
         read_time: started.elapsed(),
     })
+}
+
+/// What an engine adds to a [`PreparedModel`] once it has built the model.
+pub struct EngineFacts {
+    pub engine: &'static str,
+    pub engine_version: String,
+    pub threads: usize,
+    pub output_shape: Vec<usize>,
+    /// Engine time spent reading the graph, added to the file's read time.
+    pub graph_time: Duration,
+    pub optimize_time: Duration,
+}
+
+impl PreparedModel {
+    /// Checks the engine's output against the labels and assembles the
+    /// [`ModelInfo`] every engine reports.
+    pub fn into_info(self, path: &Path, built: EngineFacts, require_labels: bool) -> anyhow::Result<ModelInfo> {
+        check_output(path, &self.facts.output_name, &built.output_shape, &self.metadata, require_labels)?;
+        let facts = self.facts;
+        Ok(ModelInfo {
+            path: path.to_path_buf(),
+            engine: built.engine,
+            engine_version: built.engine_version,
+            threads: built.threads,
+            input_name: facts.input_name,
+            input_shape: self.input_shape,
+            input_type: facts.input_type,
+            output_name: facts.output_name,
+            output_shape: built.output_shape,
+            quantize_linear: facts.quantize_linear,
+            dequantize_linear: facts.dequantize_linear,
+            int8_mode: self.int8_mode,
+            qdq_repaired: self.qdq_repaired,
+            activation_qdq_removed: self.activation_qdq_removed,
+            metadata: self.metadata,
+            load_time: self.read_time + built.graph_time,
+            optimize_time: built.optimize_time,
+        })
+    }
 }
 
 /// Checks the output an engine reports: one row of scores, one per label.

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use tract_onnx::prelude::*;
 
-use super::prepare::{self, PreparedModel, Rewrite};
+use super::prepare::{self, EngineFacts, Rewrite};
 use super::{Engine, ModelInfo, Tensor};
 use crate::config::ModelConfig;
 
@@ -76,28 +76,15 @@ impl TractEngine {
             Ok(result) => result.map_err(|err| prepare::model_error(path, err))?,
             Err(_) => return Err(prepare::model_error(path, anyhow::anyhow!("tract panicked while loading it"))),
         };
-        let PreparedModel { facts, metadata, qdq_repaired, activation_qdq_removed, int8_mode, read_time, .. } =
-            prepared;
-        prepare::check_output(path, &facts.output_name, &output_shape, &metadata, require_labels)?;
-        let info = ModelInfo {
-            path: path.to_path_buf(),
+        let built = EngineFacts {
             engine: "tract",
             engine_version: format!("tract {}", env!("LABELCAST_TRACT_VERSION")),
             threads,
-            input_name: facts.input_name,
-            input_shape,
-            input_type: facts.input_type,
-            output_name: facts.output_name,
             output_shape,
-            quantize_linear: facts.quantize_linear,
-            dequantize_linear: facts.dequantize_linear,
-            int8_mode,
-            qdq_repaired,
-            activation_qdq_removed,
-            metadata,
-            load_time: read_time + graph_time,
+            graph_time,
             optimize_time,
         };
+        let info = prepared.into_info(path, built, require_labels)?;
         info.log_loaded();
         Ok(TractEngine { info, state })
     }

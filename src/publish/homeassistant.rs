@@ -177,39 +177,23 @@ mod tests {
             assert!(device[key].is_string(), "device.{key} in {device}");
         }
         assert!(config["origin"]["name"].is_string(), "origin.name is required by Home Assistant");
-        let allowed: &[&str] = match component {
-            "binary_sensor" => &[
-                "unique_id",
-                "name",
-                "state_topic",
-                "availability_topic",
-                "payload_available",
-                "payload_not_available",
-                "expire_after",
-                "qos",
-                "device",
-                "origin",
-                "payload_on",
-                "payload_off",
-            ],
-            _ => &[
-                "unique_id",
-                "name",
-                "state_topic",
-                "availability_topic",
-                "payload_available",
-                "payload_not_available",
-                "expire_after",
-                "qos",
-                "device",
-                "origin",
-                "value_template",
-                "unit_of_measurement",
-                "state_class",
-                "entity_category",
-                "device_class",
-            ],
+        const EVERY_ENTITY: &[&str] = &[
+            "unique_id",
+            "name",
+            "state_topic",
+            "availability_topic",
+            "payload_available",
+            "payload_not_available",
+            "expire_after",
+            "qos",
+            "device",
+            "origin",
+        ];
+        let component_options: &[&str] = match component {
+            "binary_sensor" => &["payload_on", "payload_off"],
+            _ => &["value_template", "unit_of_measurement", "state_class", "entity_category", "device_class"],
         };
+        let allowed: Vec<&str> = EVERY_ENTITY.iter().chain(component_options).copied().collect();
         for key in config.as_object().unwrap().keys() {
             assert!(allowed.contains(&key.as_str()), "{component}: {key} is not a discovery option of this component");
         }

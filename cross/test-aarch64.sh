@@ -25,6 +25,10 @@ step() { printf '\n=== aarch64: %s (%ds so far)\n' "$1" $((SECONDS - started)); 
 export PATH="$repo/.venv/bin:$PATH" RUSTC=/usr/bin/rustc
 export CARGO_TARGET_DIR=${LABELCAST_AARCH64_TARGET_DIR:-$repo/target/aarch64}
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /"
+# The v4l crate runs bindgen on <linux/videodev2.h>. cargo-zigbuild points
+# clang at zig's glibc 2.31 headers, which have no V4L2 header; Debian's
+# arm64 kernel headers (linux-libc-dev-arm64-cross) fill in after them.
+export BINDGEN_EXTRA_CLANG_ARGS="-idirafter /usr/aarch64-linux-gnu/include"
 triple=aarch64-unknown-linux-gnu
 zig_target=$triple.2.31
 profile=${LABELCAST_AARCH64_PROFILE:-release}

@@ -64,6 +64,12 @@ impl Collector for Exporter {
                 Counters::get(&c.frames_dropped),
             ),
             ("frames_failed", "Frames that could not be read, decoded or run", Counters::get(&c.frames_failed)),
+            ("source_timeouts", "Source reads that timed out", Counters::get(&c.source_timeouts)),
+            (
+                "source_reconnects",
+                "Times the source was reopened after going away",
+                Counters::get(&c.source_reconnects),
+            ),
         ] {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(metric.encode_family(&source)?)?;
@@ -89,6 +95,14 @@ impl Collector for Exporter {
             )?;
             ConstGauge::new(i64::from(connected)).encode(metric)?;
         }
+        let streaming = i64::from(self.health.source_state() == crate::service::SourceState::Streaming);
+        let mut metric = encoder.encode_descriptor(
+            "source_streaming",
+            "1 while the source is open and delivering, 0 while it is reconnecting or ended",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(streaming).encode(metric.encode_family(&source)?)?;
         let ready = i64::from(self.health.is_ready());
         ConstGauge::new(ready).encode(encoder.encode_descriptor(
             "ready",

@@ -2,9 +2,9 @@
 //!
 //! ```text
 //!  source ──Frame──▶ preprocess ──Tensor──▶ engine ──scores──▶ labels ──LabelEvent──▶ publish
-//!  (file, test       (decode, fit,           (tract; INT8         (sigmoid, thresholds,  (MQTT with retained
-//!   pattern; cameras   normalise, NCHW)        QDQ or FP32 ONNX)    hysteresis, hold)      state, or stdout)
-//!   later)
+//!  (V4L2 camera,     (decode, fit,           (tract or ONNX       (sigmoid, thresholds,  (MQTT with retained
+//!   files, test        normalise, NCHW)        Runtime; INT8 QDQ    hysteresis, hold)      state, or stdout)
+//!   pattern)                                   or FP32 ONNX)
 //!                      pipeline.rs wires the stages, owns threads and shutdown
 //! ```
 //!
@@ -21,6 +21,7 @@ pub mod http;
 pub mod labels;
 pub mod pipeline;
 pub mod preprocess;
+pub mod probe;
 pub mod publish;
 pub mod service;
 pub mod source;

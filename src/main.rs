@@ -142,6 +142,17 @@ enum Command {
         #[arg(long, hide = true)]
         row: Option<String>,
     },
+    /// List the cameras on this machine and what they offer; with --source,
+    /// grab frames from one and report the negotiated format, frame rate and
+    /// decode time.
+    Probe {
+        /// A source URI to measure, e.g. v4l2:///dev/video0?width=1280&height=720 or /dev/video0.
+        #[arg(long)]
+        source: Option<String>,
+        /// Frames to grab with --source.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(2..=10_000))]
+        frames: u32,
+    },
     /// Validate a config file (and the model it names) without running anything.
     CheckConfig {
         /// The TOML config file to check, e.g. /etc/labelcast/config.toml.
@@ -163,6 +174,7 @@ fn main() -> ExitCode {
             None => bench(args),
         },
         Command::CheckConfig { config, overrides } => check_config(config, overrides.overrides()),
+        Command::Probe { source, frames } => probe(source.as_deref(), frames),
     };
     match result {
         Ok(code) => code,
@@ -359,6 +371,14 @@ fn model_info(path: &std::path::Path, engine_args: &EngineArgs, json_out: bool) 
         info.load_time.as_secs_f64() * 1e3,
         info.optimize_time.as_secs_f64() * 1e3
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn probe(source: Option<&str>, frames: u32) -> anyhow::Result<ExitCode> {
+    match source {
+        None => print!("{}", labelcast::probe::list_devices()),
+        Some(uri) => print!("{}", labelcast::probe::measure(uri, frames)?),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -26,7 +26,7 @@ use crate::engine::{self, Engine, ModelInfo, Tensor};
 use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker};
 use crate::preprocess::Preprocessor;
 use crate::publish;
-use crate::service::{self, Health, Notifier};
+use crate::service::{self, Health, Notifier, SourceState};
 use crate::source::{self, Frame, FrameSource, SourceError};
 use crate::telemetry::{Counters, RateLimit};
 
@@ -201,8 +201,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let prepare_config = config.clone();
     let Prepared { engine, rules } =
         tokio::task::spawn_blocking(move || prepare(&prepare_config)).await.context("model loading thread")??;
-    let source = source::open(&config.source).context("opening the frame source")?;
-    tracing::info!(source = %source.describe(), device_id = %config.device_id, "source opened");
+    // A camera that is not plugged in yet is waited for; anything else
+    // wrong with the source (no such folder, not a camera) stops here.
+    let first_source = match source::open(&config.source) {
+        Ok(source) => {
+            tracing::info!(source = %source.describe(), device_id = %config.device_id, "source opened");
+            Some(source)
+        }
+        Err(SourceError::Disconnected(reason)) if config.source.is_live() => {
+            tracing::warn!(source = %config.source.describe(), reason, "source not available yet; will keep trying");
+            None
+        }
+        Err(err) => return Err(anyhow::Error::new(err).context("opening the frame source")),
+    };
 
     // Room for a burst while a sink catches up; beyond it events are dropped and counted.
     let (events_tx, events_rx) = mpsc::channel::<LabelEvent>(64);
@@ -230,12 +241,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let exporter = crate::http::Exporter {
             health: health.clone(),
             counters: counters.clone(),
-            source: source.describe(),
+            source: config.source.describe(),
             engine: engine.info().engine.to_string(),
         };
         crate::http::start(listen, exporter).await;
     }
-    let capture = spawn_capture(source, slot.clone(), stop.clone(), counters.clone(), health.clone())?;
+    let supervisor = Supervisor::new(config.source.clone(), first_source, counters.clone(), health.clone());
+    let capture = spawn_capture(supervisor, slot.clone(), stop.clone(), counters.clone(), health.clone())?;
     let inference = spawn_inference(
         engine,
         rules,
@@ -300,18 +312,160 @@ static SKIP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
 static DROP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
 static FAIL_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
 
+/// Reads timed out this many times in a row: the camera stopped sending,
+/// and closing and reopening it is the cure (a UVC camera that lost sync).
+const TIMEOUT_STREAK: u32 = 3;
+
+/// Keeps a live source open: reopens it by the same path with capped
+/// backoff when it goes away, and reports whether it is streaming.
+///
+/// A file source is opened once and ends when it ends; a camera or the test
+/// pattern is never given up on, since a camera that comes back should be
+/// used again without anyone restarting the daemon.
+pub struct Supervisor {
+    spec: source::SourceSpec,
+    source: Option<Box<dyn FrameSource>>,
+    backoff: publish::mqtt::Backoff,
+    timeouts: u32,
+    opened_before: bool,
+    counters: Arc<Counters>,
+    health: Arc<Health>,
+}
+
+/// What one step of the supervisor produced.
+enum Step {
+    Frame(Frame),
+    /// Nothing this time (a skipped frame, a timeout, a reopen pending).
+    Nothing,
+    /// Wait this long before the next attempt to open the source.
+    Retry(Duration),
+    /// The source ended (a finite source) or failed for good.
+    Ended,
+}
+
+impl Supervisor {
+    pub fn new(
+        spec: source::SourceSpec,
+        first: Option<Box<dyn FrameSource>>,
+        counters: Arc<Counters>,
+        health: Arc<Health>,
+    ) -> Self {
+        let state = if first.is_some() { SourceState::Streaming } else { SourceState::Reconnecting };
+        health.set_source_state(state);
+        Self {
+            spec,
+            opened_before: first.is_some(),
+            source: first,
+            backoff: publish::mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(10)),
+            timeouts: 0,
+            counters,
+            health,
+        }
+    }
+
+    fn frame_interval(&self) -> Option<Duration> {
+        self.source.as_ref().and_then(|s| s.frame_interval())
+    }
+
+    fn is_live(&self) -> bool {
+        self.spec.is_live()
+    }
+
+    fn step(&mut self) -> Step {
+        let Some(source) = self.source.as_mut() else { return self.reopen() };
+        match source.next_frame() {
+            Ok(Some(frame)) => {
+                self.timeouts = 0;
+                Step::Frame(frame)
+            }
+            Ok(None) if self.spec.is_live() => self.lost("the live stream ended".into()),
+            Ok(None) => {
+                tracing::info!(source = %source.describe(), "source reached its end");
+                self.health.set_source_state(SourceState::Ended);
+                Step::Ended
+            }
+            Err(SourceError::Skipped { origin, reason }) => {
+                Counters::inc(&self.counters.frames_failed);
+                if let Some(suppressed) = SKIP_WARNING.check(Instant::now()) {
+                    tracing::warn!(origin, reason, suppressed, "frame skipped");
+                }
+                Step::Nothing
+            }
+            Err(SourceError::Timeout) => {
+                self.timeouts += 1;
+                Counters::inc(&self.counters.source_timeouts);
+                if self.timeouts >= TIMEOUT_STREAK {
+                    self.lost(format!("{} reads in a row timed out", self.timeouts))
+                } else {
+                    Step::Nothing
+                }
+            }
+            Err(SourceError::Disconnected(reason)) => self.lost(reason),
+            Err(SourceError::Fatal(message)) => {
+                tracing::error!(source = %source.describe(), error = message, "source failed; no more frames");
+                self.health.set_source_state(SourceState::Ended);
+                Step::Ended
+            }
+        }
+    }
+
+    /// The source went away: close it (a camera's buffers and descriptor go
+    /// with it) and start reopening.
+    fn lost(&mut self, reason: String) -> Step {
+        let described = self.source.as_ref().map(|s| s.describe()).unwrap_or_default();
+        self.source = None;
+        self.timeouts = 0;
+        self.backoff.reset();
+        tracing::warn!(source = %described, reason, "source lost; reopening");
+        self.health.set_source_state(SourceState::Reconnecting);
+        Step::Nothing
+    }
+
+    fn reopen(&mut self) -> Step {
+        match source::open(&self.spec) {
+            Ok(source) => {
+                if self.opened_before {
+                    Counters::inc(&self.counters.source_reconnects);
+                    tracing::info!(source = %source.describe(), "source back");
+                } else {
+                    tracing::info!(source = %source.describe(), "source opened");
+                }
+                self.opened_before = true;
+                self.source = Some(source);
+                self.backoff.reset();
+                self.health.set_source_state(SourceState::Streaming);
+                Step::Nothing
+            }
+            Err(SourceError::Fatal(message)) if !self.opened_before => {
+                tracing::error!(source = %self.spec.describe(), error = message, "cannot open the source");
+                self.health.set_source_state(SourceState::Ended);
+                Step::Ended
+            }
+            Err(err) => {
+                let delay = self.backoff.next_delay();
+                if let Some(suppressed) = REOPEN_WARNING.check(Instant::now()) {
+                    tracing::warn!(source = %self.spec.describe(), error = %err, retry_ms = delay.as_millis() as u64, suppressed, "source still away");
+                }
+                Step::Retry(delay)
+            }
+        }
+    }
+}
+
+static REOPEN_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
+
 fn spawn_capture(
-    mut source: Box<dyn FrameSource>,
+    mut supervisor: Supervisor,
     slot: Arc<FrameSlot>,
     stop: Arc<StopSignal>,
     counters: Arc<Counters>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let live = source.is_live();
+    let live = supervisor.is_live();
     let thread = std::thread::Builder::new().name("capture".into()).spawn(move || {
         let mut next_due = Instant::now();
         while !stop.is_stopped() {
-            if let Some(interval) = source.frame_interval() {
+            if let Some(interval) = supervisor.frame_interval() {
                 let now = Instant::now();
                 if next_due > now && stop.sleep(next_due - now) {
                     break;
@@ -320,10 +474,10 @@ fn spawn_capture(
                 next_due = (next_due + interval).max(Instant::now());
             }
             health.capture_started();
-            let next = source.next_frame();
+            let step = supervisor.step();
             health.capture_finished();
-            match next {
-                Ok(Some(frame)) => {
+            match step {
+                Step::Frame(frame) => {
                     Counters::inc(&counters.frames_captured);
                     tracing::trace!(sequence = frame.sequence, origin = frame.origin(), "frame captured");
                     if live {
@@ -341,20 +495,13 @@ fn spawn_capture(
                         break;
                     }
                 }
-                Ok(None) => {
-                    tracing::info!(source = %source.describe(), "source reached its end");
-                    health.source_ended();
-                    slot.close(false);
-                    return;
-                }
-                Err(SourceError::Skipped { origin, reason }) => {
-                    Counters::inc(&counters.frames_failed);
-                    if let Some(suppressed) = SKIP_WARNING.check(Instant::now()) {
-                        tracing::warn!(origin, reason, suppressed, "frame skipped");
+                Step::Nothing => {}
+                Step::Retry(delay) => {
+                    if stop.sleep(delay) {
+                        break;
                     }
                 }
-                Err(SourceError::Fatal(message)) => {
-                    tracing::error!(source = %source.describe(), error = message, "source failed; no more frames");
+                Step::Ended => {
                     health.source_ended();
                     slot.close(false);
                     return;

@@ -8,7 +8,6 @@
 
 use anyhow::{Context, bail};
 use fast_image_resize as fr;
-use image::ImageDecoder;
 
 use crate::config::ResizeMode;
 use crate::engine::Tensor;
@@ -37,7 +36,8 @@ pub struct Preprocessor {
     pad: [u8; 3],
     resizer: fr::Resizer,
     rgb: Vec<u8>,
-    decoded: Vec<u8>,
+    /// An MJPEG frame with the marker for standard Huffman tables added.
+    patched: Vec<u8>,
     fitted: Vec<u8>,
     letterboxed: Vec<u8>,
 }
@@ -56,7 +56,7 @@ impl Preprocessor {
             pad,
             resizer: fr::Resizer::new(),
             rgb: Vec::new(),
-            decoded: Vec::new(),
+            patched: Vec::new(),
             fitted: vec![0; width * height * 3],
             letterboxed: Vec::new(),
         }
@@ -88,95 +88,88 @@ impl Preprocessor {
 
     /// Leaves the frame as packed RGB in `self.rgb` and returns its size.
     fn convert_to_rgb(&mut self, frame: &Frame) -> anyhow::Result<(u32, u32)> {
-        let (w, h) = (frame.width as usize, frame.height as usize);
-        if frame.format != PixelFormat::Mjpeg && (w == 0 || h == 0) {
-            bail!("frame size is {w}x{h}");
+        if frame.format == PixelFormat::Mjpeg {
+            return self.decode_jpeg(&frame.data);
         }
-        let row_bytes = match frame.format {
-            PixelFormat::Rgb8 => w * 3,
-            PixelFormat::Yuyv => w * 2,
-            PixelFormat::Gray8 | PixelFormat::Nv12 | PixelFormat::Mjpeg => w,
-        };
-        if frame.format != PixelFormat::Mjpeg && frame.stride < row_bytes {
-            bail!("stride {} is shorter than a row of {w} pixels ({row_bytes} bytes)", frame.stride);
-        }
-        let need = |bytes: usize| -> anyhow::Result<()> {
-            if frame.data.len() < bytes {
-                bail!("frame holds {} bytes; {w}x{h} with stride {} needs {bytes}", frame.data.len(), frame.stride);
-            }
-            Ok(())
-        };
-        match frame.format {
-            PixelFormat::Mjpeg => return self.decode_jpeg(&frame.data),
+        let (w, h) = (frame.width, frame.height);
+        check_layout(frame)?;
+        let (wu, hu) = (w as usize, h as usize);
+        let stride = frame.stride as u32;
+        self.rgb.resize(wu * hu * 3, 0);
+        let rgb_stride = w * 3;
+        let converted = match frame.format {
+            PixelFormat::Mjpeg => unreachable!("handled above"),
             PixelFormat::Rgb8 => {
-                need(frame.stride * (h - 1) + w * 3)?;
-                self.rgb.clear();
-                for row in frame.data.chunks(frame.stride).take(h) {
-                    self.rgb.extend_from_slice(&row[..w * 3]);
+                for (dst, src) in self.rgb.chunks_exact_mut(wu * 3).zip(frame.data.chunks(frame.stride)) {
+                    dst.copy_from_slice(&src[..wu * 3]);
                 }
+                Ok(())
             }
             PixelFormat::Gray8 => {
-                need(frame.stride * (h - 1) + w)?;
-                self.rgb.clear();
-                for row in frame.data.chunks(frame.stride).take(h) {
-                    for &y in &row[..w] {
-                        self.rgb.extend_from_slice(&[y, y, y]);
-                    }
-                }
+                // Full range: a grey camera's 0..255 is the picture's 0..255.
+                let image = yuv::YuvGrayImage { y_plane: &frame.data, y_stride: stride, width: w, height: h };
+                yuv::yuv400_to_rgb(&image, &mut self.rgb, rgb_stride, yuv::YuvRange::Full, CAMERA_MATRIX)
             }
             PixelFormat::Yuyv => {
-                if w % 2 != 0 {
-                    bail!("YUYV frame width {w} is odd");
-                }
-                need(frame.stride * (h - 1) + w * 2)?;
-                self.rgb.clear();
-                for row in frame.data.chunks(frame.stride).take(h) {
-                    for quad in row[..w * 2].chunks_exact(4) {
-                        let (y0, u, y1, v) = (quad[0], quad[1], quad[2], quad[3]);
-                        self.rgb.extend_from_slice(&yuv_to_rgb(y0, u, v));
-                        self.rgb.extend_from_slice(&yuv_to_rgb(y1, u, v));
-                    }
-                }
+                let image = yuv::YuvPackedImage { yuy: &frame.data, yuy_stride: stride, width: w, height: h };
+                yuv::yuyv422_to_rgb(&image, &mut self.rgb, rgb_stride, CAMERA_RANGE, CAMERA_MATRIX)
             }
             PixelFormat::Nv12 => {
-                if w % 2 != 0 || h % 2 != 0 {
-                    bail!("NV12 frame size {w}x{h} is odd");
-                }
-                let luma = frame.stride * h;
-                need(luma + frame.stride * (h / 2 - 1) + w)?;
-                let (y_plane, uv_plane) = frame.data.split_at(luma);
-                self.rgb.clear();
-                for row in 0..h {
-                    let y_row = &y_plane[row * frame.stride..][..w];
-                    let uv_row = &uv_plane[(row / 2) * frame.stride..][..w];
-                    for (x, &y) in y_row.iter().enumerate() {
-                        let pair = x & !1;
-                        self.rgb.extend_from_slice(&yuv_to_rgb(y, uv_row[pair], uv_row[pair + 1]));
-                    }
-                }
+                let (y_plane, uv_plane) = frame.data.split_at(frame.stride * hu);
+                let image = yuv::YuvBiPlanarImage {
+                    y_plane,
+                    y_stride: stride,
+                    uv_plane,
+                    uv_stride: stride,
+                    width: w,
+                    height: h,
+                };
+                yuv::yuv_nv12_to_rgb(
+                    &image,
+                    &mut self.rgb,
+                    rgb_stride,
+                    CAMERA_RANGE,
+                    CAMERA_MATRIX,
+                    yuv::YuvConversionMode::Balanced,
+                )
             }
-        }
-        Ok((frame.width, frame.height))
+        };
+        converted.map_err(|err| anyhow::anyhow!("converting {w}x{h} to RGB: {err}"))?;
+        Ok((w, h))
     }
 
     fn decode_jpeg(&mut self, data: &[u8]) -> anyhow::Result<(u32, u32)> {
-        let decoder =
-            image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(data)).context("corrupt JPEG header")?;
-        let (w, h) = decoder.dimensions();
-        // A corrupt header can claim any size; refuse before allocating for it.
-        if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
-            bail!("JPEG claims {w}x{h} pixels; expected 1 to {MAX_SIDE} on each side");
+        let data: &[u8] = if lacks_huffman_tables(data) {
+            // UVC cameras leave the Huffman tables out and mean the JPEG
+            // standard's (Annex K). An APP0 "AVI1" segment says exactly that
+            // (the AVI MJPEG convention), and the decoder then uses them.
+            self.patched.clear();
+            self.patched.extend_from_slice(&data[..2]);
+            self.patched.extend_from_slice(&AVI1_APP0);
+            self.patched.extend_from_slice(&data[2..]);
+            &self.patched
+        } else {
+            data
+        };
+        // A corrupt header can claim any size: the limits refuse it before
+        // anything is allocated for it.
+        let options = zune_core::options::DecoderOptions::default()
+            .set_max_width(MAX_SIDE as usize)
+            .set_max_height(MAX_SIDE as usize)
+            .jpeg_set_out_colorspace(zune_core::colorspace::ColorSpace::RGB);
+        let mut decoder = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(data), options);
+        decoder.decode_headers().map_err(|err| anyhow::anyhow!("corrupt JPEG header: {err}"))?;
+        let (w, h) = decoder.dimensions().context("JPEG without a frame header")?;
+        if w == 0 || h == 0 {
+            bail!("JPEG claims {w}x{h} pixels");
         }
-        let color = decoder.color_type();
-        self.decoded.resize(decoder.total_bytes() as usize, 0);
-        decoder.read_image(&mut self.decoded).context("corrupt JPEG data")?;
-        self.rgb.clear();
-        match color {
-            image::ColorType::Rgb8 => self.rgb.extend_from_slice(&self.decoded),
-            image::ColorType::L8 => self.decoded.iter().for_each(|&y| self.rgb.extend_from_slice(&[y, y, y])),
-            other => bail!("JPEG colour type {other:?} is not supported"),
+        let size = decoder.output_buffer_size().context("JPEG output size overflows")?;
+        self.rgb.resize(size, 0);
+        decoder.decode_into(&mut self.rgb).map_err(|err| anyhow::anyhow!("corrupt JPEG data: {err}"))?;
+        if size != w * h * 3 {
+            bail!("JPEG decoded to {size} bytes, expected {w}x{h} RGB");
         }
-        Ok((w, h))
+        Ok((w as u32, h as u32))
     }
 
     /// Resizes `self.rgb` (w x h) into `self.fitted` (the model's size).
@@ -233,13 +226,67 @@ impl Preprocessor {
     }
 }
 
-/// BT.601 limited-range YCbCr to RGB, the colour space UVC webcams send.
-fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
-    let c = (y as i32 - 16).max(0) * 298;
-    let d = u as i32 - 128;
-    let e = v as i32 - 128;
-    let clamp = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
-    [clamp(c + 409 * e), clamp(c - 100 * d - 208 * e), clamp(c + 516 * d)]
+/// UVC webcams send BT.601 limited-range YCbCr (the UVC default colour
+/// space); CSI sensors through the ISP do the same.
+const CAMERA_RANGE: yuv::YuvRange = yuv::YuvRange::Limited;
+const CAMERA_MATRIX: yuv::YuvStandardMatrix = yuv::YuvStandardMatrix::Bt601;
+
+/// APP0 segment "AVI1": marker, length 7 (itself included), the tag.
+const AVI1_APP0: [u8; 9] = [0xFF, 0xE0, 0x00, 0x07, b'A', b'V', b'I', b'1', 0x00];
+
+/// True for a JPEG with no DHT segment before its first scan (what UVC
+/// cameras send). Walks the segment headers only; a malformed stream is
+/// left for the decoder to reject.
+fn lacks_huffman_tables(jpeg: &[u8]) -> bool {
+    if !jpeg.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut at = 2;
+    while at + 4 <= jpeg.len() {
+        if jpeg[at] != 0xFF {
+            return false;
+        }
+        match jpeg[at + 1] {
+            0xC4 => return false,
+            0xDA => return true,
+            // Fill bytes before a marker.
+            0xFF => at += 1,
+            _ => at += 2 + u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]) as usize,
+        }
+    }
+    false
+}
+
+/// Checks that a raw frame's size, stride and byte count agree, so the
+/// converters never read past the buffer or misread rows.
+fn check_layout(frame: &Frame) -> anyhow::Result<()> {
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    if w == 0 || h == 0 || frame.width > MAX_SIDE || frame.height > MAX_SIDE {
+        bail!("frame size is {w}x{h}; expected 1 to {MAX_SIDE} on each side");
+    }
+    let row_bytes = match frame.format {
+        PixelFormat::Rgb8 => w * 3,
+        PixelFormat::Yuyv => w * 2,
+        PixelFormat::Gray8 | PixelFormat::Nv12 | PixelFormat::Mjpeg => w,
+    };
+    if frame.stride < row_bytes {
+        bail!("stride {} is shorter than a row of {w} pixels ({row_bytes} bytes)", frame.stride);
+    }
+    if frame.format == PixelFormat::Yuyv && w % 2 != 0 {
+        bail!("YUYV frame width {w} is odd");
+    }
+    if frame.format == PixelFormat::Nv12 && (w % 2 != 0 || h % 2 != 0) {
+        bail!("NV12 frame size {w}x{h} is odd");
+    }
+    // The converters take whole strides, the last row included.
+    let needed = match frame.format {
+        PixelFormat::Nv12 => frame.stride * (h + h / 2),
+        _ => frame.stride * h,
+    };
+    if frame.data.len() < needed {
+        bail!("frame holds {} bytes; {w}x{h} with stride {} needs {needed}", frame.data.len(), frame.stride);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -315,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn yuyv_grey_and_nv12_decode_to_the_colours_they_encode() {
+    fn pure_red_in_yuyv_and_nv12_and_mid_grey_decode_to_their_colours() {
         let mut p = identity(2, ResizeMode::Stretch);
         let mut t = p.new_tensor();
         // Pure red in BT.601 limited range: Y=81, U=90, V=240.
@@ -327,6 +374,95 @@ mod tests {
         nv12.extend_from_slice(&[90, 240]);
         p.run(&frame(PixelFormat::Nv12, 2, 2, 2, nv12), &mut t).unwrap();
         assert!(t.data[..4].iter().all(|v| *v > 250.0));
+    }
+
+    /// A smooth picture (gradients, no sharp edges) so chroma subsampling
+    /// loses nothing visible and a decode can be compared pixel by pixel.
+    fn gradient(w: u32, h: u32) -> Vec<u8> {
+        (0..h)
+            .flat_map(|y| (0..w).flat_map(move |x| [(x * 255 / w) as u8, (y * 255 / h) as u8, 128 + (x + y) as u8 / 8]))
+            .collect()
+    }
+
+    /// The largest per-channel difference between `rgb` and what the
+    /// preprocessor's converter made of `frame`.
+    fn worst_difference(frame: &Frame, rgb: &[u8], gray: bool) -> u8 {
+        let mut p = identity(4, ResizeMode::Stretch);
+        let (w, h) = p.convert_to_rgb(frame).unwrap();
+        assert_eq!((w as usize) * (h as usize) * 3, rgb.len());
+        p.rgb
+            .chunks_exact(3)
+            .zip(rgb.chunks_exact(3))
+            .map(|(got, want)| {
+                let want = if gray {
+                    let l = crate::source::encode(want, 1, 1, PixelFormat::Gray8).0[0];
+                    [l, l, l]
+                } else {
+                    [want[0], want[1], want[2]]
+                };
+                (0..3).map(|c| got[c].abs_diff(want[c])).max().unwrap()
+            })
+            .max()
+            .unwrap()
+    }
+
+    #[test]
+    fn yuyv_nv12_grey_and_mjpeg_frames_decode_to_the_picture_they_encode() {
+        let (w, h) = (64, 48);
+        let rgb = gradient(w, h);
+        // Chroma is shared by 2 (YUYV) or 4 (NV12) pixels and the SIMD
+        // converters round in fixed point: a few levels of 255 either way.
+        // A wrong range or matrix would be off by 20 or more.
+        for (format, tolerance) in
+            [(PixelFormat::Yuyv, 6), (PixelFormat::Nv12, 6), (PixelFormat::Gray8, 1), (PixelFormat::Mjpeg, 6)]
+        {
+            let (data, stride) = crate::source::encode(&rgb, w, h, format);
+            let (fw, fh) = if format == PixelFormat::Mjpeg { (0, 0) } else { (w, h) };
+            let worst = worst_difference(&frame(format, fw, fh, stride, data), &rgb, format == PixelFormat::Gray8);
+            assert!(worst <= tolerance, "{}: off by up to {worst} (tolerance {tolerance})", format.as_str());
+        }
+    }
+
+    #[test]
+    fn padded_rows_from_a_driver_stride_are_skipped() {
+        let (w, h) = (32, 16);
+        let rgb = gradient(w, h);
+        let (yuyv, stride) = crate::source::encode(&rgb, w, h, PixelFormat::Yuyv);
+        // A driver that aligns rows to 128 bytes: 64 bytes of picture, 64 of padding.
+        let padded: Vec<u8> = yuyv.chunks_exact(stride).flat_map(|row| row.iter().copied().chain([0xAA; 64])).collect();
+        let worst = worst_difference(&frame(PixelFormat::Yuyv, w, h, stride + 64, padded), &rgb, false);
+        assert!(worst <= 6, "off by up to {worst}");
+    }
+
+    #[test]
+    fn an_mjpeg_frame_without_huffman_tables_decodes_with_the_standard_ones() {
+        // UVC cameras leave out the DHT segment and rely on the tables of
+        // the JPEG standard (Annex K), which the encoder here also uses.
+        let rgb = gradient(64, 48);
+        let (jpeg, _) = crate::source::encode(&rgb, 64, 48, PixelFormat::Mjpeg);
+        // Walk the segments after SOI: marker (2 bytes), length (2, counting itself).
+        let mut stripped = jpeg[..2].to_vec();
+        let mut i = 2;
+        let mut removed = 0;
+        while i + 4 <= jpeg.len() {
+            let marker = jpeg[i + 1];
+            if marker == 0xDA {
+                stripped.extend_from_slice(&jpeg[i..]);
+                break;
+            }
+            let length = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
+            if marker == 0xC4 {
+                removed += 1;
+            } else {
+                stripped.extend_from_slice(&jpeg[i..i + 2 + length]);
+            }
+            i += 2 + length;
+        }
+        assert!(removed > 0, "the test JPEG had Huffman tables to remove");
+        assert!(lacks_huffman_tables(&stripped) && !lacks_huffman_tables(&jpeg));
+        let with_tables = worst_difference(&frame(PixelFormat::Mjpeg, 0, 0, 0, jpeg), &rgb, false);
+        let without = worst_difference(&frame(PixelFormat::Mjpeg, 0, 0, 0, stripped), &rgb, false);
+        assert_eq!(with_tables, without, "same pixels with and without the DHT segment");
     }
 
     #[test]
@@ -358,7 +494,8 @@ mod tests {
         let mut p = identity(4, ResizeMode::Stretch);
         let mut t = p.new_tensor();
         let err = p.run(&frame(PixelFormat::Mjpeg, 0, 0, 0, jpeg), &mut t).unwrap_err();
-        assert!(format!("{err:#}").contains("65000x65000"), "{err:#}");
+        let message = format!("{err:#}");
+        assert!(message.contains("65000") && message.contains("16384"), "{message}");
     }
 
     #[test]

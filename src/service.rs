@@ -33,10 +33,31 @@ pub struct Health {
     mqtt_used: AtomicBool,
     mqtt_down_since: AtomicU64,
     source_ended: AtomicBool,
+    /// Streaming / reconnecting / ended; the MQTT sink publishes changes.
+    source_state: tokio::sync::watch::Sender<SourceState>,
     /// Inference latency in seconds, for `/metrics`.
     pub inference_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Current label states, for `/metrics`.
     labels: std::sync::OnceLock<Vec<(Arc<str>, AtomicBool)>>,
+}
+
+/// Whether frames are coming, as published on `<prefix>/source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceState {
+    Streaming,
+    Reconnecting,
+    /// A finite source ran out, or the source failed for good.
+    Ended,
+}
+
+impl SourceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Streaming => "streaming",
+            Self::Reconnecting => "reconnecting",
+            Self::Ended => "ended",
+        }
+    }
 }
 
 /// What `/healthz` answers.
@@ -59,6 +80,7 @@ impl Health {
             mqtt_used: AtomicBool::new(false),
             mqtt_down_since: AtomicU64::new(1),
             source_ended: AtomicBool::new(false),
+            source_state: tokio::sync::watch::Sender::new(SourceState::Streaming),
             inference_seconds: prometheus_client::metrics::histogram::Histogram::new([
                 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
             ]),
@@ -108,6 +130,16 @@ impl Health {
             self.last_frame_at.store(self.stamp(Instant::now()), Ordering::Relaxed);
         }
     }
+    pub fn set_source_state(&self, state: SourceState) {
+        self.source_state.send_if_modified(|current| std::mem::replace(current, state) != state);
+    }
+    pub fn source_state(&self) -> SourceState {
+        *self.source_state.borrow()
+    }
+    /// Wakes on every change of the source state.
+    pub fn watch_source_state(&self) -> tokio::sync::watch::Receiver<SourceState> {
+        self.source_state.subscribe()
+    }
     pub fn source_ended(&self) {
         self.source_ended.store(true, Ordering::Relaxed);
     }
@@ -148,7 +180,12 @@ impl Health {
         }
         let last_frame = self.age(self.last_frame_at.load(Ordering::Relaxed), now).unwrap_or_default();
         if last_frame > self.stall_timeout && !self.source_ended.load(Ordering::Relaxed) {
-            return Verdict::Unhealthy(format!("no frame classified for {:.0} s", last_frame.as_secs_f64()));
+            let why = if self.source_state() == SourceState::Reconnecting {
+                "; the source is away, reconnecting"
+            } else {
+                ""
+            };
+            return Verdict::Unhealthy(format!("no frame classified for {:.0} s{why}", last_frame.as_secs_f64()));
         }
         if self.mqtt_used.load(Ordering::Relaxed) && !self.mqtt_connected.load(Ordering::Relaxed) {
             let down = self.age(self.mqtt_down_since.load(Ordering::Relaxed), now).unwrap_or_default();

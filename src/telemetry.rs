@@ -28,6 +28,9 @@ pub struct Counters {
     pub frames_dropped: AtomicU64,
     /// Frames that could not be read, decoded or run.
     pub frames_failed: AtomicU64,
+    /// Reads that timed out, and times the source was reopened after going away.
+    pub source_timeouts: AtomicU64,
+    pub source_reconnects: AtomicU64,
     pub inferences: AtomicU64,
     pub labels_published: AtomicU64,
     /// `labels` messages not sent because the broker was away or the queue full.
@@ -77,6 +80,7 @@ impl Counters {
             "frames_captured": Self::get(&self.frames_captured),
             "frames_dropped": Self::get(&self.frames_dropped),
             "frames_failed": Self::get(&self.frames_failed),
+            "source_reconnects": Self::get(&self.source_reconnects),
             "inferences": inferences,
             "inference_ms_mean": (mean_ms * 100.0).round() / 100.0,
             "fps": if uptime.as_secs_f64() > 0.0 { ((inferences as f64 / uptime.as_secs_f64()) * 100.0).round() / 100.0 } else { 0.0 },

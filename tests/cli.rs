@@ -282,3 +282,57 @@ fn bench_measures_every_engine_row_and_reports_ratios_against_the_first() {
         assert!(row["max_score_diff"].as_f64().unwrap() < 0.1, "INT8 stays close to FP32: {row}");
     }
 }
+
+#[test]
+fn probe_lists_the_video_devices_or_says_there_are_none() {
+    let out = run_to_end(&mut labelcast(&["probe"]));
+    assert!(out.status.success(), "{}", out.stderr);
+    let has_nodes =
+        std::fs::read_dir("/dev").unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("video"));
+    if has_nodes {
+        assert!(out.stdout.contains("/dev/video"), "{}", out.stdout);
+    } else {
+        assert!(out.stdout.starts_with("no video devices found"), "{}", out.stdout);
+    }
+}
+
+#[test]
+fn probe_with_a_source_reports_the_format_rate_and_decode_time_it_measured() {
+    for format in ["yuyv", "nv12", "grey", "mjpg"] {
+        let uri = format!("test://pattern?width=320&height=240&fps=50&format={format}");
+        let out = run_to_end(&mut labelcast(&["probe", "--source", &uri, "--frames", "10"]));
+        assert!(out.status.success(), "{format}: {}", out.stderr);
+        assert!(out.stdout.contains(&format!("frames:   10 {format}")), "{}", out.stdout);
+        let rate: f64 = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("rate:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches(" fps")
+            .parse()
+            .unwrap();
+        assert!(rate > 0.0, "{}", out.stdout);
+        assert!(out.stdout.contains("decode:"), "{}", out.stdout);
+    }
+}
+
+#[test]
+fn probe_of_a_missing_camera_names_the_device_and_fails() {
+    let out = run_to_end(&mut labelcast(&["probe", "--source", "/dev/video-labelcast-none"]));
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("/dev/video-labelcast-none") && out.stderr.contains("not plugged in"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_gstreamer_source_in_a_build_without_it_says_which_feature_to_enable() {
+    let out =
+        run_to_end(&mut labelcast(&["run", "--source", "rtsp://admin:hunter2@10.0.0.9/stream", "--output", "stdout"]));
+    assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
+    assert!(out.stderr.contains("--features gstreamer"), "{}", out.stderr);
+    assert!(!out.stderr.contains("hunter2"), "credentials never reach the log: {}", out.stderr);
+}

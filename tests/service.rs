@@ -54,16 +54,6 @@ impl NotifySocket {
     }
 }
 
-fn metrics_port(daemon: &Daemon) -> u16 {
-    daemon.wait_for_log("serving /metrics and /healthz", Duration::from_secs(60));
-    let log = daemon.log();
-    let line = log.lines().find(|l| l.contains("serving /metrics")).unwrap();
-    line.rsplit(':')
-        .next()
-        .and_then(|p| p.trim().trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line}"))
-}
-
 #[test]
 fn systemd_hears_ready_then_watchdog_and_the_watchdog_stops_when_the_source_hangs() {
     let notify = NotifySocket::bind();

@@ -21,7 +21,7 @@ use super::payload::{self, Topics};
 use crate::config::{BrokerChoice, MqttConfig, TlsConfig};
 use crate::engine::ModelInfo;
 use crate::labels::{LabelEvent, LabelRule};
-use crate::service::Health;
+use crate::service::{Health, SourceState};
 use crate::telemetry::{Counters, RateLimit};
 
 /// Capped exponential backoff with "equal jitter": each wait is between half
@@ -153,7 +153,9 @@ impl Sink {
             connected: false,
             drop_warning: RateLimit::new(Duration::from_secs(30)),
             discovery,
+            source_state: health.source_state(),
         };
+        let mut source_rx = health.watch_source_state();
         let mut link_rx = link_rx;
         let mut stats_tick = tokio::time::interval(config.stats_interval);
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -176,6 +178,10 @@ impl Sink {
                     if link.connected {
                         publisher.on_connect();
                     }
+                }
+                Ok(()) = source_rx.changed() => {
+                    publisher.source_state = *source_rx.borrow_and_update();
+                    publisher.publish_source();
                 }
                 Some(message) = incoming_rx.recv() => {
                     if publisher.on_message(&message) {
@@ -224,6 +230,7 @@ struct Publisher {
     connected: bool,
     drop_warning: RateLimit,
     discovery: Option<Discovery>,
+    source_state: SourceState,
 }
 
 impl Publisher {
@@ -248,6 +255,7 @@ impl Publisher {
             }
         }
         self.send(self.topics.available(), true, "online".into());
+        self.publish_source();
         self.publish_states();
         self.publish_stats();
     }
@@ -267,6 +275,12 @@ impl Publisher {
             }
         }
         false
+    }
+
+    fn publish_source(&self) {
+        if self.connected {
+            self.send(self.topics.source(), true, self.source_state.as_str().into());
+        }
     }
 
     fn publish_states(&self) {

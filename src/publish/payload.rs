@@ -33,6 +33,10 @@ impl Topics {
     pub fn stats(&self) -> String {
         format!("{}/stats", self.prefix)
     }
+    /// `streaming` / `reconnecting` / `ended`, retained.
+    pub fn source(&self) -> String {
+        format!("{}/source", self.prefix)
+    }
 }
 
 pub fn on_off(on: bool) -> &'static str {

@@ -8,14 +8,16 @@
 //! stays cheap and a slow model drops stale frames instead of decoding them.
 
 mod file;
+pub mod negotiate;
 mod pattern;
+pub mod v4l2;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use file::{FileSource, read_frame};
-pub use pattern::TestPattern;
+pub use pattern::{PatternFaults, TestPattern, encode};
 
 /// How the bytes of a [`Frame`] are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +35,18 @@ pub enum PixelFormat {
 }
 
 impl PixelFormat {
+    /// Parses the names V4L2 tools use (`mjpg`, `yuyv`, `nv12`, `grey`, `rgb`).
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "rgb" | "rgb8" | "rgb3" => Self::Rgb8,
+            "grey" | "gray" | "y8" => Self::Gray8,
+            "yuyv" | "yuy2" => Self::Yuyv,
+            "nv12" => Self::Nv12,
+            "mjpg" | "mjpeg" | "jpeg" => Self::Mjpeg,
+            _ => return None,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Rgb8 => "rgb8",
@@ -77,7 +91,17 @@ pub enum SourceError {
     /// next one may be fine.
     #[error("skipped {origin}: {reason}")]
     Skipped { origin: String, reason: String },
-    /// The source is gone (device unplugged, folder deleted) and cannot go on.
+    /// No frame arrived within the read timeout. One is a hiccup; a streak
+    /// means the camera stopped sending, and the supervisor reopens it.
+    #[error("no frame within the read timeout")]
+    Timeout,
+    /// The device went away (unplugged: ENODEV; a USB error: EIO; a live
+    /// stream ended) or is not there yet. The supervisor closes it and
+    /// reopens it, with backoff, by the same path.
+    #[error("{0}")]
+    Disconnected(String),
+    /// The source cannot go on and reopening would not help (a folder
+    /// deleted, a node that is not a camera, a format nothing can convert).
     #[error("{0}")]
     Fatal(String),
 }
@@ -102,24 +126,24 @@ pub trait FrameSource: Send {
 pub enum SourceSpec {
     /// `file:///path` to one image or a folder of images (name order).
     File { path: PathBuf, fps: f64, looping: bool },
-    /// `test://pattern`: a deterministic moving test picture.
-    TestPattern {
-        width: u32,
-        height: u32,
-        fps: f64,
-        frames: Option<u64>,
-        /// After this many frames the source blocks like a hung camera
-        /// driver (to test the watchdog and `/healthz`).
-        hang_after: Option<u64>,
-    },
+    /// `test://pattern`: a deterministic moving test picture, optionally in a
+    /// camera's pixel format and with scripted camera faults.
+    TestPattern { width: u32, height: u32, fps: f64, frames: Option<u64>, format: PixelFormat, faults: PatternFaults },
+    /// `v4l2:///dev/video0?width=&height=&fps=&format=` (or a
+    /// `/dev/v4l/by-id/...` path): a V4L2 capture device.
+    V4l2 { device: PathBuf, request: negotiate::Request, timeout: Duration },
 }
 
 impl SourceSpec {
     /// Parses a source URI; the error says what is wrong and what is accepted.
     pub fn parse(uri: &str) -> Result<SourceSpec, String> {
-        let (scheme, rest) = uri
-            .split_once("://")
-            .ok_or_else(|| format!("expected a URI like file:///path or test://pattern, got {uri:?}"))?;
+        // A bare device path is shorthand for v4l2://<path>.
+        if uri.starts_with("/dev/") {
+            return Self::parse(&format!("v4l2://{uri}"));
+        }
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| {
+            format!("expected a URI like v4l2:///dev/video0, file:///path or test://pattern, got {uri:?}")
+        })?;
         let (target, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut params = QueryParams::parse(query)?;
         let spec = match scheme {
@@ -143,30 +167,76 @@ impl SourceSpec {
                 }
                 let fps = params.take_f64("fps", 10.0)?;
                 let frames = params.take_opt_u64("frames")?;
-                let hang_after = params.take_opt_u64("hang_after")?;
-                SourceSpec::TestPattern { width, height, fps, frames, hang_after }
+                let format = params.take_format()?.unwrap_or(PixelFormat::Rgb8);
+                let faults = PatternFaults {
+                    hang_after: params.take_opt_u64("hang_after")?,
+                    disconnect_after: params.take_opt_u64("disconnect_after")?,
+                    offline: Duration::from_millis(params.take_opt_u64("offline_ms")?.unwrap_or(0)),
+                    stall_after: params.take_opt_u64("stall_after")?,
+                    corrupt_every: params.take_opt_u64("corrupt_every")?,
+                };
+                SourceSpec::TestPattern { width, height, fps, frames, format, faults }
             }
-            "v4l2" | "csi" | "rtsp" | "gst" => {
+            "v4l2" => {
+                if !target.starts_with('/') {
+                    return Err(format!("expected a device path like v4l2:///dev/video0, got {uri:?}"));
+                }
+                let device = PathBuf::from(percent_decode(target)?);
+                let request = negotiate::Request {
+                    width: params.take_opt_u32("width")?,
+                    height: params.take_opt_u32("height")?,
+                    fps: params.take_opt_f64("fps")?,
+                    format: params.take_format()?,
+                };
+                let timeout_ms = params.take_opt_u64("timeout_ms")?.unwrap_or(2000);
+                if !(50..=60_000).contains(&timeout_ms) {
+                    return Err(format!("timeout_ms must be 50 to 60000, got {timeout_ms}"));
+                }
+                SourceSpec::V4l2 { device, request, timeout: Duration::from_millis(timeout_ms) }
+            }
+            "csi" | "rtsp" | "gst" => {
                 return Err(format!(
-                    "{scheme}:// sources are not part of this build yet; use file:// or test://pattern"
+                    "{scheme}:// sources go through GStreamer, which this build leaves out; \
+                     rebuild with `cargo build --release --features gstreamer`"
                 ));
             }
             other => {
-                return Err(format!("unknown source scheme {other:?}: expected file:// or test://pattern"));
+                return Err(format!("unknown source scheme {other:?}: expected v4l2://, file:// or test://pattern"));
             }
         };
         params.finish()?;
         Ok(spec)
     }
+
+    /// True for sources that deliver frames as they happen (cameras, the
+    /// pattern): they are reopened when they go away, not ended.
+    pub fn is_live(&self) -> bool {
+        !matches!(self, SourceSpec::File { .. })
+    }
+
+    /// The source for logs and metric labels (never credentials).
+    pub fn describe(&self) -> String {
+        match self {
+            SourceSpec::File { path, .. } => format!("file://{}", path.display()),
+            SourceSpec::TestPattern { width, height, format, .. } => {
+                format!("test://pattern ({width}x{height} {})", format.as_str())
+            }
+            SourceSpec::V4l2 { device, .. } => format!("v4l2://{}", device.display()),
+        }
+    }
 }
 
-/// Opens the source a spec names.
-pub fn open(spec: &SourceSpec) -> anyhow::Result<Box<dyn FrameSource>> {
+/// Opens the source a spec names. A camera that is not there (yet) is
+/// [`SourceError::Disconnected`]: worth trying again.
+pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, SourceError> {
     Ok(match spec {
-        SourceSpec::File { path, fps, looping } => Box::new(FileSource::open(path, *fps, *looping)?),
-        SourceSpec::TestPattern { width, height, fps, frames, hang_after } => {
-            Box::new(TestPattern::new(*width, *height, *fps, *frames).hanging_after(*hang_after))
+        SourceSpec::File { path, fps, looping } => {
+            Box::new(FileSource::open(path, *fps, *looping).map_err(|err| SourceError::Fatal(format!("{err:#}")))?)
         }
+        SourceSpec::TestPattern { width, height, fps, frames, format, faults } => {
+            Box::new(TestPattern::open(*width, *height, *fps, *frames, *format, faults.clone())?)
+        }
+        SourceSpec::V4l2 { device, request, timeout } => Box::new(v4l2::V4l2Source::open(device, request, *timeout)?),
     })
 }
 
@@ -208,6 +278,23 @@ impl QueryParams {
             None => Ok(default),
             Some(v) => v.parse().map_err(|_| format!("{key}: expected a whole number, got {v:?}")),
         }
+    }
+
+    fn take_opt_u32(&mut self, key: &str) -> Result<Option<u32>, String> {
+        self.take(key).map(|v| v.parse().map_err(|_| format!("{key}: expected a whole number, got {v:?}"))).transpose()
+    }
+
+    fn take_opt_f64(&mut self, key: &str) -> Result<Option<f64>, String> {
+        if self.0.iter().any(|(k, _)| k == key) { self.take_f64(key, 0.0).map(Some) } else { Ok(None) }
+    }
+
+    fn take_format(&mut self) -> Result<Option<PixelFormat>, String> {
+        self.take("format")
+            .map(|v| {
+                PixelFormat::parse(&v)
+                    .ok_or_else(|| format!("format: expected mjpg, yuyv, nv12, grey or rgb, got {v:?}"))
+            })
+            .transpose()
     }
 
     fn take_opt_u64(&mut self, key: &str) -> Result<Option<u64>, String> {
@@ -277,8 +364,36 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_path_is_not_a_uri() {
-        assert!(SourceSpec::parse("/dev/video0").unwrap_err().contains("expected a URI"));
+    fn a_bare_path_is_not_a_uri_but_a_bare_device_is_a_camera() {
+        assert!(SourceSpec::parse("/data/photos").unwrap_err().contains("expected a URI"));
+        let SourceSpec::V4l2 { device, request, timeout } = SourceSpec::parse("/dev/video0").unwrap() else {
+            panic!("a device path is a V4L2 source")
+        };
+        assert_eq!(device, PathBuf::from("/dev/video0"));
+        assert_eq!(request, negotiate::Request::default());
+        assert_eq!(timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_v4l2_uri_carries_the_requested_mode() {
+        let uri = "v4l2:///dev/v4l/by-id/usb-Cam-video-index0?width=1280&height=720&fps=30&format=MJPG";
+        let SourceSpec::V4l2 { device, request, .. } = SourceSpec::parse(uri).unwrap() else { panic!("v4l2") };
+        assert_eq!(device, PathBuf::from("/dev/v4l/by-id/usb-Cam-video-index0"));
+        let expected = negotiate::Request {
+            width: Some(1280),
+            height: Some(720),
+            fps: Some(30.0),
+            format: Some(PixelFormat::Mjpeg),
+        };
+        assert_eq!(request, expected);
+        assert!(SourceSpec::parse("v4l2:///dev/video0?format=h264").unwrap_err().contains("mjpg, yuyv"));
+    }
+
+    #[test]
+    fn gstreamer_schemes_say_which_feature_to_build() {
+        let err = SourceSpec::parse("rtsp://user:secret@cam/stream").unwrap_err();
+        assert!(err.contains("--features gstreamer"), "{err}");
+        assert!(!err.contains("secret"), "credentials stay out of messages: {err}");
     }
 
     #[test]

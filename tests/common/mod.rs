@@ -343,3 +343,14 @@ pub fn publish_retained(port: u16, topic: &str, payload: &str) {
     }
     let _ = client.disconnect();
 }
+
+/// The port the daemon serves /metrics on (tests ask for port 0).
+pub fn metrics_port(daemon: &Daemon) -> u16 {
+    daemon.wait_for_log("serving /metrics and /healthz", Duration::from_secs(60));
+    let log = daemon.log();
+    let line = log.lines().find(|l| l.contains("serving /metrics")).unwrap();
+    line.rsplit(':')
+        .next()
+        .and_then(|p| p.trim().trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line}"))
+}

@@ -1,5 +1,5 @@
 //! Per-stage benchmarks, so a regression shows up in the stage where it
-//! happened: JPEG frame -> tensor (decode + fit + normalise) and RGB frame ->
+//! happened: each camera pixel format -> RGB, JPEG frame -> tensor (decode + fit + normalise) and RGB frame ->
 //! tensor (fit + normalise) at 640x480 and 1280x720, inference on each engine
 //! and INT8 mode in the build, and scores -> label states -> JSON payload.
 //! Criterion prints each stage's time; within a group the first function is
@@ -130,5 +130,37 @@ fn postprocessing(c: &mut Criterion) {
     });
 }
 
-criterion_group!(stages, preprocessing, inference, postprocessing);
+/// Camera pixel format -> packed RGB alone (the step the capture formats
+/// differ in), per frame, with the throughput in pixels: criterion's
+/// `Melem/s` is pixels per microsecond, so ns/pixel = 1000 / Melem/s. The
+/// RGB row (a row-by-row copy) is the floor the others are read against.
+fn conversion(c: &mut Criterion) {
+    let mut pre = Preprocessor::new(224, 224, [0.0; 3], [1.0; 3], labelcast::config::ResizeMode::CenterCrop);
+    let mut group = c.benchmark_group("convert to rgb");
+    for (w, h) in [(640u32, 480u32), (1280, 720)] {
+        let (rgb, _) = camera_frames(w, h);
+        group.throughput(criterion::Throughput::Elements(u64::from(w * h)));
+        for format in [PixelFormat::Rgb8, PixelFormat::Yuyv, PixelFormat::Nv12, PixelFormat::Gray8, PixelFormat::Mjpeg]
+        {
+            let (data, stride) = labelcast::source::encode(&rgb.data, w, h, format);
+            let mjpeg = format == PixelFormat::Mjpeg;
+            let frame = Frame {
+                format,
+                width: if mjpeg { 0 } else { w },
+                height: if mjpeg { 0 } else { h },
+                stride,
+                data,
+                sequence: 0,
+                captured_at: SystemTime::now(),
+                origin: None,
+            };
+            group.bench_function(format!("{} {w}x{h}", format.as_str()), |b| {
+                b.iter(|| pre.convert(black_box(&frame)).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(stages, preprocessing, conversion, inference, postprocessing);
 criterion_main!(stages);

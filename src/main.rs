@@ -394,11 +394,11 @@ fn check_config(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode>
         },
     };
     println!(
-        "{}: OK (model {}, {} labels; source {:?}; output {output})",
+        "{}: OK (model {}, {} labels; source {}; output {output})",
         path.display(),
         info.path.display(),
         info.metadata.labels.len(),
-        config.source
+        config.source.describe()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -291,6 +291,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         Ok(Err(err)) => return Err(anyhow::anyhow!("sink task failed: {err}")),
         Err(_) => tracing::warn!("sink did not stop within 10 s"),
     }
+    // The embedded broker lives in this process: give it a moment to pass
+    // the last messages (`offline`, final stats) on to its subscribers
+    // before the process, and the broker with it, goes away.
+    if let OutputConfig::Mqtt(mqtt) = &config.output
+        && matches!(mqtt.broker, crate::config::BrokerChoice::Embedded { .. })
+    {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     tracing::info!(stats = %counters.snapshot(started.elapsed()), "labelcast stopped");
     Ok(())
 }
@@ -327,6 +335,8 @@ pub struct Supervisor {
     source: Option<Box<dyn FrameSource>>,
     backoff: publish::mqtt::Backoff,
     timeouts: u32,
+    /// A frame arrived since the source was (re)opened.
+    delivered: bool,
     opened_before: bool,
     counters: Arc<Counters>,
     health: Arc<Health>,
@@ -358,6 +368,7 @@ impl Supervisor {
             source: first,
             backoff: publish::mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(10)),
             timeouts: 0,
+            delivered: false,
             counters,
             health,
         }
@@ -376,6 +387,10 @@ impl Supervisor {
         match source.next_frame() {
             Ok(Some(frame)) => {
                 self.timeouts = 0;
+                if !self.delivered {
+                    self.delivered = true;
+                    self.backoff.reset();
+                }
                 Step::Frame(frame)
             }
             Ok(None) if self.spec.is_live() => self.lost("the live stream ended".into()),
@@ -410,15 +425,17 @@ impl Supervisor {
     }
 
     /// The source went away: close it (a camera's buffers and descriptor go
-    /// with it) and start reopening.
+    /// with it) and start reopening: at once after a source that streamed,
+    /// after the backoff delay when it failed before its first frame (an RTSP
+    /// camera that accepts connections but sends nothing must not be
+    /// reconnected in a tight loop).
     fn lost(&mut self, reason: String) -> Step {
         let described = self.source.as_ref().map(|s| s.describe()).unwrap_or_default();
         self.source = None;
         self.timeouts = 0;
-        self.backoff.reset();
         tracing::warn!(source = %described, reason, "source lost; reopening");
         self.health.set_source_state(SourceState::Reconnecting);
-        Step::Nothing
+        if std::mem::take(&mut self.delivered) { Step::Nothing } else { Step::Retry(self.backoff.next_delay()) }
     }
 
     fn reopen(&mut self) -> Step {
@@ -432,7 +449,7 @@ impl Supervisor {
                 }
                 self.opened_before = true;
                 self.source = Some(source);
-                self.backoff.reset();
+                self.delivered = false;
                 self.health.set_source_state(SourceState::Streaming);
                 Step::Nothing
             }
@@ -604,6 +621,40 @@ mod tests {
             captured_at: SystemTime::now(),
             origin: None,
         }
+    }
+
+    fn supervisor(uri: &str) -> Supervisor {
+        let spec = source::SourceSpec::parse(uri).unwrap();
+        Supervisor::new(spec, None, Arc::new(Counters::default()), Arc::new(Health::new(Duration::from_secs(30))))
+    }
+
+    #[test]
+    fn a_source_that_fails_before_its_first_frame_is_reopened_with_growing_delays() {
+        // Opens fine, then is "unplugged" before delivering anything, every time.
+        let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=0");
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            if let Step::Retry(delay) = supervisor.step() {
+                delays.push(delay);
+            }
+        }
+        assert_eq!(delays.len(), 4, "every second step is a loss: {delays:?}");
+        assert!(delays[0] <= Duration::from_millis(250) && delays[3] >= Duration::from_secs(1), "{delays:?}");
+        assert_eq!(Counters::get(&supervisor.counters.source_reconnects), 3);
+    }
+
+    #[test]
+    fn a_source_that_streamed_is_reopened_at_once_and_reports_its_state() {
+        let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=2");
+        assert!(matches!(supervisor.step(), Step::Nothing), "the first step opens");
+        assert_eq!(supervisor.health.source_state(), SourceState::Streaming);
+        assert!(matches!(supervisor.step(), Step::Frame(_)));
+        assert!(matches!(supervisor.step(), Step::Frame(_)));
+        assert!(matches!(supervisor.step(), Step::Nothing), "lost after two frames: reopen without waiting");
+        assert_eq!(supervisor.health.source_state(), SourceState::Reconnecting);
+        assert!(matches!(supervisor.step(), Step::Nothing));
+        assert_eq!(supervisor.health.source_state(), SourceState::Streaming);
+        assert!(matches!(supervisor.step(), Step::Frame(_)));
     }
 
     #[test]

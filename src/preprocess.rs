@@ -86,6 +86,12 @@ impl Preprocessor {
         Ok(StageTimes { decode: decoded - began, fit_normalise: decoded.elapsed() })
     }
 
+    /// Only the decode or pixel-format conversion to RGB (what differs
+    /// between camera formats), for benchmarks; returns the frame's size.
+    pub fn convert(&mut self, frame: &Frame) -> anyhow::Result<(u32, u32)> {
+        self.convert_to_rgb(frame)
+    }
+
     /// Leaves the frame as packed RGB in `self.rgb` and returns its size.
     fn convert_to_rgb(&mut self, frame: &Frame) -> anyhow::Result<(u32, u32)> {
         if frame.format == PixelFormat::Mjpeg {

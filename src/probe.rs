@@ -6,8 +6,6 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
 use crate::config::ResizeMode;
 use crate::preprocess::Preprocessor;
 use crate::source::negotiate::{SizeOffer, fourcc_str};
@@ -100,7 +98,8 @@ pub struct SourceReport {
 /// would (to a 224x224 model input) to time the decode.
 pub fn measure(uri: &str, frames: u32) -> anyhow::Result<SourceReport> {
     let spec = SourceSpec::parse(uri).map_err(|msg| anyhow::anyhow!("source {uri:?}: {msg}"))?;
-    let mut source = source::open(&spec).with_context(|| format!("opening {}", spec.describe()))?;
+    // Source errors name the device or URL themselves.
+    let mut source = source::open(&spec)?;
     let description = source.describe();
     let mut preprocessor = Preprocessor::new(224, 224, [0.0; 3], [1.0; 3], ResizeMode::CenterCrop);
     let mut tensor = preprocessor.new_tensor();

@@ -8,6 +8,8 @@
 //! stays cheap and a slow model drops stale frames instead of decoding them.
 
 mod file;
+#[cfg(feature = "gstreamer")]
+pub mod gst;
 pub mod negotiate;
 mod pattern;
 pub mod v4l2;
@@ -132,6 +134,9 @@ pub enum SourceSpec {
     /// `v4l2:///dev/video0?width=&height=&fps=&format=` (or a
     /// `/dev/v4l/by-id/...` path): a V4L2 capture device.
     V4l2 { device: PathBuf, request: negotiate::Request, timeout: Duration },
+    /// `csi://0`, `rtsp://...` or `gst://<pipeline> ! appsink` (feature `gstreamer`).
+    #[cfg(feature = "gstreamer")]
+    Gst(gst::GstSpec),
 }
 
 impl SourceSpec {
@@ -194,7 +199,10 @@ impl SourceSpec {
                 }
                 SourceSpec::V4l2 { device, request, timeout: Duration::from_millis(timeout_ms) }
             }
-            "csi" | "rtsp" | "gst" => {
+            #[cfg(feature = "gstreamer")]
+            "csi" | "rtsp" | "rtsps" | "gst" => return gst::GstSpec::parse(scheme, uri).map(SourceSpec::Gst),
+            #[cfg(not(feature = "gstreamer"))]
+            "csi" | "rtsp" | "rtsps" | "gst" => {
                 return Err(format!(
                     "{scheme}:// sources go through GStreamer, which this build leaves out; \
                      rebuild with `cargo build --release --features gstreamer`"
@@ -222,6 +230,8 @@ impl SourceSpec {
                 format!("test://pattern ({width}x{height} {})", format.as_str())
             }
             SourceSpec::V4l2 { device, .. } => format!("v4l2://{}", device.display()),
+            #[cfg(feature = "gstreamer")]
+            SourceSpec::Gst(spec) => spec.describe(),
         }
     }
 }
@@ -237,6 +247,8 @@ pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, SourceError> {
             Box::new(TestPattern::open(*width, *height, *fps, *frames, *format, faults.clone())?)
         }
         SourceSpec::V4l2 { device, request, timeout } => Box::new(v4l2::V4l2Source::open(device, request, *timeout)?),
+        #[cfg(feature = "gstreamer")]
+        SourceSpec::Gst(spec) => Box::new(gst::GstSource::open(spec)?),
     })
 }
 
@@ -389,6 +401,7 @@ mod tests {
         assert!(SourceSpec::parse("v4l2:///dev/video0?format=h264").unwrap_err().contains("mjpg, yuyv"));
     }
 
+    #[cfg(not(feature = "gstreamer"))]
     #[test]
     fn gstreamer_schemes_say_which_feature_to_build() {
         let err = SourceSpec::parse("rtsp://user:secret@cam/stream").unwrap_err();

@@ -122,7 +122,7 @@ impl GstSpec {
 
     /// The launch line. Jetson's `nvvidconv` is used when it is installed.
     fn launch_line(&self) -> String {
-        let hardware = gst::ElementFactory::find("nvvidconv").is_some();
+        let hardware = gst::init().is_ok() && gst::ElementFactory::find("nvvidconv").is_some();
         let convert = if hardware { "nvvidconv" } else { "videoconvert" };
         let sink = format!("appsink name={APPSINK_NAME}");
         match &self.kind {

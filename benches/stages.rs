@@ -62,6 +62,15 @@ fn preprocessing(c: &mut Criterion) {
         group.bench_function(format!("rgb {w}x{h} -> tensor"), |b| {
             b.iter(|| pre.run(black_box(&rgb), &mut tensor).unwrap())
         });
+        #[cfg(feature = "turbojpeg")]
+        {
+            // Same run, same frame: zune-jpeg at full size is the baseline
+            // for libjpeg-turbo's reduced-scale decode below.
+            let mut full = Preprocessor::new(224, 224, meta.mean, meta.std, meta.resize).without_reduced_scale_jpeg();
+            group.bench_function(format!("jpeg {w}x{h} -> tensor (zune-jpeg, full size)"), |b| {
+                b.iter(|| full.run(black_box(&jpeg), &mut tensor).unwrap())
+            });
+        }
         group.bench_function(format!("jpeg {w}x{h} -> tensor"), |b| {
             b.iter(|| pre.run(black_box(&jpeg), &mut tensor).unwrap())
         });
@@ -154,6 +163,15 @@ fn conversion(c: &mut Criterion) {
                 captured_at: SystemTime::now(),
                 origin: None,
             };
+            #[cfg(feature = "turbojpeg")]
+            if mjpeg {
+                let mut full =
+                    Preprocessor::new(224, 224, [0.0; 3], [1.0; 3], labelcast::config::ResizeMode::CenterCrop)
+                        .without_reduced_scale_jpeg();
+                group.bench_function(format!("mjpg {w}x{h} (zune-jpeg, full size)"), |b| {
+                    b.iter(|| full.convert(black_box(&frame)).unwrap())
+                });
+            }
             group.bench_function(format!("{} {w}x{h}", format.as_str()), |b| {
                 b.iter(|| pre.convert(black_box(&frame)).unwrap())
             });

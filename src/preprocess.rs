@@ -38,6 +38,10 @@ pub struct Preprocessor {
     rgb: Vec<u8>,
     /// An MJPEG frame with the marker for standard Huffman tables added.
     patched: Vec<u8>,
+    /// libjpeg-turbo, for decoding large MJPEG frames at reduced scale;
+    /// `None` when it could not start (zune-jpeg decodes then).
+    #[cfg(feature = "turbojpeg")]
+    turbo: Option<turbojpeg::Decompressor>,
     fitted: Vec<u8>,
     letterboxed: Vec<u8>,
 }
@@ -57,9 +61,23 @@ impl Preprocessor {
             resizer: fr::Resizer::new(),
             rgb: Vec::new(),
             patched: Vec::new(),
+            #[cfg(feature = "turbojpeg")]
+            turbo: turbojpeg::Decompressor::new()
+                .map_err(
+                    |err| tracing::warn!(error = %err, "libjpeg-turbo does not start; decoding MJPEG at full size"),
+                )
+                .ok(),
             fitted: vec![0; width * height * 3],
             letterboxed: Vec::new(),
         }
+    }
+
+    /// Decodes MJPEG at full size with zune-jpeg even in a `turbojpeg`
+    /// build: the baseline the reduced-scale decode is benchmarked against.
+    #[cfg(feature = "turbojpeg")]
+    pub fn without_reduced_scale_jpeg(mut self) -> Self {
+        self.turbo = None;
+        self
     }
 
     /// A tensor of the right shape to pass to [`Preprocessor::run`].
@@ -157,6 +175,11 @@ impl Preprocessor {
         } else {
             data
         };
+        #[cfg(feature = "turbojpeg")]
+        if let Some(turbo) = self.turbo.as_mut() {
+            let (width, height) = (self.width as usize, self.height as usize);
+            return decode_jpeg_scaled(turbo, data, width, height, &mut self.rgb);
+        }
         // A corrupt header can claim any size: the limits refuse it before
         // anything is allocated for it.
         let options = zune_core::options::DecoderOptions::default()
@@ -236,6 +259,43 @@ impl Preprocessor {
 /// space); CSI sensors through the ISP do the same.
 const CAMERA_RANGE: yuv::YuvRange = yuv::YuvRange::Limited;
 const CAMERA_MATRIX: yuv::YuvStandardMatrix = yuv::YuvStandardMatrix::Bt601;
+
+/// Decodes with libjpeg-turbo at the smallest power-of-two DCT scale whose
+/// result still covers `min_width` x `min_height` (the model input), into
+/// `rgb`; returns the decoded size. A 1280x720 frame for a 224x224 model
+/// decodes at 1/2 (640x360): a quarter of the pixels to reconstruct, with no
+/// loss the resize to 224 would not make anyway.
+#[cfg(feature = "turbojpeg")]
+fn decode_jpeg_scaled(
+    turbo: &mut turbojpeg::Decompressor,
+    data: &[u8],
+    min_width: usize,
+    min_height: usize,
+    rgb: &mut Vec<u8>,
+) -> anyhow::Result<(u32, u32)> {
+    use turbojpeg::ScalingFactor;
+    let header = turbo.read_header(data).map_err(|err| anyhow::anyhow!("corrupt JPEG header: {err}"))?;
+    let (w, h) = (header.width, header.height);
+    if w == 0 || h == 0 || w > MAX_SIDE as usize || h > MAX_SIDE as usize {
+        bail!("JPEG claims {w}x{h} pixels; expected 1 to {MAX_SIDE} on each side");
+    }
+    let factor = [ScalingFactor::ONE_EIGHTH, ScalingFactor::ONE_QUARTER, ScalingFactor::ONE_HALF]
+        .into_iter()
+        .find(|f| f.scale(w) >= min_width && f.scale(h) >= min_height)
+        .unwrap_or(ScalingFactor::ONE);
+    turbo.set_scaling_factor(factor).map_err(|err| anyhow::anyhow!("JPEG scaling: {err}"))?;
+    let (sw, sh) = (factor.scale(w), factor.scale(h));
+    rgb.resize(sw * sh * 3, 0);
+    let image = turbojpeg::Image {
+        pixels: rgb.as_mut_slice(),
+        width: sw,
+        pitch: sw * 3,
+        height: sh,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    turbo.decompress(data, image).map_err(|err| anyhow::anyhow!("corrupt JPEG data: {err}"))?;
+    Ok((sw as u32, sh as u32))
+}
 
 /// APP0 segment "AVI1": marker, length 7 (itself included), the tag.
 const AVI1_APP0: [u8; 9] = [0xFF, 0xE0, 0x00, 0x07, b'A', b'V', b'I', b'1', 0x00];
@@ -393,7 +453,11 @@ mod tests {
     /// The largest per-channel difference between `rgb` and what the
     /// preprocessor's converter made of `frame`.
     fn worst_difference(frame: &Frame, rgb: &[u8], gray: bool) -> u8 {
-        let mut p = identity(4, ResizeMode::Stretch);
+        // A model input as large as the picture: no reduced-scale decoding.
+        let pixels = rgb.len() / 3;
+        let (side_w, side_h) = if frame.width > 0 { (frame.width, frame.height) } else { (64, (pixels / 64) as u32) };
+        let mut p =
+            Preprocessor::new(side_w as usize, side_h as usize, [0.0; 3], [1.0 / 255.0; 3], ResizeMode::Stretch);
         let (w, h) = p.convert_to_rgb(frame).unwrap();
         assert_eq!((w as usize) * (h as usize) * 3, rgb.len());
         p.rgb
@@ -469,6 +533,24 @@ mod tests {
         let with_tables = worst_difference(&frame(PixelFormat::Mjpeg, 0, 0, 0, jpeg), &rgb, false);
         let without = worst_difference(&frame(PixelFormat::Mjpeg, 0, 0, 0, stripped), &rgb, false);
         assert_eq!(with_tables, without, "same pixels with and without the DHT segment");
+    }
+
+    #[cfg(feature = "turbojpeg")]
+    #[test]
+    fn a_large_mjpeg_frame_is_decoded_at_the_smallest_scale_that_covers_the_model_input() {
+        let rgb = gradient(640, 480);
+        let (jpeg, _) = crate::source::encode(&rgb, 640, 480, PixelFormat::Mjpeg);
+        let frame = frame(PixelFormat::Mjpeg, 0, 0, 0, jpeg);
+        let mut small = Preprocessor::new(224, 224, [0.0; 3], [1.0 / 255.0; 3], ResizeMode::CenterCrop);
+        assert_eq!(small.convert(&frame).unwrap(), (320, 240), "1/2 covers 224x224; 1/4 would not");
+        let mut tiny = Preprocessor::new(56, 56, [0.0; 3], [1.0 / 255.0; 3], ResizeMode::CenterCrop);
+        assert_eq!(tiny.convert(&frame).unwrap(), (80, 60), "1/8");
+        // The reduced picture is the picture: the top-left pixel of each
+        // 8x8 block's average is within a few levels of the gradient there.
+        let (x, y) = (40usize, 30usize);
+        let got = &tiny.rgb[(y * 80 + x) * 3..][..3];
+        let want = &rgb[((y * 8 + 4) * 640 + x * 8 + 4) * 3..][..3];
+        assert!(got.iter().zip(want).all(|(a, b)| a.abs_diff(*b) <= 8), "{got:?} vs {want:?}");
     }
 
     #[test]

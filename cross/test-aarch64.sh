@@ -22,6 +22,9 @@ repo=$(pwd)
 started=$SECONDS
 step() { printf '\n=== aarch64: %s (%ds so far)\n' "$1" $((SECONDS - started)); }
 
+# Where the x86-64 build the scores are compared with lives: the caller's
+# target directory (read before it is pointed at the aarch64 one below).
+host_target=${LABELCAST_HOST_TARGET_DIR:-${CARGO_TARGET_DIR:-$repo/target}}
 export PATH="$repo/.venv/bin:$PATH" RUSTC=/usr/bin/rustc
 export CARGO_TARGET_DIR=${LABELCAST_AARCH64_TARGET_DIR:-$repo/target/aarch64}
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /"
@@ -33,7 +36,6 @@ triple=aarch64-unknown-linux-gnu
 zig_target=$triple.2.31
 profile=${LABELCAST_AARCH64_PROFILE:-release}
 bin=$CARGO_TARGET_DIR/$triple/$profile/labelcast
-host_target=${CARGO_TARGET_DIR_HOST:-${LABELCAST_HOST_TARGET_DIR:-$repo/target}}
 
 step "build (profile $profile, glibc 2.31 via cargo-zigbuild)"
 cargo zigbuild --locked --profile "$profile" --target "$zig_target" --bin labelcast

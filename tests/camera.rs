@@ -41,18 +41,7 @@ fn the_camera_delivers_frames_that_decode_at_a_measured_rate() {
 #[ignore = "needs a V4L2 camera (LABELCAST_TEST_CAMERA, default /dev/video0)"]
 fn a_hundred_reopens_of_the_camera_leave_descriptors_and_memory_flat() {
     let count_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
-    let rss_kib = || -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .unwrap()
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let rss = || rss_kib(std::process::id());
     let open_and_read = || {
         let mut source = V4l2Source::open(&camera(), &Request::default(), Duration::from_secs(2)).unwrap();
         assert!(source.next_frame().unwrap().is_some());
@@ -60,13 +49,13 @@ fn a_hundred_reopens_of_the_camera_leave_descriptors_and_memory_flat() {
     for _ in 0..5 {
         open_and_read();
     }
-    let (fds, rss) = (count_fds(), rss_kib());
+    let (fds, rss_before) = (count_fds(), rss());
     for _ in 0..100 {
         open_and_read();
     }
-    println!("100 reopens: fds {fds} -> {}, RSS {rss} -> {} KiB", count_fds(), rss_kib());
+    println!("100 reopens: fds {fds} -> {}, RSS {rss_before} -> {} KiB", count_fds(), rss());
     assert_eq!(count_fds(), fds);
-    assert!(rss_kib() < rss + 4 * 1024);
+    assert!(rss() < rss_before + 4 * 1024);
 }
 
 #[test]

@@ -198,12 +198,6 @@ fn an_unreadable_photo_in_the_folder_is_skipped_with_a_warning_and_the_rest_are_
     assert!(log.contains("\"frames_failed\":2"), "both bad files are counted: {log}");
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap()
-}
-
 #[test]
 fn fifty_broker_restarts_in_a_row_leave_the_daemon_running_with_state_right_and_memory_flat() {
     let Some(mut broker) = Mosquitto::start() else { return };

@@ -354,3 +354,9 @@ pub fn metrics_port(daemon: &Daemon) -> u16 {
         .and_then(|p| p.trim().trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
         .unwrap_or_else(|| panic!("no port in {line}"))
 }
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap()
+}

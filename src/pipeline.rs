@@ -519,7 +519,6 @@ fn spawn_capture(
                     }
                 }
                 Step::Ended => {
-                    health.source_ended();
                     slot.close(false);
                     return;
                 }

@@ -32,7 +32,6 @@ pub struct Health {
     mqtt_connected: AtomicBool,
     mqtt_used: AtomicBool,
     mqtt_down_since: AtomicU64,
-    source_ended: AtomicBool,
     /// Streaming / reconnecting / ended; the MQTT sink publishes changes.
     source_state: tokio::sync::watch::Sender<SourceState>,
     /// Inference latency in seconds, for `/metrics`.
@@ -79,7 +78,6 @@ impl Health {
             mqtt_connected: AtomicBool::new(false),
             mqtt_used: AtomicBool::new(false),
             mqtt_down_since: AtomicU64::new(1),
-            source_ended: AtomicBool::new(false),
             source_state: tokio::sync::watch::Sender::new(SourceState::Streaming),
             inference_seconds: prometheus_client::metrics::histogram::Histogram::new([
                 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
@@ -140,9 +138,6 @@ impl Health {
     pub fn watch_source_state(&self) -> tokio::sync::watch::Receiver<SourceState> {
         self.source_state.subscribe()
     }
-    pub fn source_ended(&self) {
-        self.source_ended.store(true, Ordering::Relaxed);
-    }
     /// True exactly once: on the first call, when the daemon becomes ready.
     pub fn mark_ready(&self) -> bool {
         !self.ready.swap(true, Ordering::Relaxed)
@@ -179,7 +174,7 @@ impl Health {
             return Verdict::Unhealthy("starting: no frame classified yet".into());
         }
         let last_frame = self.age(self.last_frame_at.load(Ordering::Relaxed), now).unwrap_or_default();
-        if last_frame > self.stall_timeout && !self.source_ended.load(Ordering::Relaxed) {
+        if last_frame > self.stall_timeout && self.source_state() != SourceState::Ended {
             let why = if self.source_state() == SourceState::Reconnecting {
                 "; the source is away, reconnecting"
             } else {
@@ -317,7 +312,7 @@ mod tests {
         assert!(matches!(health.verdict(Instant::now()), Verdict::Healthy(r) if r.contains("reconnecting")));
         let later = Instant::now() + Duration::from_millis(500);
         assert!(matches!(health.verdict(later), Verdict::Unhealthy(r) if r.contains("no frame")));
-        health.source_ended();
+        health.set_source_state(SourceState::Ended);
         assert!(matches!(health.verdict(later), Verdict::Unhealthy(r) if r.contains("MQTT")));
     }
 

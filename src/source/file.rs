@@ -82,10 +82,6 @@ impl FrameSource for FileSource {
         self.interval
     }
 
-    fn is_live(&self) -> bool {
-        false
-    }
-
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
         if self.next_index >= self.files.len() {
             if !self.looping {

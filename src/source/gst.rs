@@ -300,10 +300,6 @@ impl FrameSource for GstSource {
         None
     }
 
-    fn is_live(&self) -> bool {
-        true
-    }
-
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
         let timeout = gst::ClockTime::from_mseconds(self.spec.timeout.as_millis() as u64);
         match self.appsink.try_pull_sample(timeout) {

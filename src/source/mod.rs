@@ -115,10 +115,6 @@ pub trait FrameSource: Send {
     /// The pause between frames the pipeline should keep, for sources that do
     /// not pace themselves (files, patterns); `None` for cameras.
     fn frame_interval(&self) -> Option<Duration>;
-    /// True for sources whose frames go stale (cameras, the test pattern):
-    /// the pipeline drops a frame inference has not taken when a newer one
-    /// arrives. False for files, which wait for inference instead.
-    fn is_live(&self) -> bool;
     /// The next frame; `Ok(None)` at the end of a finite source.
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError>;
 }
@@ -217,7 +213,9 @@ impl SourceSpec {
     }
 
     /// True for sources that deliver frames as they happen (cameras, the
-    /// pattern): they are reopened when they go away, not ended.
+    /// pattern): they are reopened when they go away, not ended, and the
+    /// pipeline drops a frame inference has not taken when a newer one
+    /// arrives. False for files, which wait for inference instead.
     pub fn is_live(&self) -> bool {
         !matches!(self, SourceSpec::File { .. })
     }

@@ -192,10 +192,6 @@ impl FrameSource for TestPattern {
         self.interval
     }
 
-    fn is_live(&self) -> bool {
-        true
-    }
-
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
         if self.limit.is_some_and(|limit| self.sequence >= limit) {
             return Ok(None);

@@ -165,10 +165,6 @@ impl FrameSource for V4l2Source {
         None
     }
 
-    fn is_live(&self) -> bool {
-        true
-    }
-
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
         let Some(stream) = self.stream.as_mut() else {
             return Err(SourceError::Disconnected(format!("{}: stream closed", self.path.display())));

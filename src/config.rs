@@ -860,19 +860,63 @@ fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {
     if labels.is_empty() {
         return Err(ConfigError::new("model.labels", "the list is empty"));
     }
+    check_label_names(labels, "model.labels")?;
+    Ok(labels.to_vec())
+}
+
+/// Every label becomes an MQTT topic level and a Home Assistant entity, so a
+/// name must be usable as both: not empty, no `/`, `+`, `#` (levels and
+/// wildcards), no control characters (MQTT forbids U+0000 in topics and
+/// advises against the rest), not absurdly long, and not given twice (two
+/// entities would share a unique_id). `field` is what the error names: the
+/// config key, or the model file or sidecar the names came from.
+pub fn check_label_names(labels: &[String], field: &str) -> Result<(), ConfigError> {
+    const MAX_LABEL_BYTES: usize = 256;
     let mut seen = std::collections::HashSet::new();
     for name in labels {
-        if name.is_empty() || name.contains(['/', '+', '#']) {
+        if name.is_empty() || name.contains(['/', '+', '#']) || name.chars().any(char::is_control) {
             return Err(ConfigError::new(
-                "model.labels",
-                format!("label {name:?} is empty or holds an MQTT wildcard or '/'"),
+                field,
+                format!("label {name:?} is empty or holds '/', an MQTT wildcard or a control character"),
+            ));
+        }
+        if name.len() > MAX_LABEL_BYTES {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "label {:?}... is {} bytes long; at most {MAX_LABEL_BYTES}",
+                    truncate_chars(name, 32),
+                    name.len()
+                ),
             ));
         }
         if !seen.insert(name) {
-            return Err(ConfigError::new("model.labels", format!("label {name:?} appears twice")));
+            return Err(ConfigError::new(field, format!("label {name:?} appears twice")));
         }
     }
-    Ok(labels.to_vec())
+    let mut entity_ids = std::collections::HashMap::new();
+    for name in labels {
+        if let Some(other) = entity_ids.insert(node_safe(name), name) {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "labels {other:?} and {name:?} would share the Home Assistant entity id {:?}; rename one",
+                    node_safe(name)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Home Assistant's discovery node ids allow `[a-zA-Z0-9_-]`; anything else
+/// becomes `_`.
+pub fn node_safe(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
+}
+
+fn truncate_chars(text: &str, chars: usize) -> &str {
+    text.char_indices().nth(chars).map_or(text, |(at, _)| &text[..at])
 }
 
 /// Checks the `[labels]` section.
@@ -1156,5 +1200,21 @@ mod tests {
         let err = validate("device_id = \"Kitchen Cam\"\n").unwrap_err();
         assert_eq!(err.field, "device_id");
         assert!(err.message.contains("kitchen_cam"));
+    }
+
+    #[test]
+    fn label_names_that_would_share_a_home_assistant_entity_are_rejected() {
+        let names = ["traffic light".to_string(), "traffic_light".to_string()];
+        let err = check_label_names(&names, "model.labels").unwrap_err();
+        assert!(err.message.contains("traffic_light") && err.message.contains("rename one"), "{err}");
+    }
+
+    #[test]
+    fn label_names_with_control_characters_or_of_huge_length_are_rejected() {
+        for bad in ["tab\there", "nul\0", &"x".repeat(257)] {
+            let err = check_label_names(&[bad.to_string()], "model.labels").unwrap_err();
+            assert_eq!(err.field, "model.labels");
+        }
+        check_label_names(&["chat noir".to_string(), "café".to_string()], "model.labels").unwrap();
     }
 }

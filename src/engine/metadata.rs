@@ -172,14 +172,22 @@ impl ModelMetadata {
         if labels.is_empty() && require_labels {
             return Err(ConfigError::new("model.labels", format!("the label list from {labels_from} is empty")));
         }
+        // Names from the model or its sidecar become topics just as the
+        // config's own do (checked again here, which costs nothing).
+        let field = format!("model.labels (from {labels_from}; model {})", model_path.display());
+        crate::config::check_label_names(&labels, &field)?;
         for (label, value) in &thresholds {
             if !(0.0..=1.0).contains(value) {
                 return Err(in_model(keys::THRESHOLDS, format!("{label}: expected 0 to 1, got {value}")));
             }
         }
         let std = overrides.std.or(std).unwrap_or(IMAGENET_STD);
-        if std.iter().any(|v| *v <= 0.0) {
-            return Err(in_model(keys::STD, format!("every value must be above 0, got {std:?}")));
+        if std.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+            return Err(in_model(keys::STD, format!("every value must be a number above 0, got {std:?}")));
+        }
+        let mean = overrides.mean.or(mean).unwrap_or(IMAGENET_MEAN);
+        if mean.iter().any(|v| !v.is_finite()) {
+            return Err(in_model(keys::MEAN, format!("every value must be a finite number, got {mean:?}")));
         }
         let name = name.unwrap_or_else(|| {
             model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
@@ -189,7 +197,7 @@ impl ModelMetadata {
             version,
             labels,
             labels_from,
-            mean: overrides.mean.or(mean).unwrap_or(IMAGENET_MEAN),
+            mean,
             std,
             output: overrides.output.or(output).unwrap_or(OutputKind::Logits),
             resize: overrides.resize.or(resize).unwrap_or(ResizeMode::CenterCrop),
@@ -274,5 +282,38 @@ mod tests {
         let m = ModelMetadata::resolve(Path::new("/m/x.onnx"), &p, &MetadataOverrides::default(), true).unwrap();
         assert_eq!((m.mean, m.std), (IMAGENET_MEAN, IMAGENET_STD));
         assert_eq!(m.output, OutputKind::Logits);
+    }
+
+    #[test]
+    fn label_names_from_the_model_that_cannot_be_topics_are_refused_naming_their_source() {
+        for bad in
+            [r#"["cat","a/b"]"#, r#"["cat+"]"#, r##"["#"]"##, r#"["ok","nul\u0000"]"#, r#"["cat","cat"]"#, r#"[""]"#]
+        {
+            let p = props(&[(keys::LABELS, bad)]);
+            let err =
+                ModelMetadata::resolve(Path::new("/m/x.onnx"), &p, &MetadataOverrides::default(), true).unwrap_err();
+            assert_eq!(err.field, "model.labels (from model metadata; model /m/x.onnx)", "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn label_names_from_a_sidecar_are_checked_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("net.onnx");
+        std::fs::write(dir.path().join("net.toml"), "labels = [\"person\", \"car/truck\"]\n").unwrap();
+        let err = ModelMetadata::resolve(&model, &BTreeMap::new(), &MetadataOverrides::default(), true).unwrap_err();
+        assert!(err.field.contains("sidecar") && err.message.contains("car/truck"), "{err}");
+    }
+
+    #[test]
+    fn a_sidecar_std_or_mean_that_is_not_a_finite_number_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("net.onnx");
+        let p = props(&[(keys::LABELS, r#"["a"]"#)]);
+        for (text, key) in [("std = [nan, 1.0, 1.0]\n", keys::STD), ("mean = [0.5, inf, 0.5]\n", keys::MEAN)] {
+            std::fs::write(dir.path().join("net.toml"), text).unwrap();
+            let err = ModelMetadata::resolve(&model, &p, &MetadataOverrides::default(), true).unwrap_err();
+            assert!(err.message.contains(key), "{text}: {err}");
+        }
     }
 }

@@ -13,7 +13,7 @@
 use serde_json::{Value, json};
 
 use super::payload::Topics;
-use crate::config::HomeAssistantConfig;
+use crate::config::{HomeAssistantConfig, node_safe};
 
 /// Everything the discovery payloads need to know about this daemon.
 #[derive(Debug, Clone)]
@@ -131,11 +131,6 @@ impl Discovery {
         }
         Some(config["name"].as_str().unwrap_or(unique_id).to_string())
     }
-}
-
-/// Home Assistant's discovery node ids allow `[a-zA-Z0-9_-]`.
-fn node_safe(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
 }
 
 #[cfg(test)]

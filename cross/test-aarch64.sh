@@ -10,7 +10,9 @@
 #      payloads...) under qemu;
 #   4. its scores on shipped photos equal the x86-64 build's within 1e-4;
 #   5. end to end: the aarch64 daemon under qemu publishes to a native
-#      mosquitto on loopback and label/cat turns ON.
+#      mosquitto on loopback and label/cat turns ON;
+#   6. the arm64 .deb: built, installed with dpkg -i (multiarch), the
+#      installed binary checks the installed config under qemu, purged.
 # CI builds the `release` profile: the shipped `edge` profile (fat LTO) takes
 # another ~15 minutes of linking on two cores; LABELCAST_AARCH64_PROFILE=edge
 # builds that instead. qemu runs an inference in about 6 s, so the photo
@@ -119,6 +121,24 @@ else
 fi
 kill -TERM "$daemon"; wait "$daemon" || { cat "$work/daemon.log"; echo "the daemon did not exit cleanly" >&2; exit 1; }
 grep -q "labelcast stopped" "$work/daemon.log"
+
+step "arm64 .deb: build, dpkg -i, check-config from the installed paths under qemu"
+# The glibc231 variant states the dependency the glibc check above proves
+# (libc6 >= 2.31) instead of what dpkg-shlibdeps reads off this machine.
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb@3.7.0
+debs=$CARGO_TARGET_DIR/debian-arm64
+rm -rf "$debs"
+cargo deb --target "$triple" --variant glibc231 --profile "$profile" --no-build --deb-revision="" -o "$debs/" >/dev/null
+deb=$(ls "$debs"/labelcast_*_arm64.deb)
+dpkg-deb -f "$deb" Package Architecture Depends
+dpkg-deb -f "$deb" Depends | grep -q 'libc6 (>= 2.31)' || { echo "the arm64 .deb does not depend on libc6 >= 2.31" >&2; exit 1; }
+echo "$(basename "$deb"): $(du -h "$deb" | cut -f1)"
+sudo_if_needed dpkg -i "$deb" >/dev/null
+aarch64-linux-gnu-readelf -h /usr/bin/labelcast | grep -q AArch64 || { echo "/usr/bin/labelcast from the arm64 .deb is not an aarch64 binary" >&2; exit 1; }
+(cd / && env -u LABELCAST_DATA_DIR qemu-aarch64 -L / /usr/bin/labelcast --log-level warn check-config /etc/labelcast/config.toml)
+sudo_if_needed dpkg --purge labelcast >/dev/null
+[ ! -e /usr/bin/labelcast ] || { echo "purging the arm64 .deb left /usr/bin/labelcast" >&2; exit 1; }
 
 step "done"
 echo "aarch64 stage passed in $((SECONDS - started)) s; binary $glibc, $size bytes"

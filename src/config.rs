@@ -872,7 +872,9 @@ fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {
 /// config key, or the model file or sidecar the names came from.
 pub fn check_label_names(labels: &[String], field: &str) -> Result<(), ConfigError> {
     const MAX_LABEL_BYTES: usize = 256;
-    let mut seen = std::collections::HashSet::new();
+    // Home Assistant entity id -> the label that took it; the same name twice
+    // is the simplest way to take one id twice.
+    let mut entity_ids = std::collections::HashMap::new();
     for name in labels {
         if name.is_empty() || name.contains(['/', '+', '#']) || name.chars().any(char::is_control) {
             return Err(ConfigError::new(
@@ -890,20 +892,20 @@ pub fn check_label_names(labels: &[String], field: &str) -> Result<(), ConfigErr
                 ),
             ));
         }
-        if !seen.insert(name) {
-            return Err(ConfigError::new(field, format!("label {name:?} appears twice")));
-        }
-    }
-    let mut entity_ids = std::collections::HashMap::new();
-    for name in labels {
-        if let Some(other) = entity_ids.insert(node_safe(name), name) {
-            return Err(ConfigError::new(
-                field,
-                format!(
-                    "labels {other:?} and {name:?} would share the Home Assistant entity id {:?}; rename one",
-                    node_safe(name)
-                ),
-            ));
+        let entity_id = node_safe(name);
+        match entity_ids.insert(entity_id.clone(), name) {
+            None => {}
+            Some(other) if other == name => {
+                return Err(ConfigError::new(field, format!("label {name:?} appears twice")));
+            }
+            Some(other) => {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "labels {other:?} and {name:?} would share the Home Assistant entity id {entity_id:?}; rename one"
+                    ),
+                ));
+            }
         }
     }
     Ok(())

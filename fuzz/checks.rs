@@ -63,11 +63,7 @@ pub fn frame_decode(input: &[u8]) {
     let [format, width, height, stride_pad, choice, data @ ..] = input else { return };
     let format = FORMATS[*format as usize % FORMATS.len()];
     let (width, height) = (*width as u32 + 1, *height as u32 + 1);
-    let row_bytes = match format {
-        PixelFormat::Rgb8 => width * 3,
-        PixelFormat::Yuyv => width * 2,
-        _ => width,
-    } as usize;
+    let row_bytes = format.row_bytes(width as usize);
     let jpeg = format == PixelFormat::Mjpeg;
     let frame = Frame {
         format,

@@ -330,11 +330,7 @@ fn check_layout(frame: &Frame) -> anyhow::Result<()> {
     if w == 0 || h == 0 || frame.width > MAX_SIDE || frame.height > MAX_SIDE {
         bail!("frame size is {w}x{h}; expected 1 to {MAX_SIDE} on each side");
     }
-    let row_bytes = match frame.format {
-        PixelFormat::Rgb8 => w * 3,
-        PixelFormat::Yuyv => w * 2,
-        PixelFormat::Gray8 | PixelFormat::Nv12 | PixelFormat::Mjpeg => w,
-    };
+    let row_bytes = frame.format.row_bytes(w);
     if frame.stride < row_bytes {
         bail!("stride {} is shorter than a row of {w} pixels ({row_bytes} bytes)", frame.stride);
     }

@@ -249,11 +249,7 @@ impl GstSource {
                 )));
             }
         };
-        let row_bytes = match format {
-            PixelFormat::Rgb8 => w * 3,
-            PixelFormat::Yuyv => w * 2,
-            _ => w,
-        };
+        let row_bytes = format.row_bytes(w);
         // Rows are copied tightly packed: GStreamer's plane strides and
         // offsets vary by element, labelcast's frame layout does not.
         let plane_rows = |plane: u32, rows: usize, data: &mut Vec<u8>| -> Result<(), SourceError> {

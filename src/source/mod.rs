@@ -49,6 +49,16 @@ impl PixelFormat {
         })
     }
 
+    /// Bytes in one tightly packed row of `width` pixels (of the Y plane for
+    /// NV12; a JPEG has no rows, and counts one byte per pixel here).
+    pub fn row_bytes(self, width: usize) -> usize {
+        match self {
+            Self::Rgb8 => width * 3,
+            Self::Yuyv => width * 2,
+            Self::Gray8 | Self::Nv12 | Self::Mjpeg => width,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Rgb8 => "rgb8",

@@ -1,19 +1,23 @@
 //! Wires source -> preprocess -> engine -> labels -> sink, and owns threads
 //! and shutdown.
 //!
-//! Capture and inference each get an OS thread (both block: on a device, on
-//! the CPU), joined by a [`FrameSlot`] that holds one frame. A live source
-//! overwrites a frame inference has not taken yet, so a slow model skips
+//! Capture, preprocessing and inference each get an OS thread (they block:
+//! on a device, on the CPU), joined by [`Slot`]s that hold one item each.
+//! A live source overwrites a frame not yet taken, so a slow model skips
 //! stale frames instead of queueing them; a file source waits instead, since
-//! its frames are not going stale. Label events go to the sink (an async
-//! task) through a bounded channel with `try_send`: inference never waits on
-//! the network.
+//! its frames are not going stale. Preprocessing (JPEG decode, resize,
+//! normalise) of the next frame overlaps inference of the current one, so
+//! throughput is set by inference alone; on a live source it starts just
+//! before inference will be free, so the frame is as fresh as without the
+//! overlap. Label events go to the sink (an async task) through a bounded
+//! channel with `try_send`: inference never waits on the network.
 //!
 //! Shutdown is ordered: stop capture, let inference finish the frame in
 //! flight, close the event channel, and let the sink publish `offline` and
 //! disconnect.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -44,13 +48,45 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     Ok(Prepared { engine, rules })
 }
 
-/// One frame through preprocessing and the engine, every buffer reused:
-/// what the inference thread and `labelcast classify` both do.
-pub struct FrameClassifier {
+/// The engine and what turns its raw outputs into scores: the part of a
+/// frame's journey after preprocessing.
+pub struct Scorer {
     engine: Box<dyn Engine>,
+    output: OutputKind,
+}
+
+impl Scorer {
+    pub fn new(engine: Box<dyn Engine>) -> Self {
+        let output = engine.info().metadata.output;
+        Self { engine, output }
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        self.engine.info()
+    }
+
+    /// Scores in [0, 1], one per label, and how long the engine took.
+    pub fn score(&mut self, tensor: &Tensor) -> anyhow::Result<(Vec<f32>, Duration)> {
+        let began = Instant::now();
+        let mut scores = self.engine.infer(tensor)?;
+        let inference = began.elapsed();
+        labels::to_scores(&mut scores, self.output);
+        Ok((scores, inference))
+    }
+}
+
+fn preprocessor_for(info: &ModelInfo) -> Preprocessor {
+    let meta = &info.metadata;
+    Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize)
+}
+
+/// One frame through preprocessing and the engine, every buffer reused:
+/// what `labelcast classify` does (the daemon runs the two halves on two
+/// threads).
+pub struct FrameClassifier {
+    scorer: Scorer,
     preprocessor: Preprocessor,
     tensor: Tensor,
-    output: OutputKind,
 }
 
 /// Scores in [0, 1], one per label, and where the time went.
@@ -74,95 +110,117 @@ pub enum ClassifyError {
 
 impl FrameClassifier {
     pub fn new(engine: Box<dyn Engine>) -> Self {
-        let info = engine.info();
-        let meta = &info.metadata;
-        let preprocessor = Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize);
+        let scorer = Scorer::new(engine);
+        let preprocessor = preprocessor_for(scorer.info());
         let tensor = preprocessor.new_tensor();
-        let output = meta.output;
-        Self { engine, preprocessor, tensor, output }
+        Self { scorer, preprocessor, tensor }
     }
 
     pub fn info(&self) -> &ModelInfo {
-        self.engine.info()
+        self.scorer.info()
     }
 
     pub fn classify(&mut self, frame: &Frame) -> Result<Classified, ClassifyError> {
         let preprocess = self.preprocessor.run_timed(frame, &mut self.tensor).map_err(ClassifyError::BadFrame)?;
-        let began = Instant::now();
-        let mut scores = self.engine.infer(&self.tensor).map_err(ClassifyError::Engine)?;
-        let inference = began.elapsed();
-        labels::to_scores(&mut scores, self.output);
+        let (scores, inference) = self.scorer.score(&self.tensor).map_err(ClassifyError::Engine)?;
         Ok(Classified { scores, inference, preprocess })
     }
 }
 
-/// One frame's worth of room between capture and inference.
-pub struct FrameSlot {
-    state: Mutex<SlotState>,
+/// Room for one item between two pipeline threads: raw frames between
+/// capture and preprocessing, prepared tensors between preprocessing and
+/// inference.
+pub struct Slot<T> {
+    state: Mutex<SlotState<T>>,
     changed: Condvar,
 }
 
-#[derive(Default)]
-struct SlotState {
-    frame: Option<Frame>,
+/// The slot between the capture thread and the preprocess thread.
+pub type FrameSlot = Slot<Frame>;
+
+struct SlotState<T> {
+    item: Option<T>,
     closed: bool,
 }
 
-impl Default for FrameSlot {
+impl<T> Default for Slot<T> {
     fn default() -> Self {
-        Self { state: Mutex::new(SlotState::default()), changed: Condvar::new() }
+        Self { state: Mutex::new(SlotState { item: None, closed: false }), changed: Condvar::new() }
     }
 }
 
-impl FrameSlot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+impl<T> Slot<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState<T>> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Puts a frame, replacing one not yet taken; returns true if it replaced one.
-    pub fn put_latest(&self, frame: Frame) -> bool {
-        let replaced = self.lock().frame.replace(frame).is_some();
+    fn wait<'a>(&self, state: std::sync::MutexGuard<'a, SlotState<T>>) -> std::sync::MutexGuard<'a, SlotState<T>> {
+        self.changed.wait(state).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts an item, replacing one not yet taken; returns true if it replaced one.
+    pub fn put_latest(&self, item: T) -> bool {
+        let replaced = self.lock().item.replace(item).is_some();
         self.changed.notify_all();
         replaced
     }
 
-    /// Puts a frame, first waiting until the previous one was taken; false if
+    /// Puts an item, first waiting until the previous one was taken; false if
     /// the slot closed meanwhile.
-    pub fn put_wait(&self, frame: Frame) -> bool {
-        let mut state = self.lock();
-        while state.frame.is_some() && !state.closed {
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
+    pub fn put_wait(&self, item: T) -> bool {
+        let mut state = self.wait_empty_locked();
         if state.closed {
             return false;
         }
-        state.frame = Some(frame);
+        state.item = Some(item);
         self.changed.notify_all();
         true
     }
 
-    /// The next frame; `None` once the slot is closed and empty.
-    pub fn take(&self) -> Option<Frame> {
+    /// Waits until the slot is empty (its item was taken); false if the slot
+    /// closed meanwhile.
+    pub fn wait_empty(&self) -> bool {
+        !self.wait_empty_locked().closed
+    }
+
+    fn wait_empty_locked(&self) -> std::sync::MutexGuard<'_, SlotState<T>> {
+        let mut state = self.lock();
+        while state.item.is_some() && !state.closed {
+            state = self.wait(state);
+        }
+        state
+    }
+
+    /// Sleeps up to `duration`; true if the slot closed meanwhile.
+    pub fn wait_closed(&self, duration: Duration) -> bool {
+        let state = self.lock();
+        let (state, _) =
+            self.changed.wait_timeout_while(state, duration, |s| !s.closed).unwrap_or_else(|p| p.into_inner());
+        state.closed
+    }
+
+    /// The next item; `None` once the slot is closed and empty.
+    pub fn take(&self) -> Option<T> {
         let mut state = self.lock();
         loop {
-            if let Some(frame) = state.frame.take() {
+            if let Some(item) = state.item.take() {
                 self.changed.notify_all();
-                return Some(frame);
+                return Some(item);
             }
             if state.closed {
                 return None;
             }
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            state = self.wait(state);
         }
     }
 
-    /// No more frames. With `discard`, a frame not yet taken is dropped (a
+    /// No more items. With `discard`, an item not yet taken is dropped (a
     /// shutdown); without, it is still delivered (a finite source ended).
     pub fn close(&self, discard: bool) {
         let mut state = self.lock();
         state.closed = true;
         if discard {
-            state.frame = None;
+            state.item = None;
         }
         self.changed.notify_all();
     }
@@ -235,7 +293,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         OutputConfig::Stdout => tokio::spawn(publish::stdout::run(events_rx)),
     };
 
-    let slot = Arc::new(FrameSlot::default());
+    let frames = Arc::new(FrameSlot::default());
+    let prepared = Arc::new(Slot::<PreparedFrame>::default());
     let stop = Arc::new(StopSignal::default());
     if let Some(listen) = config.service.http_listen {
         let exporter = crate::http::Exporter {
@@ -247,12 +306,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         crate::http::start(listen, exporter).await;
     }
     let supervisor = Supervisor::new(config.source.clone(), first_source, counters.clone(), health.clone());
-    let capture = spawn_capture(supervisor, slot.clone(), stop.clone(), counters.clone(), health.clone())?;
+    let capture = spawn_capture(supervisor, frames.clone(), stop.clone(), counters.clone(), health.clone())?;
+    let scorer = Scorer::new(engine);
+    let pacing = Arc::new(Pacing::default());
+    let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
+    let preprocess = spawn_preprocess(
+        preprocessor_for(scorer.info()),
+        config.source.is_live(),
+        frames.clone(),
+        prepared.clone(),
+        returned_tensors,
+        pacing.clone(),
+        counters.clone(),
+    )?;
     let inference = spawn_inference(
-        engine,
+        scorer,
         rules,
         config.labels.min_hold,
-        slot.clone(),
+        prepared.clone(),
+        tensors_back,
+        pacing,
         events_tx,
         counters.clone(),
         health.clone(),
@@ -264,6 +337,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let inference_watch = std::thread::Builder::new().name("inference-watch".into()).spawn(move || {
         let result = inference.join();
         let _ = done_tx.send(());
+        // Ends once its slots close: at once on shutdown, already when a source ran out.
+        let _ = preprocess.join();
         result
     })?;
 
@@ -273,7 +348,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     Notifier::stopping();
     stop.stop();
-    slot.close(true);
+    frames.close(true);
+    prepared.close(true);
     // A capture call that hangs (a wedged camera driver) must not hold the
     // shutdown hostage: give it a moment, then leave it behind.
     if !join_within("capture", capture, Duration::from_secs(2)).await? {
@@ -528,43 +604,147 @@ fn spawn_capture(
     Ok(thread)
 }
 
+/// A frame turned into the model's input, with what its label event says
+/// about the frame. The raw frame itself is already dropped.
+struct PreparedFrame {
+    tensor: Tensor,
+    sequence: u64,
+    captured_at: SystemTime,
+    origin: Option<Arc<str>>,
+}
+
+/// When the preprocess thread should start on a live source's next frame:
+/// late enough that it is the newest frame the camera has, early enough that
+/// inference does not wait for it. Running means, in microseconds.
+#[derive(Default)]
+struct Pacing {
+    inference_us: AtomicU64,
+}
+
+/// A running mean that follows drift (thermal throttling, a busier board)
+/// within about ten frames; the first sample is taken as is.
+fn running_mean(mean_us: u64, sample: Duration) -> u64 {
+    let sample = sample.as_micros() as u64;
+    if mean_us == 0 { sample } else { mean_us - mean_us / 8 + sample / 8 }
+}
+
+impl Pacing {
+    fn record_inference(&self, took: Duration) {
+        let mean = self.inference_us.load(Ordering::Relaxed);
+        self.inference_us.store(running_mean(mean, took), Ordering::Relaxed);
+    }
+
+    /// How long to wait, once inference has taken a frame, before preparing
+    /// the next one so that it is ready just as inference is. The margin
+    /// (a quarter of the preparation time plus 1 ms) errs towards inference
+    /// waiting a little rather than the frame ageing.
+    fn lead(&self, preprocess_us: u64) -> Duration {
+        let inference_us = self.inference_us.load(Ordering::Relaxed);
+        Duration::from_micros(inference_us.saturating_sub(preprocess_us + preprocess_us / 4 + 1_000))
+    }
+}
+
+/// Closes a slot when its producer thread ends, also by a panic, so the
+/// consumer sees the end instead of waiting forever.
+struct CloseOnDrop<T>(Arc<Slot<T>>);
+
+impl<T> Drop for CloseOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.close(false);
+    }
+}
+
+/// Decodes and normalises the next frame while inference runs on the one
+/// before, so a frame costs the longer of the two rather than their sum.
+/// One frame ahead, no more: it waits until inference has taken the last
+/// one. On a live source it also waits until just before inference will be
+/// free ([`Pacing`]), so the frame it takes is as fresh as without overlap.
+fn spawn_preprocess(
+    mut preprocessor: Preprocessor,
+    live: bool,
+    frames: Arc<FrameSlot>,
+    prepared: Arc<Slot<PreparedFrame>>,
+    returned_tensors: std::sync::mpsc::Receiver<Tensor>,
+    pacing: Arc<Pacing>,
+    counters: Arc<Counters>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let thread = std::thread::Builder::new().name("preprocess".into()).spawn(move || {
+        let prepared = CloseOnDrop(prepared);
+        let mut preprocess_us = 0;
+        let mut spare: Option<Tensor> = None;
+        while prepared.0.wait_empty() {
+            if live {
+                let lead = pacing.lead(preprocess_us);
+                if !lead.is_zero() && prepared.0.wait_closed(lead) {
+                    break;
+                }
+            }
+            let Some(frame) = frames.take() else { break };
+            // Two tensors take turns: one being filled here, one in inference.
+            let mut tensor =
+                spare.take().or_else(|| returned_tensors.try_recv().ok()).unwrap_or_else(|| preprocessor.new_tensor());
+            match preprocessor.run_timed(&frame, &mut tensor) {
+                Ok(times) => {
+                    Counters::add(&counters.decode_us_total, times.decode.as_micros() as u64);
+                    Counters::add(&counters.fit_normalise_us_total, times.fit_normalise.as_micros() as u64);
+                    preprocess_us = running_mean(preprocess_us, times.decode + times.fit_normalise);
+                    let item = PreparedFrame {
+                        tensor,
+                        sequence: frame.sequence,
+                        captured_at: frame.captured_at,
+                        origin: frame.origin,
+                    };
+                    if !prepared.0.put_wait(item) {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    spare = Some(tensor);
+                    Counters::inc(&counters.frames_failed);
+                    if let Some(suppressed) = FAIL_WARNING.check(Instant::now()) {
+                        tracing::warn!(error = %format!("{err:#}"), suppressed, "frame skipped");
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(thread)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn spawn_inference(
-    engine: Box<dyn Engine>,
+    mut scorer: Scorer,
     rules: Vec<LabelRule>,
     min_hold: Duration,
-    slot: Arc<FrameSlot>,
+    prepared: Arc<Slot<PreparedFrame>>,
+    returned_tensors: std::sync::mpsc::Sender<Tensor>,
+    pacing: Arc<Pacing>,
     events: mpsc::Sender<LabelEvent>,
     counters: Arc<Counters>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
     health.set_labels(rules.iter().map(|r| r.name.clone()));
-    let mut classifier = FrameClassifier::new(engine);
-    let model_name: Arc<str> = Arc::from(classifier.info().metadata.name.as_str());
+    let model_name: Arc<str> = Arc::from(scorer.info().metadata.name.as_str());
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
         let mut tracker = LabelTracker::new(rules, min_hold);
-        while let Some(frame) = slot.take() {
+        while let Some(PreparedFrame { tensor, sequence, captured_at, origin }) = prepared.take() {
+            let origin_or_frame = || origin.as_deref().unwrap_or("(frame)").to_owned();
             health.inference_started();
-            let classified = classifier.classify(&frame);
-            health.inference_finished(classified.is_ok());
-            let Classified { scores, inference: elapsed, preprocess } = match classified {
-                Ok(classified) => classified,
-                Err(ClassifyError::BadFrame(err)) => {
+            let scored = scorer.score(&tensor);
+            health.inference_finished(scored.is_ok());
+            // The preprocess thread fills it again with the frame after next.
+            let _ = returned_tensors.send(tensor);
+            let (scores, elapsed) = match scored {
+                Ok(scored) => scored,
+                Err(err) => {
                     Counters::inc(&counters.frames_failed);
-                    if let Some(suppressed) = FAIL_WARNING.check(Instant::now()) {
-                        tracing::warn!(error = %format!("{err:#}"), suppressed, "frame skipped");
-                    }
-                    continue;
-                }
-                Err(ClassifyError::Engine(err)) => {
-                    Counters::inc(&counters.frames_failed);
-                    tracing::error!(error = %format!("{err:#}"), origin = frame.origin(), "inference failed");
+                    tracing::error!(error = %format!("{err:#}"), origin = origin_or_frame(), "inference failed");
                     continue;
                 }
             };
+            pacing.record_inference(elapsed);
             Counters::inc(&counters.inferences);
             Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
-            Counters::add(&counters.decode_us_total, preprocess.decode.as_micros() as u64);
-            Counters::add(&counters.fit_normalise_us_total, preprocess.fit_normalise.as_micros() as u64);
             if health.mark_ready() {
                 let ms = elapsed.as_secs_f64() * 1e3;
                 tracing::info!(inference_ms = ms, "first frame classified: ready");
@@ -582,16 +762,16 @@ fn spawn_inference(
             for &i in &changed {
                 health.set_label(i, labels[i].on);
                 Counters::inc(&counters.state_changes);
-                tracing::info!(label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = frame.origin(), "label changed");
+                tracing::info!(label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = origin_or_frame(), "label changed");
             }
-            tracing::trace!(sequence = frame.sequence, inference_ms = elapsed.as_secs_f64() * 1e3, "frame classified");
+            tracing::trace!(sequence, inference_ms = elapsed.as_secs_f64() * 1e3, "frame classified");
             let event = LabelEvent {
-                sequence: frame.sequence,
+                sequence,
                 timestamp: SystemTime::now(),
-                origin: frame.origin.clone(),
+                origin,
                 model: model_name.clone(),
                 inference_ms: elapsed.as_secs_f64() * 1e3,
-                frame_ms: frame.captured_at.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                frame_ms: captured_at.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e3),
                 labels,
                 changed,
             };
@@ -654,6 +834,97 @@ mod tests {
         assert!(matches!(supervisor.step(), Step::Nothing));
         assert_eq!(supervisor.health.source_state(), SourceState::Streaming);
         assert!(matches!(supervisor.step(), Step::Frame(_)));
+    }
+
+    fn rgb_frame(sequence: u64, bytes: usize) -> Frame {
+        Frame {
+            format: crate::source::PixelFormat::Rgb8,
+            width: 4,
+            height: 4,
+            stride: 12,
+            data: vec![128; bytes],
+            ..frame(sequence)
+        }
+    }
+
+    #[test]
+    fn the_preprocess_thread_prepares_one_frame_ahead_in_order_and_skips_a_bad_frame() {
+        let frames = Arc::new(FrameSlot::default());
+        let prepared = Arc::new(Slot::<PreparedFrame>::default());
+        let counters = Arc::new(Counters::default());
+        let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
+        let preprocessor = Preprocessor::new(2, 2, [0.5; 3], [0.25; 3], crate::config::ResizeMode::Stretch);
+        let thread = spawn_preprocess(
+            preprocessor,
+            false,
+            frames.clone(),
+            prepared.clone(),
+            returned_tensors,
+            Arc::new(Pacing::default()),
+            counters.clone(),
+        )
+        .unwrap();
+        let writer = {
+            let frames = frames.clone();
+            std::thread::spawn(move || {
+                for sequence in 0..5 {
+                    // Frame 2 is 5 bytes short of 4 rows of 12.
+                    let bytes = if sequence == 2 { 43 } else { 48 };
+                    if !frames.put_wait(rgb_frame(sequence, bytes)) {
+                        return;
+                    }
+                }
+                frames.close(false);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let waiting = frames.lock().item.as_ref().map(|frame| frame.sequence);
+        assert_eq!(waiting, Some(1), "with frame 0 prepared and not taken, frame 1 is not touched yet");
+        assert!(!writer.is_finished(), "and capture waits");
+
+        let mut received = Vec::new();
+        while let Some(item) = prepared.take() {
+            // mean 0.5, std 0.25: a grey of 128 normalises to (128/255 - 0.5) / 0.25.
+            let expected = (128.0 / 255.0 - 0.5) / 0.25;
+            assert!(item.tensor.data.iter().all(|v| (v - expected).abs() < 1e-5), "{:?}", item.tensor.data);
+            received.push(item.sequence);
+            tensors_back.send(item.tensor).unwrap();
+        }
+        writer.join().unwrap();
+        thread.join().unwrap();
+        assert_eq!(received, [0, 1, 3, 4]);
+        assert_eq!(Counters::get(&counters.frames_failed), 1);
+    }
+
+    #[test]
+    fn a_live_frame_is_prepared_just_before_inference_will_be_free() {
+        let pacing = Pacing::default();
+        assert_eq!(pacing.lead(3_000), Duration::ZERO, "no inference timed yet: prepare at once");
+        pacing.record_inference(Duration::from_millis(50));
+        // 50 ms of inference, 4 ms to prepare, a margin of 1 + 1 ms.
+        assert_eq!(pacing.lead(4_000), Duration::from_millis(44));
+        // One fast inference moves the mean an eighth of the way.
+        pacing.record_inference(Duration::from_millis(2));
+        assert_eq!(pacing.lead(4_000), Duration::from_millis(38));
+        assert_eq!(pacing.lead(60_000), Duration::ZERO, "preparing takes longer than inference: at once");
+    }
+
+    #[test]
+    fn waiting_on_a_slot_ends_early_when_it_closes() {
+        let slot = Arc::new(FrameSlot::default());
+        assert!(!slot.wait_closed(Duration::from_millis(10)), "still open after the full wait");
+        let closer = {
+            let slot = slot.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                slot.close(true);
+            })
+        };
+        let began = Instant::now();
+        assert!(slot.wait_closed(Duration::from_secs(30)));
+        assert!(began.elapsed() < Duration::from_secs(20), "woken by the close, not the timeout");
+        closer.join().unwrap();
+        assert!(!slot.wait_empty(), "a closed slot tells a waiting producer to stop");
     }
 
     #[test]

@@ -83,11 +83,15 @@ fn build_session(
     let ort_err = |err: ort::Error<_>| anyhow::anyhow!("{err}");
     let mut builder = Session::builder(environment)
         .map_err(|err| anyhow::anyhow!("{err}"))?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(ort_err)?
         .with_intra_threads(config.threads)
         .map_err(ort_err)?
         .with_inter_threads(1)
+        .map_err(ort_err)?
+        // Idle pool threads sleep instead of spinning: the preprocess thread
+        // runs beside inference and needs the core a spinning thread burns.
+        .with_intra_op_spinning(false)
         .map_err(ort_err)?;
     let engine_name = match config.engine {
         EngineKind::TensorRt => {
@@ -220,27 +224,65 @@ mod tensorrt {
         let trt = &config.tensorrt;
         let key = cache_key(model, &ort_version(), &tensorrt_version(), &gpu_name(), trt.precision);
         let cache = trt.cache_dir.join(&key);
-        std::fs::create_dir_all(&cache).map_err(|err| {
-            anyhow::anyhow!(
-                "cannot create the TensorRT engine cache {} ({err}); set model.tensorrt.cache_dir",
-                cache.display()
-            )
-        })?;
-        tracing::info!(cache = %cache.display(), precision = trt.precision.as_str(), dla_core = ?trt.dla_core, "TensorRT: engines are cached here; the first build takes minutes");
         let mut provider = TensorRT::default()
             .with_fp16(trt.precision != TensorRtPrecision::Fp32)
             .with_int8(trt.precision == TensorRtPrecision::Int8)
-            .with_max_workspace_size(trt.workspace_bytes)
-            .with_engine_cache(true)
-            .with_engine_cache_path(cache.display())
-            .with_timing_cache(true)
-            .with_timing_cache_path(cache.display());
+            .with_max_workspace_size(trt.workspace_bytes);
+        match cache_problem(&cache, model.len() as u64) {
+            None => {
+                tracing::info!(cache = %cache.display(), precision = trt.precision.as_str(), dla_core = ?trt.dla_core, "TensorRT: engines are cached here; the first build takes minutes");
+                provider = provider
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(cache.display())
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(cache.display());
+            }
+            // The daemon still runs, as a user would want at 3 a.m.; only
+            // every start pays the engine build again.
+            Some(problem) => tracing::warn!(
+                cache = %cache.display(),
+                problem,
+                "TensorRT engine cache unusable: running without it, so every start builds the engine again (minutes); free some space or fix the folder, or set model.tensorrt.cache_dir"
+            ),
+        }
         if let Some(core) = trt.dla_core {
             provider = provider.with_dla(true).with_dla_core(core);
         }
         builder
             .with_execution_providers([provider.build().error_on_failure(), CUDA::default().build()])
             .map_err(|err| anyhow::anyhow!("{err}"))
+    }
+
+    /// Why the engine cache folder cannot be used, if it cannot: it cannot
+    /// be created, written (a read-only state directory) or has too little
+    /// room for an engine. TensorRT writes its engine files without
+    /// checking the writes (ONNX Runtime's provider), so a full disk would
+    /// leave a truncated engine behind for the next start to trip on;
+    /// better to find out before the build.
+    pub fn cache_problem(dir: &Path, model_bytes: u64) -> Option<String> {
+        if let Err(err) = std::fs::create_dir_all(dir) {
+            return Some(format!("cannot create it: {err}"));
+        }
+        let probe = dir.join(".labelcast-write-probe");
+        let written = std::fs::write(&probe, b"labelcast").and_then(|()| std::fs::File::open(&probe)?.sync_all());
+        let _ = std::fs::remove_file(&probe);
+        if let Err(err) = written {
+            return Some(format!("cannot write to it: {err}"));
+        }
+        match rustix::fs::statvfs(dir) {
+            Ok(stats) => room_problem(stats.f_bavail.saturating_mul(stats.f_frsize), model_bytes),
+            Err(err) => Some(format!("cannot tell how much room it has: {err}")),
+        }
+    }
+
+    /// An engine and its timing cache take a few times the ONNX file's
+    /// size (FP16 weights of an INT8 model, tactics, padding); ask for four
+    /// times the model and never less than 64 MiB. A design margin, not a
+    /// measurement: no GPU here to measure engines on.
+    pub fn room_problem(free_bytes: u64, model_bytes: u64) -> Option<String> {
+        let needed = model_bytes.saturating_mul(4).max(64 << 20);
+        (free_bytes < needed)
+            .then(|| format!("{} MiB free, an engine needs about {} MiB", free_bytes >> 20, needed >> 20))
     }
 
     /// The cache folder name: every input that changes the built engine.
@@ -308,6 +350,31 @@ mod tensorrt {
                 assert_ne!(base, other);
             }
             assert!(base.starts_with("fp16-"));
+        }
+
+        #[test]
+        fn an_engine_cache_folder_that_cannot_be_created_is_a_problem_that_names_why() {
+            let dir = tempfile::tempdir().unwrap();
+            let file_in_the_way = dir.path().join("state");
+            std::fs::write(&file_in_the_way, b"not a folder").unwrap();
+            let problem = cache_problem(&file_in_the_way.join("fp16-0123"), 10 << 20).expect("a problem");
+            assert!(problem.starts_with("cannot create it:"), "{problem}");
+        }
+
+        #[test]
+        fn a_writable_engine_cache_folder_with_room_is_used_and_left_clean() {
+            let dir = tempfile::tempdir().unwrap();
+            let cache = dir.path().join("engines/fp16-0123");
+            assert_eq!(cache_problem(&cache, 1 << 20), None);
+            assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0, "the write probe is removed");
+        }
+
+        #[test]
+        fn an_engine_cache_on_a_nearly_full_disk_is_refused_before_the_build() {
+            assert_eq!(room_problem(1 << 30, 10 << 20), None);
+            let small_model = room_problem(50 << 20, 1 << 20).expect("below the 64 MiB floor");
+            assert_eq!(small_model, "50 MiB free, an engine needs about 64 MiB");
+            assert!(room_problem(300 << 20, 100 << 20).is_some(), "a 100 MB model needs 400 MiB");
         }
     }
 }

@@ -204,7 +204,10 @@ impl Preprocessor {
     /// Resizes `self.rgb` (w x h) into `self.fitted` (the model's size).
     fn fit(&mut self, w: u32, h: u32) -> anyhow::Result<()> {
         let (dw, dh) = (self.width, self.height);
-        let src = fr::images::ImageRef::new(w, h, &self.rgb, fr::PixelType::U8x3).context("RGB buffer size")?;
+        // Typed (U8x3) calls, not the pixel-type-dispatching `resize`: that
+        // one compiles every pixel type's SIMD kernels into the binary.
+        let src = fr::images::TypedImageRef::<fr::pixels::U8x3>::from_buffer(w, h, &self.rgb)
+            .context("RGB buffer size")?;
         let bilinear = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
         match self.mode {
             ResizeMode::Stretch | ResizeMode::CenterCrop => {
@@ -217,16 +220,17 @@ impl Preprocessor {
                 } else {
                     bilinear
                 };
-                let mut dst = fr::images::Image::from_slice_u8(dw, dh, &mut self.fitted, fr::PixelType::U8x3)?;
-                self.resizer.resize(&src, &mut dst, &options)?;
+                let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(dw, dh, &mut self.fitted)?;
+                self.resizer.resize_typed(&src, &mut dst, &options)?;
             }
             ResizeMode::Letterbox => {
                 let scale = (dw as f64 / w as f64).min(dh as f64 / h as f64);
                 let rw = ((w as f64 * scale).round() as u32).clamp(1, dw);
                 let rh = ((h as f64 * scale).round() as u32).clamp(1, dh);
                 self.letterboxed.resize((rw * rh * 3) as usize, 0);
-                let mut dst = fr::images::Image::from_slice_u8(rw, rh, &mut self.letterboxed, fr::PixelType::U8x3)?;
-                self.resizer.resize(&src, &mut dst, &bilinear)?;
+                let mut dst =
+                    fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(rw, rh, &mut self.letterboxed)?;
+                self.resizer.resize_typed(&src, &mut dst, &bilinear)?;
                 for pixel in self.fitted.chunks_exact_mut(3) {
                     pixel.copy_from_slice(&self.pad);
                 }

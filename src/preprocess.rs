@@ -206,8 +206,8 @@ impl Preprocessor {
         let (dw, dh) = (self.width, self.height);
         // Typed (U8x3) calls, not the pixel-type-dispatching `resize`: that
         // one compiles every pixel type's SIMD kernels into the binary.
-        let src = fr::images::TypedImageRef::<fr::pixels::U8x3>::from_buffer(w, h, &self.rgb)
-            .context("RGB buffer size")?;
+        let src =
+            fr::images::TypedImageRef::<fr::pixels::U8x3>::from_buffer(w, h, &self.rgb).context("RGB buffer size")?;
         let bilinear = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
         match self.mode {
             ResizeMode::Stretch | ResizeMode::CenterCrop => {
@@ -228,8 +228,7 @@ impl Preprocessor {
                 let rw = ((w as f64 * scale).round() as u32).clamp(1, dw);
                 let rh = ((h as f64 * scale).round() as u32).clamp(1, dh);
                 self.letterboxed.resize((rw * rh * 3) as usize, 0);
-                let mut dst =
-                    fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(rw, rh, &mut self.letterboxed)?;
+                let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(rw, rh, &mut self.letterboxed)?;
                 self.resizer.resize_typed(&src, &mut dst, &bilinear)?;
                 for pixel in self.fitted.chunks_exact_mut(3) {
                     pixel.copy_from_slice(&self.pad);

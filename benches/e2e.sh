@@ -79,34 +79,57 @@ print(json.dumps({"name": name, "engine": engine, "threads": int(threads), "res"
 PY
 }
 
-for res in 640x480 1280x720; do
-  frames=$work/frames-$res
-  for threads in 1 2; do
-    for engine in onnxruntime tract; do
-      run_row labelcast "$engine" "$threads" "$res" labelcast/bench/labels \
-        "$bin" --log-level info run --device-id bench --engine "$engine" --threads "$threads" --http-listen off \
-        --source "file://$frames?fps=0" --mqtt "mqtt://127.0.0.1:$port" --model "$model"
+# A shared VM's neighbours move single runs by 20-30%: every row runs once
+# per round, rounds interleaved, and the table shows each row's median.
+rounds=${E2E_ROUNDS:-3}
+for round in $(seq "$rounds"); do
+  echo "round $round of $rounds" >&2
+  for res in 640x480 1280x720; do
+    frames=$work/frames-$res
+    for threads in 1 2; do
+      for engine in onnxruntime tract; do
+        run_row labelcast "$engine" "$threads" "$res" labelcast/bench/labels \
+          "$bin" --log-level info run --device-id bench --engine "$engine" --threads "$threads" --http-listen off \
+          --source "file://$frames?fps=0" --mqtt "mqtt://127.0.0.1:$port" --model "$model"
+      done
+      run_row baseline onnxruntime "$threads" "$res" baseline/bench/labels \
+        "$py" benches/baseline/pipeline.py --model "$model" --frames "$frames" --mqtt "127.0.0.1:$port" --threads "$threads"
     done
-    run_row baseline onnxruntime "$threads" "$res" baseline/bench/labels \
-      "$py" benches/baseline/pipeline.py --model "$model" --frames "$frames" --mqtt "127.0.0.1:$port" --threads "$threads"
   done
 done
 
-"$py" - "$results" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+"$py" - "$results" "$rounds" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+rounds = int(sys.argv[2])
+key = lambda r: (r["name"], r["engine"], r["threads"], r["res"])
+groups = {}
+for r in runs:
+    groups.setdefault(key(r), []).append(r)
+med = lambda rs, f: statistics.median(f(r) for r in rs)
+rows = []
+for k, rs in groups.items():
+    row = {"name": k[0], "engine": k[1], "threads": k[2], "res": k[3], "runs": rs}
+    for field in ("fps", "p50", "p99", "rss_mb", "first_label_s"):
+        row[field] = med(rs, lambda r: r[field])
+    row["stages"] = {s: med(rs, lambda r: r["stages"][s]) for s in ("decode", "preprocess", "infer", "publish")}
+    rows.append(row)
+print(f"median of {rounds} round(s) per row")
 print(f"{'run':<10} {'engine':<12} {'thr':>3} {'frames':<9} {'fps':>7} {'p50 ms':>7} {'p99 ms':>7} {'decode':>7} {'prep':>6} {'infer':>7} {'publish':>7} {'RSS MB':>7} {'1st label s':>11}")
 for r in rows:
     s = r["stages"]
     print(f"{r['name']:<10} {r['engine']:<12} {r['threads']:>3} {r['res']:<9} {r['fps']:>7.1f} {r['p50']:>7.1f} {r['p99']:>7.1f} "
           f"{s['decode']:>7.2f} {s['preprocess']:>6.2f} {s['infer']:>7.2f} {s['publish']:>7.3f} {r['rss_mb']:>7.1f} {r['first_label_s']:>11.2f}")
-print("\nratios (same resolution and threads; labelcast on the onnxruntime engine unless said):")
-print(f"{'frames':<9} {'thr':>3} {'fps lc/py':>9} {'RSS lc/py':>9} {'1st label lc/py':>15} {'lc per-frame / bare infer':>26} {'tract fps / py':>14}")
+print("\nratios of the medians (same resolution and threads; labelcast on the onnxruntime engine unless said);")
+print("fps lc/py per round: the same ratio within each round, lowest to highest")
+print(f"{'frames':<9} {'thr':>3} {'fps lc/py':>9} {'per round':>12} {'RSS lc/py':>9} {'1st label lc/py':>15} {'lc per-frame / bare infer':>26} {'tract fps / py':>14}")
 for res in dict.fromkeys(r["res"] for r in rows):
     for threads in (1, 2):
         pick = lambda name, engine: next(r for r in rows if r["name"] == name and r["engine"] == engine and r["res"] == res and r["threads"] == threads)
         lc, tr, py = pick("labelcast", "onnxruntime"), pick("labelcast", "tract"), pick("baseline", "onnxruntime")
+        per_round = sorted(a["fps"] / b["fps"] for a, b in zip(lc["runs"], py["runs"]))
+        spread = f"{per_round[0]:.2f}-{per_round[-1]:.2f}"
         per_frame = 1000 / lc["fps"]
-        print(f"{res:<9} {threads:>3} {lc['fps'] / py['fps']:>9.2f} {lc['rss_mb'] / py['rss_mb']:>9.2f} "
+        print(f"{res:<9} {threads:>3} {lc['fps'] / py['fps']:>9.2f} {spread:>12} {lc['rss_mb'] / py['rss_mb']:>9.2f} "
               f"{lc['first_label_s'] / py['first_label_s']:>15.2f} {per_frame / lc['stages']['infer']:>26.2f} {tr['fps'] / py['fps']:>14.2f}")
 PY

@@ -89,9 +89,7 @@ fn build_session(
         .map_err(ort_err)?
         .with_inter_threads(1)
         .map_err(ort_err)?
-        // Idle pool threads sleep instead of spinning: the preprocess thread
-        // runs beside inference and needs the core a spinning thread burns.
-        .with_intra_op_spinning(false)
+        .with_intra_op_spinning(spinning_leaves_a_core(config.threads))
         .map_err(ort_err)?;
     let engine_name = match config.engine {
         EngineKind::TensorRt => {
@@ -189,6 +187,15 @@ fn runtime_version(path: &Path) -> String {
             name.strip_prefix("libonnxruntime.so.").map(str::to_string)
         })
         .unwrap_or_else(|| "(version unknown)".to_string())
+}
+
+/// Whether ONNX Runtime's idle pool threads may spin (the faster wake-up)
+/// without taking the core the daemon's preprocess thread needs, which runs
+/// beside inference: only when the pool leaves a core free. On two cores
+/// with two threads, spinning made the preprocess thread wait for a core.
+fn spinning_leaves_a_core(threads: usize) -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    threads < cores
 }
 
 fn engine_error(engine: EngineKind, path: &Path, err: anyhow::Error) -> anyhow::Error {

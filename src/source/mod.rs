@@ -89,10 +89,15 @@ pub struct Frame {
     pub origin: Option<Arc<str>>,
 }
 
+/// A frame's origin for logs, or a placeholder for frames that have none.
+pub fn describe_origin(origin: Option<&str>) -> &str {
+    origin.unwrap_or("(frame)")
+}
+
 impl Frame {
     /// The file or device this frame came from, for logs.
     pub fn origin(&self) -> &str {
-        self.origin.as_deref().unwrap_or("(frame)")
+        describe_origin(self.origin.as_deref())
     }
 }
 

@@ -728,7 +728,7 @@ fn spawn_inference(
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
         let mut tracker = LabelTracker::new(rules, min_hold);
         while let Some(PreparedFrame { tensor, sequence, captured_at, origin }) = prepared.take() {
-            let origin_or_frame = || origin.as_deref().unwrap_or("(frame)").to_owned();
+            let shown_origin = source::describe_origin(origin.as_deref());
             health.inference_started();
             let scored = scorer.score(&tensor);
             health.inference_finished(scored.is_ok());
@@ -738,7 +738,7 @@ fn spawn_inference(
                 Ok(scored) => scored,
                 Err(err) => {
                     Counters::inc(&counters.frames_failed);
-                    tracing::error!(error = %format!("{err:#}"), origin = origin_or_frame(), "inference failed");
+                    tracing::error!(error = %format!("{err:#}"), origin = shown_origin, "inference failed");
                     continue;
                 }
             };
@@ -762,7 +762,7 @@ fn spawn_inference(
             for &i in &changed {
                 health.set_label(i, labels[i].on);
                 Counters::inc(&counters.state_changes);
-                tracing::info!(label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = origin_or_frame(), "label changed");
+                tracing::info!(label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = shown_origin, "label changed");
             }
             tracing::trace!(sequence, inference_ms = elapsed.as_secs_f64() * 1e3, "frame classified");
             let event = LabelEvent {
@@ -877,9 +877,14 @@ mod tests {
                 frames.close(false);
             })
         };
+        let waiting = || frames.lock().item.as_ref().map(|frame| frame.sequence);
+        // Generous for a loaded CI machine or qemu: frame 0 prepared, frame 1 handed over.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while waiting() != Some(1) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::thread::sleep(Duration::from_millis(200));
-        let waiting = frames.lock().item.as_ref().map(|frame| frame.sequence);
-        assert_eq!(waiting, Some(1), "with frame 0 prepared and not taken, frame 1 is not touched yet");
+        assert_eq!(waiting(), Some(1), "with frame 0 prepared and not taken, frame 1 is not touched");
         assert!(!writer.is_finished(), "and capture waits");
 
         let mut received = Vec::new();
@@ -888,7 +893,8 @@ mod tests {
             let expected = (128.0 / 255.0 - 0.5) / 0.25;
             assert!(item.tensor.data.iter().all(|v| (v - expected).abs() < 1e-5), "{:?}", item.tensor.data);
             received.push(item.sequence);
-            tensors_back.send(item.tensor).unwrap();
+            // As inference does; after the last frame the thread may be gone.
+            let _ = tensors_back.send(item.tensor);
         }
         writer.join().unwrap();
         thread.join().unwrap();

@@ -70,13 +70,16 @@ fn every_frame_in_the_fuzz_corpus_decodes_or_is_skipped() {
     assert!(replay("frame_decode", checks::frame_decode) >= 9);
 }
 
+/// The structured payload target's input, decoded as cargo-fuzz decodes it.
+fn payload_from_bytes(data: &[u8]) {
+    if let Ok(input) = checks::PayloadInput::arbitrary_take_rest(Unstructured::new(data)) {
+        checks::mqtt_payload(input);
+    }
+}
+
 #[test]
 fn every_payload_input_in_the_fuzz_corpus_gives_publishable_topics_and_json() {
-    replay("mqtt_payload", |data| {
-        if let Ok(input) = checks::PayloadInput::arbitrary_take_rest(Unstructured::new(data)) {
-            checks::mqtt_payload(input);
-        }
-    });
+    replay("mqtt_payload", payload_from_bytes);
 }
 
 /// Mutated copies of the corpus, made the way libFuzzer mutates (bit flips,
@@ -157,9 +160,5 @@ fn mutated_frames_decode_or_are_skipped() {
 
 #[test]
 fn mutated_payload_inputs_give_publishable_topics_and_json() {
-    mutate_and_check("mqtt_payload", 50_000, |data| {
-        if let Ok(input) = checks::PayloadInput::arbitrary_take_rest(Unstructured::new(data)) {
-            checks::mqtt_payload(input);
-        }
-    });
+    mutate_and_check("mqtt_payload", 50_000, payload_from_bytes);
 }

@@ -242,18 +242,20 @@ struct TinyModel {
     input_dims: Vec<i64>,
     input_type: i32,
     qdq: bool,
+    /// The pooling operator: another name makes a model no engine knows.
+    pool_op: &'static str,
 }
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { input_dims: vec![1, 3, 4, 4], input_type: 1, qdq: false }
+        Self { input_dims: vec![1, 3, 4, 4], input_type: 1, qdq: false, pool_op: "GlobalAveragePool" }
     }
 }
 
 impl TinyModel {
     fn write(&self, dir: &Path, name: &str) -> PathBuf {
         let mut nodes = vec![
-            node("GlobalAveragePool", &["image"], &["pooled"], vec![]),
+            node(self.pool_op, &["image"], &["pooled"], vec![]),
             node("Flatten", &["pooled"], &["flat"], vec![int_attribute("axis", 1)]),
         ];
         let mut initializer = vec![float_tensor("W", &[2, 3], &W.concat()), float_tensor("B", &[2], &B)];
@@ -439,6 +441,25 @@ fn every_engine_refuses_a_file_that_is_not_onnx_without_panicking() {
                 .unwrap_or_else(|| panic!("{} loaded {}", under_test.name, model.display()));
             assert_eq!(config_error(&err).field, "model.path", "{}", under_test.name);
             assert!(format!("{err:#}").contains(&model.display().to_string()), "{}: {err:#}", under_test.name);
+        }
+    }
+}
+
+#[test]
+fn every_engine_refuses_an_operator_it_lacks_naming_the_model_and_tract_also_names_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel { pool_op: "LabelcastMadeUpPool", ..Default::default() }.write(dir.path(), "made-up-op.onnx");
+    for under_test in engines() {
+        let err = under_test.load(&model).err().unwrap_or_else(|| panic!("{} loaded a made-up op", under_test.name));
+        let message = format!("{err:#}");
+        assert!(message.contains("made-up-op.onnx"), "{}: {message}", under_test.name);
+        if under_test.engine == EngineKind::Tract {
+            assert_eq!(config_error(&err).field, "model.path", "{}", under_test.name);
+            assert!(
+                message.contains("no implementation of LabelcastMadeUpPool") && message.contains("\"onnxruntime\""),
+                "{}: {message}",
+                under_test.name
+            );
         }
     }
 }

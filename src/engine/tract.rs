@@ -47,29 +47,32 @@ impl TractEngine {
         let proto = &prepared.proto;
         let built = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<_> {
             let started = Instant::now();
-            let model = tract_onnx::onnx()
-                .model_for_proto_model(proto)
-                .map_err(|err| anyhow::anyhow!("{err:?}"))
-                .context("tract could not read the graph")?;
+            let model = tract_onnx::onnx().model_for_proto_model(proto).context("tract could not read the graph")?;
+            let missing = unimplemented_ops(&model);
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "tract has no implementation of {}: run this model with model.engine = \"onnxruntime\", \
+                     or export it with standard ONNX operators",
+                    missing.join(", ")
+                );
+            }
             let loaded = Instant::now();
             let model = model
                 .with_input_fact(0, f32::fact(input_shape).into())
                 .and_then(|m| m.into_optimized())
-                .map_err(|err| anyhow::anyhow!("{err:?}"))
                 .context("tract could not analyse and optimise the graph")?;
             let options = RunOptions {
                 executor: (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads)),
                 ..Default::default()
             };
             let output_shape: Vec<usize> = model
-                .output_fact(0)
-                .map_err(|err| anyhow::anyhow!("{err:?}"))?
+                .output_fact(0)?
                 .shape
                 .as_concrete()
                 .map(|s| s.to_vec())
                 .context("the output shape is not fixed once the input is")?;
-            let plan = model.into_runnable_with_options(&options).map_err(|err| anyhow::anyhow!("{err:?}"))?;
-            let state = plan.spawn().map_err(|err| anyhow::anyhow!("{err:?}"))?;
+            let plan = model.into_runnable_with_options(&options).context("tract could not plan the graph")?;
+            let state = plan.spawn()?;
             Ok((state, output_shape, loaded - started, loaded.elapsed()))
         }));
         let (state, output_shape, graph_time, optimize_time) = match built {
@@ -97,10 +100,26 @@ impl Engine for TractEngine {
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
         self.info.check_input(input)?;
-        let tensor = tract_onnx::prelude::Tensor::from_shape(&input.shape, &input.data)
-            .map_err(|err| anyhow::anyhow!("{err:?}"))?;
-        let outputs = self.state.run(tvec!(tensor.into_tvalue())).map_err(|err| anyhow::anyhow!("{err:?}"))?;
-        let scores = outputs[0].to_plain_array_view::<f32>().map_err(|err| anyhow::anyhow!("{err:?}"))?;
+        let tensor = tract_onnx::prelude::Tensor::from_shape(&input.shape, &input.data)?;
+        let outputs = self.state.run(tvec!(tensor.into_tvalue())).context("tract could not run the model")?;
+        let scores = outputs[0].to_plain_array_view::<f32>().context("the model's output is not float")?;
         Ok(scores.iter().copied().collect())
     }
+}
+
+/// Operators in the graph that tract parsed but cannot run (it keeps them as
+/// `Unimplemented(name)` placeholders and only fails later, with a message
+/// about typing): their ONNX names, each once.
+fn unimplemented_ops(model: &InferenceModel) -> Vec<String> {
+    let mut names: Vec<String> = model
+        .nodes()
+        .iter()
+        .filter_map(|node| {
+            let op = node.op.name();
+            op.strip_prefix("Unimplemented(").and_then(|rest| rest.strip_suffix(')')).map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

@@ -16,20 +16,15 @@
 #   sudo bash cross/setup-debian.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+. tests/as-root.sh
 
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
-  sudo_if_needed dpkg --add-architecture arm64
+  as_root dpkg --add-architecture arm64
 fi
 packages=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
           linux-libc-dev-arm64-cross libclang-dev qemu-user libc6:arm64 libgcc-s1:arm64 python3-venv
           mosquitto mosquitto-clients binutils-aarch64-linux-gnu)
-missing=()
-for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if ((${#missing[@]})); then
-  sudo_if_needed apt-get update -qq
-  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+apt_install_missing "${packages[@]}"
 /usr/bin/rustc --version
 
 # zig for cargo-zigbuild, from PyPI, in the repo's tooling venv.

@@ -20,6 +20,7 @@
 # Run cross/setup-debian.sh first. Prints how long each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tests/as-root.sh
 repo=$(pwd)
 started=$SECONDS
 step() { printf '\n=== aarch64: %s (%ds so far)\n' "$1" $((SECONDS - started)); }
@@ -125,7 +126,6 @@ grep -q "labelcast stopped" "$work/daemon.log"
 step "arm64 .deb: build, dpkg -i, check-config from the installed paths under qemu"
 # The glibc231 variant states the dependency the glibc check above proves
 # (libc6 >= 2.31) instead of what dpkg-shlibdeps reads off this machine.
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb@3.7.0
 debs=$CARGO_TARGET_DIR/debian-arm64
 rm -rf "$debs"
@@ -134,10 +134,10 @@ deb=$(ls "$debs"/labelcast_*_arm64.deb)
 dpkg-deb -f "$deb" Package Architecture Depends
 dpkg-deb -f "$deb" Depends | grep -q 'libc6 (>= 2.31)' || { echo "the arm64 .deb does not depend on libc6 >= 2.31" >&2; exit 1; }
 echo "$(basename "$deb"): $(du -h "$deb" | cut -f1)"
-sudo_if_needed dpkg -i "$deb" >/dev/null
+as_root dpkg -i "$deb" >/dev/null
 aarch64-linux-gnu-readelf -h /usr/bin/labelcast | grep -q AArch64 || { echo "/usr/bin/labelcast from the arm64 .deb is not an aarch64 binary" >&2; exit 1; }
 (cd / && env -u LABELCAST_DATA_DIR qemu-aarch64 -L / /usr/bin/labelcast --log-level warn check-config /etc/labelcast/config.toml)
-sudo_if_needed dpkg --purge labelcast >/dev/null
+as_root dpkg --purge labelcast >/dev/null
 [ ! -e /usr/bin/labelcast ] || { echo "purging the arm64 .deb left /usr/bin/labelcast" >&2; exit 1; }
 
 step "done"

@@ -11,7 +11,7 @@
 # `cargo deb --profile edge` (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+. tests/as-root.sh
 profile=${LABELCAST_DEB_PROFILE:-dev}
 command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb@3.7.0
 out=$(mktemp -d)
@@ -19,7 +19,7 @@ trap 'rm -rf "$out"' EXIT
 cargo deb --profile "$profile" --no-build --deb-revision="" -o "$out/" 2>&1 | grep -v "dev profile is not supported\|To enable debug symbols" || true
 deb=$(ls "$out"/labelcast_*_amd64.deb)
 echo "built $(basename "$deb") ($(du -h "$deb" | cut -f1))"
-sudo_if_needed dpkg -i "$deb"
+as_root dpkg -i "$deb"
 fail() { echo "deb-install: $*" >&2; exit 1; }
 [ -x /usr/bin/labelcast ] || fail "/usr/bin/labelcast missing"
 [ -f /lib/systemd/system/labelcast.service ] || [ -f /usr/lib/systemd/system/labelcast.service ] || fail "unit missing"
@@ -29,6 +29,6 @@ id -nG labelcast | grep -qw video || fail "user labelcast is not in the video gr
 (cd / && env -u LABELCAST_DATA_DIR /usr/bin/labelcast check-config /etc/labelcast/config.toml)
 (cd / && env -u LABELCAST_DATA_DIR /usr/bin/labelcast --log-level warn classify /usr/share/labelcast/calibration/images/chelsea.jpg) | grep -q "cat " \
   || fail "the installed binary does not see the cat in the installed photo"
-sudo_if_needed dpkg --purge labelcast
+as_root dpkg --purge labelcast
 [ ! -e /usr/bin/labelcast ] || fail "purge left /usr/bin/labelcast"
 echo "deb-install: OK"

@@ -14,7 +14,7 @@ repo=$(pwd)
 started=$SECONDS
 stage() { printf '\n=== %s (%ds so far)\n' "$1" $((SECONDS - started)); }
 
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+. tests/as-root.sh
 
 stage "system packages"
 need=()
@@ -23,10 +23,7 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # The v4l crate generates its V4L2 bindings with bindgen, which needs libclang.
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
-if ((${#need[@]})); then
-  sudo_if_needed apt-get update -qq
-  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+if ((${#need[@]})); then apt_install "${need[@]}"; fi
 # Debian starts mosquitto as a service on port 1883 where systemd runs; the
 # tests use their own instances on free ports and do not need it.
 

@@ -43,7 +43,7 @@ impl TractEngine {
         let path = config.path.as_path();
         let prepared = prepare::prepare(config, require_labels, Rewrite::ForTract)?;
         let input_shape = prepared.input_shape;
-        let threads = config.threads;
+        let threads = tract_threads(config.threads);
         let proto = &prepared.proto;
         let built = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<_> {
             let started = Instant::now();
@@ -61,10 +61,7 @@ impl TractEngine {
                 .with_input_fact(0, f32::fact(input_shape).into())
                 .and_then(|m| m.into_optimized())
                 .context("tract could not analyse and optimise the graph")?;
-            let options = RunOptions {
-                executor: (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads)),
-                ..Default::default()
-            };
+            let options = RunOptions { executor: executor(threads), ..Default::default() };
             let output_shape: Vec<usize> = model
                 .output_fact(0)?
                 .shape
@@ -122,4 +119,28 @@ fn unimplemented_ops(model: &InferenceModel) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// The threads tract will use: as asked, or one in a build without the
+/// `tract-threads` feature (which leaves out tract's multithreaded matrix
+/// products to make the binary smaller), with a warning saying so.
+fn tract_threads(asked: usize) -> usize {
+    if cfg!(feature = "tract-threads") || asked <= 1 {
+        return asked;
+    }
+    tracing::warn!(
+        threads = asked,
+        "this build has no tract-threads feature: tract runs on one thread (rebuild with --features tract-threads)"
+    );
+    1
+}
+
+#[cfg(feature = "tract-threads")]
+fn executor(threads: usize) -> Option<tract_linalg::multithread::Executor> {
+    (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads))
+}
+
+#[cfg(not(feature = "tract-threads"))]
+fn executor(_threads: usize) -> Option<tract_onnx::prelude::tract_linalg::multithread::Executor> {
+    None
 }

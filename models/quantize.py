@@ -6,9 +6,11 @@ No torch needed: onnx, onnxruntime, numpy and pillow only.
         --calibration calibration/images [--calibration calibration/extra]
 
 Choices, and why:
-  * QDQ format (QuantizeLinear/DequantizeLinear pairs): tract reads it and
-    TensorRT's explicit quantisation needs it; QOperator (QLinearConv, QGemm)
-    does not load in tract.
+  * QDQ format (QuantizeLinear/DequantizeLinear pairs): every engine runs it
+    and TensorRT's explicit quantisation needs it. A QOperator file from
+    ONNX Runtime holds its contrib ops (QGemm, QLinearAdd, QLinearMul,
+    QLinearSoftmax) beside QLinearConv/QLinearMatMul: tract has the latter
+    two, not the former, so only the onnxruntime engine runs such a file.
   * Symmetric int8 weights, per channel, and symmetric int8 activations
     (zero point 0): what TensorRT accepts.
   * Percentile calibration (99.999): max calibration lets one bright pixel set
@@ -91,7 +93,7 @@ def split_photos(photos: list[Path], holdout_fraction: float, seed: int) -> tupl
 
 
 def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float = 0.25, seed: int = 0,
-             quantize_attention: bool = False) -> dict:
+             quantize_attention: bool = False, ort_defaults: bool = False) -> dict:
     model = onnx.load(str(fp32))
     size, mean, std = model_preprocessing(model)
     input_name = model.graph.input[0].name
@@ -104,15 +106,20 @@ def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        excluded = [] if quantize_attention else attention_nodes(onnx.load(str(prepared)))
-        quantize_static(
-            str(prepared), str(out), PhotoReader(input_name, tensors),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.Percentile,
-            nodes_to_exclude=excluded,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999},
-        )
+        excluded = [] if quantize_attention or ort_defaults else attention_nodes(onnx.load(str(prepared)))
+        if ort_defaults:
+            # What most people run: QDQ, uint8 activations (Relu/Clip folded
+            # into the pairs), int8 per-tensor weights, MinMax calibration.
+            quantize_static(str(prepared), str(out), PhotoReader(input_name, tensors))
+        else:
+            quantize_static(
+                str(prepared), str(out), PhotoReader(input_name, tensors),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.Percentile,
+                nodes_to_exclude=excluded,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999},
+            )
     quantized = onnx.load(str(out))
     set_metadata(quantized, labelcast_metadata(model))
     quantized.producer_name = "labelcast models/quantize.py"
@@ -164,10 +171,13 @@ def main() -> None:
     parser.add_argument("--holdout-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantize-attention", action="store_true",
-                        help="also quantise Softmax and softmax x V (ONNX Runtime's default; wrong in tract)")
+                        help="also quantise Softmax and softmax x V (ONNX Runtime's default; labelcast repairs it for tract)")
+    parser.add_argument("--ort-defaults", action="store_true",
+                        help="quantize_static at ONNX Runtime's defaults (uint8 activations, per-tensor weights, MinMax) "
+                             "instead of labelcast's recipe: what most users bring")
     args = parser.parse_args()
     photos = list_photos(args.calibration)
-    quantize(args.fp32, args.out, photos, args.holdout_fraction, args.seed, args.quantize_attention)
+    quantize(args.fp32, args.out, photos, args.holdout_fraction, args.seed, args.quantize_attention, args.ort_defaults)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ pub struct Exporter {
     pub source: String,
     /// The inference engine, as a label.
     pub engine: String,
+    /// The INT8 rewrite's load-time check, when one ran.
+    pub selfcheck: Option<Arc<crate::engine::SelfCheck>>,
 }
 
 impl Exporter {
@@ -110,6 +112,21 @@ impl Collector for Exporter {
             None,
             MetricType::Gauge,
         )?)?;
+        if let Some(check) = &self.selfcheck {
+            let difference = check.max_difference().map_or(f64::NAN, f64::from);
+            ConstGauge::new(difference).encode(encoder.encode_descriptor(
+                "int8_selfcheck_max_difference",
+                "Largest score difference between the rewritten INT8 graph and the graph as quantised (probe and first frame)",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            ConstGauge::new(i64::from(check.fell_back())).encode(encoder.encode_descriptor(
+                "int8_selfcheck_fallback",
+                "1 when the INT8 self-check found a disagreement and the engine runs the graph as quantised",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
         let states = self.health.label_states();
         if !states.is_empty() {
             let mut metric =
@@ -200,7 +217,7 @@ mod tests {
         Counters::add(&counters.mqtt_connections, 3);
         health.inference_seconds.observe(0.042);
         health.set_label(1, true);
-        Exporter { health, counters, source: "test://pattern (64x64)".into(), engine: "tract".into() }
+        Exporter { health, counters, source: "test://pattern (64x64)".into(), engine: "tract".into(), selfcheck: None }
     }
 
     #[test]

@@ -160,6 +160,8 @@ mod tests {
             input_size: None,
             backbone: None,
             recipe_hash: None,
+            layout: None,
+            output_name: None,
         }
     }
 

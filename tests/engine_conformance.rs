@@ -237,31 +237,94 @@ fn int_attribute(name: &str, value: i64) -> pb::AttributeProto {
 }
 
 /// image [1,3,4,4] -> GlobalAveragePool -> Flatten -> Gemm(W, B) -> scores [1,2];
-/// optionally with the input's shape or type changed, or QDQ around the Gemm.
+/// optionally with the input's shape, type or layout changed, QDQ around the
+/// Gemm, a second output, or the weights in an external data file.
 struct TinyModel {
     input_dims: Vec<i64>,
+    /// Names for symbolic input axes (`None`: the number in `input_dims`).
+    symbolic: Vec<Option<&'static str>>,
     input_type: i32,
-    qdq: bool,
+    /// Channels last: a Transpose to NCHW right after the input.
+    nhwc: bool,
+    qdq: Qdq,
     /// The pooling operator: another name makes a model no engine knows.
     pool_op: &'static str,
+    /// A second output, the pooled features [1, 3], listed before the scores.
+    embedding_output: bool,
+    /// Keep W and B in `<name>.data` beside the model.
+    external_data: bool,
+    metadata: Vec<(&'static str, &'static str)>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Qdq {
+    None,
+    /// Symmetric int8 activations and weights (TensorRT style).
+    Symmetric,
+    /// uint8 activations with zero point 0 (ONNX Runtime's default): the
+    /// pair clamps at 0, a ReLU the quantiser folded into it.
+    FoldedRelu,
 }
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { input_dims: vec![1, 3, 4, 4], input_type: 1, qdq: false, pool_op: "GlobalAveragePool" }
+        Self {
+            input_dims: vec![1, 3, 4, 4],
+            symbolic: vec![None; 4],
+            input_type: 1,
+            nhwc: false,
+            qdq: Qdq::None,
+            pool_op: "GlobalAveragePool",
+            embedding_output: false,
+            external_data: false,
+            metadata: Vec::new(),
+        }
     }
+}
+
+fn symbolic_value_info(name: &str, elem_type: i32, dims: &[i64], symbolic: &[Option<&str>]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::dimension::Value;
+    let mut info = value_info(name, elem_type, dims);
+    if let Some(pb::type_proto::Value::TensorType(t)) = info.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        for (dim, symbol) in t.shape.as_mut().unwrap().dim.iter_mut().zip(symbolic) {
+            if let Some(symbol) = symbol {
+                dim.value = Some(Value::DimParam(symbol.to_string()));
+            }
+        }
+    }
+    info
 }
 
 impl TinyModel {
     fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let mut nodes = vec![
-            node(self.pool_op, &["image"], &["pooled"], vec![]),
-            node("Flatten", &["pooled"], &["flat"], vec![int_attribute("axis", 1)]),
-        ];
+        let mut nodes = Vec::new();
+        let mut image = "image";
+        if self.input_type == 2 {
+            nodes.push(node("Cast", &[image], &["image_f"], vec![int_attribute("to", 1)]));
+            image = "image_f";
+        }
+        if self.nhwc {
+            let perm =
+                pb::AttributeProto { name: "perm".into(), r#type: 7, ints: vec![0, 3, 1, 2], ..Default::default() };
+            nodes.push(node("Transpose", &[image], &["image_nchw"], vec![perm]));
+            image = "image_nchw";
+        }
+        nodes.push(node(self.pool_op, &[image], &["pooled"], vec![]));
+        nodes.push(node("Flatten", &["pooled"], &["flat"], vec![int_attribute("axis", 1)]));
         let mut initializer = vec![float_tensor("W", &[2, 3], &W.concat()), float_tensor("B", &[2], &B)];
-        if self.qdq {
-            // Symmetric int8 with scales that represent every value here exactly.
-            initializer.push(float_tensor("act_scale", &[], &[1.0 / 64.0]));
+        if self.qdq != Qdq::None {
+            // Scales that represent every value here exactly.
+            let (zero_type, act_scale) = match self.qdq {
+                Qdq::FoldedRelu => (2, 1.0 / 128.0),
+                _ => (3, 1.0 / 64.0),
+            };
+            initializer.push(float_tensor("act_scale", &[], &[act_scale]));
+            initializer.push(pb::TensorProto {
+                name: "act_zero".into(),
+                data_type: zero_type,
+                int32_data: vec![0],
+                ..Default::default()
+            });
             initializer.push(pb::TensorProto {
                 name: "zero".into(),
                 data_type: 3,
@@ -276,14 +339,37 @@ impl TinyModel {
                 int32_data: W.concat().iter().map(|w| (w * 32.0) as i32).collect(),
                 ..Default::default()
             });
-            nodes.push(node("QuantizeLinear", &["flat", "act_scale", "zero"], &["flat_q"], vec![]));
-            nodes.push(node("DequantizeLinear", &["flat_q", "act_scale", "zero"], &["flat_dq"], vec![]));
+            nodes.push(node("QuantizeLinear", &["flat", "act_scale", "act_zero"], &["flat_q"], vec![]));
+            nodes.push(node("DequantizeLinear", &["flat_q", "act_scale", "act_zero"], &["flat_dq"], vec![]));
             nodes.push(node("DequantizeLinear", &["W_q", "w_scale", "zero"], &["W_dq"], vec![]));
             nodes.push(node("Gemm", &["flat_dq", "W_dq", "B"], &["scores"], vec![int_attribute("transB", 1)]));
             initializer.retain(|t| t.name != "W");
         } else {
             nodes.push(node("Gemm", &["flat", "W", "B"], &["scores"], vec![int_attribute("transB", 1)]));
         }
+        let mut outputs = vec![value_info("scores", 1, &[1, 2])];
+        if self.embedding_output {
+            outputs.insert(0, value_info("flat", 1, &[1, 3]));
+        }
+        let data_file = format!("{name}.data");
+        if self.external_data {
+            let mut bytes = Vec::new();
+            for tensor in initializer.iter_mut().filter(|t| t.name == "W" || t.name == "B") {
+                let raw: Vec<u8> = tensor.float_data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let entry = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+                tensor.external_data = vec![
+                    entry("location", data_file.clone()),
+                    entry("offset", bytes.len().to_string()),
+                    entry("length", raw.len().to_string()),
+                ];
+                tensor.data_location = Some(1);
+                tensor.float_data.clear();
+                bytes.extend(raw);
+            }
+            std::fs::write(dir.join(&data_file), bytes).unwrap();
+        }
+        let mut metadata = vec![("labelcast.labels", r#"["up", "tilt"]"#), ("labelcast.output", "logits")];
+        metadata.extend(self.metadata.iter().copied());
         let model = pb::ModelProto {
             ir_version: 8,
             opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
@@ -292,14 +378,14 @@ impl TinyModel {
                 name: "tiny".into(),
                 node: nodes,
                 initializer,
-                input: vec![value_info("image", self.input_type, &self.input_dims)],
-                output: vec![value_info("scores", 1, &[1, 2])],
+                input: vec![symbolic_value_info("image", self.input_type, &self.input_dims, &self.symbolic)],
+                output: outputs,
                 ..Default::default()
             }),
-            metadata_props: vec![
-                pb::StringStringEntryProto { key: "labelcast.labels".into(), value: r#"["up", "tilt"]"#.into() },
-                pb::StringStringEntryProto { key: "labelcast.output".into(), value: "logits".into() },
-            ],
+            metadata_props: metadata
+                .into_iter()
+                .map(|(k, v)| pb::StringStringEntryProto { key: k.into(), value: v.into() })
+                .collect(),
             ..Default::default()
         };
         let path = dir.join(name);
@@ -310,13 +396,17 @@ impl TinyModel {
 
 /// Channel c of the input is the constant `means[c]` plus a pattern that averages to 0.
 fn input_with_channel_means(means: [f32; 3]) -> Tensor {
+    sized_input_with_channel_means(means, 4)
+}
+
+fn sized_input_with_channel_means(means: [f32; 3], side: usize) -> Tensor {
     let mut data = Vec::new();
     for mean in means {
-        for i in 0..16 {
+        for i in 0..side * side {
             data.push(mean + if i % 2 == 0 { 0.25 } else { -0.25 });
         }
     }
-    Tensor { shape: [1, 3, 4, 4], data }
+    Tensor { shape: [1, 3, side, side], data }
 }
 
 fn expected_logits(means: [f32; 3]) -> [f32; 2] {
@@ -344,7 +434,7 @@ fn every_engine_computes_a_small_float_model_exactly() {
 #[test]
 fn every_engine_computes_a_small_int8_model_exactly_where_int8_can_represent_it() {
     let dir = tempfile::tempdir().unwrap();
-    let model = TinyModel { qdq: true, ..Default::default() }.write(dir.path(), "tiny-int8.onnx");
+    let model = TinyModel { qdq: Qdq::Symmetric, ..Default::default() }.write(dir.path(), "tiny-int8.onnx");
     for under_test in engines() {
         let mut engine = under_test.load(&model).unwrap_or_else(|e| panic!("{}: {e:#}", under_test.name));
         assert!(engine.info().is_int8());
@@ -362,7 +452,7 @@ fn every_engine_computes_a_small_int8_model_exactly_where_int8_can_represent_it(
 #[test]
 fn weights_only_removes_the_activation_quantisation_and_native_keeps_it() {
     let dir = tempfile::tempdir().unwrap();
-    let model = TinyModel { qdq: true, ..Default::default() }.write(dir.path(), "tiny-int8.onnx");
+    let model = TinyModel { qdq: Qdq::Symmetric, ..Default::default() }.write(dir.path(), "tiny-int8.onnx");
     let tract = |int8| ModelConfig { int8, ..ModelConfig::for_path(&model) };
     let native = engine::load(&tract(Int8Mode::Native)).unwrap();
     let weights_only = engine::load(&tract(Int8Mode::WeightsOnly)).unwrap();
@@ -385,15 +475,168 @@ fn config_error(err: &anyhow::Error) -> &ConfigError {
     err.downcast_ref::<ConfigError>().unwrap_or_else(|| panic!("expected a config error, got {err:#}"))
 }
 
-#[test]
-fn every_engine_refuses_a_non_float_input_naming_the_model_and_the_type() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = TinyModel { input_type: 2, ..Default::default() }.write(dir.path(), "uint8-input.onnx");
+/// Runs `model` on every engine and checks the tiny model's answers.
+fn assert_tiny_answers(model: &Path, input: impl Fn([f32; 3]) -> Tensor) {
     for under_test in engines() {
-        let err = under_test.load(&model).err().unwrap_or_else(|| panic!("{} accepted a uint8 input", under_test.name));
+        let mut engine = under_test.load(model).unwrap_or_else(|e| panic!("{}: {e:#}", under_test.name));
+        for means in [[0.0, 0.0, 0.0], [0.5, -0.25, 1.0], [-1.0, 0.75, 0.125]] {
+            let got = engine.infer(&input(means)).unwrap();
+            let expected = expected_logits(means);
+            for (g, e) in got.iter().zip(expected) {
+                assert!((g - e).abs() < 1e-4, "{}: {means:?} gave {got:?}, expected {expected:?}", under_test.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_engine_runs_channels_last_models_fixed_or_symbolic_with_the_same_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixed =
+        TinyModel { input_dims: vec![1, 4, 4, 3], nhwc: true, ..Default::default() }.write(dir.path(), "nhwc.onnx");
+    // Keras's [N, H, W, 3]: the size comes from the metadata.
+    let keras = TinyModel {
+        input_dims: vec![1, 4, 4, 3],
+        symbolic: vec![Some("N"), Some("H"), Some("W"), None],
+        nhwc: true,
+        metadata: vec![("labelcast.input_size", "8x8")],
+        ..Default::default()
+    }
+    .write(dir.path(), "keras.onnx");
+    for (model, side) in [(&fixed, 4), (&keras, 8)] {
+        let engine = engine::load(&ModelConfig::for_path(model)).unwrap();
+        assert_eq!(engine.info().input_layout, labelcast::config::InputLayout::Nhwc, "{}", model.display());
+        assert_eq!(engine.info().input_shape, [1, 3, side, side]);
+        // The engines take labelcast's NCHW tensor and lay it out channels last.
+        assert_tiny_answers(model, |means| sized_input_with_channel_means(means, side));
+    }
+}
+
+#[test]
+fn a_model_whose_input_shape_does_not_say_where_the_channels_are_is_refused_asking_for_the_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel {
+        symbolic: vec![Some("N"), Some("C"), Some("H"), Some("W")],
+        metadata: vec![("labelcast.input_size", "8x8")],
+        ..Default::default()
+    }
+    .write(dir.path(), "ambiguous.onnx");
+    for under_test in engines() {
+        let err = under_test.load(&model).err().unwrap_or_else(|| panic!("{} guessed a layout", under_test.name));
+        assert_eq!(config_error(&err).field, "model.path");
+        assert!(format!("{err:#}").contains("model.layout"), "{}: {err:#}", under_test.name);
+        let mut config = under_test.config(&model);
+        config.overrides.layout = Some(labelcast::config::InputLayout::Nchw);
+        let mut engine = engine::load(&config).unwrap_or_else(|e| panic!("{}: {e:#}", under_test.name));
+        let got = engine.infer(&sized_input_with_channel_means([0.5, -0.25, 1.0], 8)).unwrap();
+        assert!((got[0] - expected_logits([0.5, -0.25, 1.0])[0]).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn every_engine_feeds_a_uint8_input_the_pixels_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel { input_type: 2, input_dims: vec![1, 4, 4, 3], nhwc: true, ..Default::default() }
+        .write(dir.path(), "uint8-input.onnx");
+    for under_test in engines() {
+        let engine = under_test.load(&model).unwrap_or_else(|e| panic!("{}: {e:#}", under_test.name));
+        let meta = &engine.info().metadata;
+        // Preprocessing must then hand over 0..255 unchanged.
+        assert_eq!((meta.mean, meta.std), ([0.0; 3], [1.0 / 255.0; 3]), "{}", under_test.name);
+    }
+    // Pixel values, as preprocessing makes them for this model.
+    let pixels = |means: [f32; 3]| {
+        let mut t = input_with_channel_means(means.map(|m| 128.0 + 64.0 * m));
+        t.data.iter_mut().for_each(|v| *v = v.round());
+        t
+    };
+    for under_test in engines() {
+        let mut engine = under_test.load(&model).unwrap();
+        let means = [0.5, -0.25, 1.0];
+        let got = engine.infer(&pixels(means)).unwrap();
+        let expected = expected_logits(means.map(|m| 128.0 + 64.0 * m));
+        for (g, e) in got.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-2, "{}: {got:?}, expected {expected:?}", under_test.name);
+        }
+    }
+}
+
+#[test]
+fn every_engine_refuses_a_float16_input_naming_the_model_and_the_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel { input_type: 10, ..Default::default() }.write(dir.path(), "fp16-input.onnx");
+    for under_test in engines() {
+        let err =
+            under_test.load(&model).err().unwrap_or_else(|| panic!("{} accepted a float16 input", under_test.name));
         let message = format!("{err:#}");
         assert_eq!(config_error(&err).field, "model.path", "{}", under_test.name);
-        assert!(message.contains("uint8-input.onnx") && message.contains("uint8"), "{}: {message}", under_test.name);
+        assert!(message.contains("fp16-input.onnx") && message.contains("float16"), "{}: {message}", under_test.name);
+    }
+}
+
+#[test]
+fn every_engine_reads_the_scores_of_a_model_with_an_embedding_output_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel { embedding_output: true, ..Default::default() }.write(dir.path(), "two-outputs.onnx");
+    assert_tiny_answers(&model, input_with_channel_means);
+    // Three labels: neither output has one score per label, so it asks.
+    for under_test in engines() {
+        let mut config = under_test.config(&model);
+        config.overrides.labels = Some(vec!["a".into(), "b".into(), "c".into(), "d".into()]);
+        let err = engine::load(&config).err().unwrap_or_else(|| panic!("{} guessed an output", under_test.name));
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("model.output_name") && message.contains("flat [1, 3]"),
+            "{}: {message}",
+            under_test.name
+        );
+        config.overrides.labels = Some(vec!["a".into(), "b".into(), "c".into()]);
+        config.overrides.output_name = Some("flat".into());
+        let mut engine = engine::load(&config).unwrap_or_else(|e| panic!("{}: {e:#}", under_test.name));
+        let got = engine.infer(&input_with_channel_means([0.5, -0.25, 1.0])).unwrap();
+        assert_eq!(got.len(), 3, "{}", under_test.name);
+        assert!((got[1] + 0.25).abs() < 1e-5, "{}: {got:?}", under_test.name);
+    }
+}
+
+#[test]
+fn a_missing_or_truncated_external_data_file_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel { external_data: true, ..Default::default() }.write(dir.path(), "external.onnx");
+    assert_tiny_answers(&model, input_with_channel_means);
+    let data = dir.path().join("external.onnx.data");
+    let bytes = std::fs::read(&data).unwrap();
+    std::fs::write(&data, &bytes[..bytes.len() - 4]).unwrap();
+    for under_test in engines() {
+        let err = under_test.load(&model).err().unwrap_or_else(|| panic!("{} loaded a short file", under_test.name));
+        assert_eq!(config_error(&err).field, "model.path");
+        assert!(format!("{err:#}").contains("external.onnx.data is truncated"), "{}: {err:#}", under_test.name);
+    }
+    std::fs::remove_file(&data).unwrap();
+    for under_test in engines() {
+        let err = under_test.load(&model).err().unwrap_or_else(|| panic!("{} loaded without data", under_test.name));
+        assert!(format!("{err:#}").contains("external.onnx.data"), "{}: {err:#}", under_test.name);
+    }
+}
+
+/// ONNX Runtime's default quantisation deletes a Relu after a layer and
+/// lets a uint8 pair with zero point 0 do the clamping. Weights-only must
+/// keep that clamp (and did not before): a negative activation stays 0.
+#[test]
+fn weights_only_keeps_the_relu_a_quantiser_folded_into_a_uint8_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel { qdq: Qdq::FoldedRelu, ..Default::default() }.write(dir.path(), "folded-relu.onnx");
+    let means = [0.5, -0.25, -1.0];
+    let clamped = expected_logits(means.map(|m: f32| m.max(0.0)));
+    for under_test in engines() {
+        let mut engine = under_test.load(&model).unwrap_or_else(|e| panic!("{}: {e:#}", under_test.name));
+        let got = engine.infer(&input_with_channel_means(means)).unwrap();
+        for (g, e) in got.iter().zip(clamped) {
+            assert!((g - e).abs() < 1e-4, "{}: {got:?}, expected the clamped {clamped:?}", under_test.name);
+        }
+        if under_test.int8 == Int8Mode::WeightsOnly && under_test.engine == EngineKind::Tract {
+            assert_eq!(engine.info().saturation_clips, 1, "the pair's clamp became a Clip");
+        }
     }
 }
 

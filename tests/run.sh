@@ -40,6 +40,12 @@ mkdir -p "$work/ort"
 (cd models && ../.venv/bin/python quantize.py demo/labelcast-demo-fp32.onnx "$work/attention-quantized-int8.onnx" --calibration ../calibration/images --holdout-fraction 0.34 --quantize-attention)
 .venv/bin/python tests/fixtures/make_ort_reference.py "$work/attention-quantized-int8.onnx" "$work/ort/attention-quantized-int8.json"
 
+# ONNX Runtime's quantize_static at its defaults: uint8 activations with the
+# Relu/Clip after each Conv folded into the QuantizeLinear's range. Weights-only
+# was garbage on it before it kept that clamp (tests/int8_models.rs).
+(cd models && ../.venv/bin/python quantize.py demo/labelcast-demo-fp32.onnx "$work/ort-default-int8.onnx" --calibration ../calibration/images --holdout-fraction 0.34 --ort-defaults)
+.venv/bin/python tests/fixtures/make_ort_reference.py "$work/ort-default-int8.onnx" "$work/ort/ort-default-int8.json"
+
 stage "ML-Decoder shape tests (need torch)"
 if .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   .venv/bin/python -m pytest -q models/test_mldecoder.py
@@ -53,7 +59,14 @@ stage "cargo test"
 ORT_DYLIB_PATH=$(.venv/bin/python -c 'import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0])')
 export ORT_DYLIB_PATH
 echo "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
-LABELCAST_ORT_FIXTURES="$work/ort" cargo test --all-targets --locked
+LABELCAST_ORT_FIXTURES="$work/ort" LABELCAST_ORT_DEFAULT_MODEL="$work/ort-default-int8.onnx" cargo test --all-targets --locked
+
+stage "INT8 conformance matrix (tests/int8_matrix.py)"
+(cd tests/fixtures/bodies && sha256sum --quiet -c SHA256SUMS)
+# Every quantiser setting x body x engine x INT8 mode against ONNX Runtime;
+# fails if any row is silently wrong. The table lands in target/ci/int8-matrix.md.
+.venv/bin/python tests/int8_matrix.py --labelcast "${CARGO_TARGET_DIR:-target}/debug/labelcast" \
+  --work "$work/matrix" --markdown "$work/int8-matrix.md"
 
 stage "done"
 echo "all tests passed in $((SECONDS - started))s"

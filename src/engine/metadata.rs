@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, MetadataOverrides, OutputKind, ResizeMode};
+use crate::config::{ConfigError, InputLayout, MetadataOverrides, OutputKind, ResizeMode};
 
 /// The `metadata_props` keys labelcast reads (documented in the README).
 pub mod keys {
@@ -25,6 +25,8 @@ pub mod keys {
     pub const MODEL_VERSION: &str = "labelcast.model_version";
     pub const BACKBONE: &str = "labelcast.backbone";
     pub const RECIPE_HASH: &str = "labelcast.recipe_hash";
+    pub const LAYOUT: &str = "labelcast.layout";
+    pub const OUTPUT_NAME: &str = "labelcast.output_name";
 }
 
 /// ImageNet statistics, the most common choice, used when nothing says otherwise.
@@ -49,6 +51,11 @@ pub struct ModelMetadata {
     pub input_size: Option<(usize, usize)>,
     pub backbone: Option<String>,
     pub recipe_hash: Option<String>,
+    /// Where the input keeps its channels, when the model or config says so
+    /// (otherwise read from the input's shape).
+    pub layout: Option<InputLayout>,
+    /// Which output holds the scores, when the model has several.
+    pub output_name: Option<String>,
 }
 
 /// The sidecar file's keys: the same as the metadata keys without `labelcast.`.
@@ -64,6 +71,8 @@ struct Sidecar {
     input_size: Option<String>,
     model_name: Option<String>,
     model_version: Option<String>,
+    layout: Option<String>,
+    output_name: Option<String>,
 }
 
 /// `model.onnx` -> `model.toml`.
@@ -120,6 +129,11 @@ impl ModelMetadata {
             .get(keys::INPUT_SIZE)
             .map(|s| parse_size(s).map_err(|m| in_model(keys::INPUT_SIZE, m)))
             .transpose()?;
+        let mut layout = props
+            .get(keys::LAYOUT)
+            .map(|s| InputLayout::parse(s).map_err(|m| in_model(keys::LAYOUT, m)))
+            .transpose()?;
+        let mut output_name = props.get(keys::OUTPUT_NAME).cloned();
         let mut name = props.get(keys::MODEL_NAME).cloned();
         let mut version = props.get(keys::MODEL_VERSION).cloned();
 
@@ -147,6 +161,10 @@ impl ModelMetadata {
             if let Some(v) = sidecar.input_size {
                 input_size = Some(parse_size(&v).map_err(|m| ConfigError::new(format!("{field}: input_size"), m))?);
             }
+            if let Some(v) = sidecar.layout {
+                layout = Some(InputLayout::parse(&v).map_err(|m| ConfigError::new(format!("{field}: layout"), m))?);
+            }
+            output_name = sidecar.output_name.or(output_name);
             name = sidecar.model_name.or(name);
             version = sidecar.model_version.or(version);
         }
@@ -205,6 +223,8 @@ impl ModelMetadata {
             input_size,
             backbone: props.get(keys::BACKBONE).cloned(),
             recipe_hash: props.get(keys::RECIPE_HASH).cloned(),
+            layout: overrides.layout.or(layout),
+            output_name: overrides.output_name.clone().or(output_name),
         })
     }
 }

@@ -7,9 +7,10 @@
 //! rest of the daemon sees [`Tensor`], `Vec<f32>` scores and [`ModelInfo`].
 
 pub mod metadata;
-mod onnx_graph;
+pub mod onnx_graph;
 pub mod prepare;
 pub mod qdq;
+pub mod selfcheck;
 pub mod tract;
 
 #[cfg(feature = "onnxruntime")]
@@ -23,9 +24,13 @@ use std::time::Duration;
 
 pub use metadata::ModelMetadata;
 
-use crate::config::{EngineKind, Int8Mode, ModelConfig};
+pub use onnx_graph::Int8Format;
+pub use selfcheck::SelfCheck;
 
-/// A model input: NCHW float32, batch 1.
+use crate::config::{EngineKind, InputLayout, Int8Mode, ModelConfig};
+
+/// A model input as preprocessing makes it: NCHW float32, batch 1. Engines
+/// turn it into what the model takes ([`InputSpec`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     pub shape: [usize; 4],
@@ -35,6 +40,60 @@ pub struct Tensor {
 impl Tensor {
     pub fn zeros(shape: [usize; 4]) -> Self {
         Self { shape, data: vec![0.0; shape.iter().product()] }
+    }
+}
+
+/// The element type of a model's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputElement {
+    F32,
+    /// Pixels 0..255 as they are (many TFLite-derived models normalise inside).
+    U8,
+}
+
+/// What a model's input is: its layout, element type and the NCHW shape
+/// preprocessing fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputSpec {
+    pub layout: InputLayout,
+    pub element: InputElement,
+    /// `[1, 3, H, W]`.
+    pub shape: [usize; 4],
+}
+
+impl InputSpec {
+    /// The shape the model declares: `[1, 3, H, W]` or `[1, H, W, 3]`.
+    pub fn model_shape(&self) -> [usize; 4] {
+        let [n, c, h, w] = self.shape;
+        match self.layout {
+            InputLayout::Nchw => self.shape,
+            InputLayout::Nhwc => [n, h, w, c],
+        }
+    }
+
+    /// `input`'s values in the model's layout, in `scratch` when they must
+    /// be moved (NHWC), else `input`'s own.
+    pub fn layout_f32<'a>(&self, input: &'a Tensor, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        match self.layout {
+            InputLayout::Nchw => &input.data,
+            InputLayout::Nhwc => {
+                let [_, c, h, w] = input.shape;
+                let plane = h * w;
+                scratch.clear();
+                scratch.extend(
+                    (0..plane).flat_map(|i| (0..c).map(move |ch| (i, ch))).map(|(i, ch)| input.data[ch * plane + i]),
+                );
+                scratch
+            }
+        }
+    }
+
+    /// `input` as uint8 pixels in the model's layout. Preprocessing made
+    /// them 0..255 (mean 0, std 1/255); rounding undoes float error.
+    pub fn layout_u8(&self, input: &Tensor, scratch: &mut Vec<f32>, out: &mut Vec<u8>) {
+        let values = self.layout_f32(input, scratch);
+        out.clear();
+        out.extend(values.iter().map(|v| v.round().clamp(0.0, 255.0) as u8));
     }
 }
 
@@ -48,17 +107,31 @@ pub struct ModelInfo {
     pub engine_version: String,
     pub threads: usize,
     pub input_name: String,
-    /// `[1, 3, height, width]`.
+    /// `[1, 3, height, width]`, what preprocessing fills whatever the model's layout.
     pub input_shape: [usize; 4],
     pub input_type: String,
+    /// The input's dims as the file declares them, e.g. `[N, 224, 224, 3]`.
+    pub input_dims: String,
+    pub input_layout: InputLayout,
+    /// The output the scores are read from.
     pub output_name: String,
     pub output_shape: Vec<usize>,
+    /// How many outputs the graph has (the others are not computed where the engine allows).
+    pub outputs: usize,
     pub quantize_linear: usize,
     pub dequantize_linear: usize,
+    /// QDQ, QOperator or dynamic; `None` for a float model.
+    pub int8_format: Option<Int8Format>,
     /// How INT8 runs; `None` for a float model.
     pub int8_mode: Option<Int8Mode>,
     /// Activation quantise/dequantise pairs removed (weights-only mode).
     pub activation_qdq_removed: usize,
+    /// Of those, pairs whose saturation a Clip keeps (see [`qdq`]).
+    pub saturation_clips: usize,
+    /// Activation pairs left quantised (parameters that are not one scale and zero point).
+    pub activation_qdq_kept: usize,
+    /// Weights stored in external data files beside the model.
+    pub external_tensors: usize,
     /// Row-wise ops (Softmax...) whose output labelcast kept in float
     /// because tract would mis-fuse their Q/DQ (see [`qdq`]).
     pub qdq_repaired: Vec<String>,
@@ -68,12 +141,14 @@ pub struct ModelInfo {
     /// The engine's analysis, optimisation and planning (session creation
     /// for ONNX Runtime).
     pub optimize_time: Duration,
+    /// The INT8 rewrite's check against the graph as quantised, when one ran.
+    pub selfcheck: Option<std::sync::Arc<SelfCheck>>,
 }
 
 impl ModelInfo {
-    /// True when the graph carries QDQ quantisation.
+    /// True when the graph is quantised (QDQ, QOperator or dynamic).
     pub fn is_int8(&self) -> bool {
-        self.quantize_linear + self.dequantize_linear > 0
+        self.int8_format.is_some()
     }
     /// How many scores one inference yields.
     pub fn output_width(&self) -> usize {

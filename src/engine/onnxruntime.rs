@@ -21,7 +21,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 
 use super::prepare::{self, EngineFacts, Rewrite};
-use super::{Engine, ModelInfo, Tensor};
+use super::{Engine, InputElement, InputSpec, ModelInfo, Tensor};
 use crate::config::{ConfigError, EngineKind, ModelConfig};
 
 /// `ort`'s loader panics on some malformed libraries; it also keeps the first
@@ -38,6 +38,11 @@ struct RuntimeLibrary {
 pub struct OrtEngine {
     info: ModelInfo,
     session: Session,
+    input: InputSpec,
+    output_name: String,
+    /// Reused buffers for inputs that are not NCHW float.
+    scratch: Vec<f32>,
+    bytes: Vec<u8>,
 }
 
 impl OrtEngine {
@@ -48,11 +53,11 @@ impl OrtEngine {
         let runtime = open_runtime(config.onnxruntime_library.as_deref())?;
         let path = config.path.as_path();
         let prepared = prepare::prepare(config, require_labels, Rewrite::None)?;
-        let bytes = std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
-        let input_shape = prepared.input_shape;
+        let input = prepared.input;
+        let output_name = prepared.output_name.clone();
         let started = Instant::now();
         let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            build_session(&runtime.environment, config, &bytes, input_shape)
+            build_session(&runtime.environment, config, path, input, &output_name)
         }));
         let (session, output_shape, engine_name) = match built {
             Ok(Ok(ok)) => ok,
@@ -64,21 +69,56 @@ impl OrtEngine {
             engine_version: format!("ONNX Runtime {} ({})", runtime.version, runtime.path.display()),
             threads: config.threads,
             output_shape,
-            // The session is built from the bytes in one step: all of it counts as optimising.
+            // The session is built from the file in one step: all of it counts as optimising.
             graph_time: std::time::Duration::ZERO,
             optimize_time: started.elapsed(),
         };
         let info = prepared.into_info(path, built, require_labels)?;
         info.log_loaded();
-        Ok(OrtEngine { info, session })
+        Ok(OrtEngine { info, session, input, output_name, scratch: Vec::new(), bytes: Vec::new() })
     }
+
+    /// Runs one input, converted to the model's layout and element type.
+    fn run(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
+        run_session(&mut self.session, self.input, &self.output_name, input, &mut self.scratch, &mut self.bytes)
+            .map(|(_, scores)| scores)
+    }
+}
+
+/// One inference; the output named `output_name` as floats, and its shape.
+fn run_session(
+    session: &mut Session,
+    spec: InputSpec,
+    output_name: &str,
+    input: &Tensor,
+    scratch: &mut Vec<f32>,
+    bytes: &mut Vec<u8>,
+) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+    let shape = spec.model_shape();
+    let err = |e: ort::Error| anyhow::anyhow!("{e}");
+    let outputs = match spec.element {
+        InputElement::F32 => {
+            let values = spec.layout_f32(input, scratch);
+            let tensor = TensorRef::from_array_view((shape, values)).map_err(err)?;
+            session.run(ort::inputs![tensor]).map_err(err)?
+        }
+        InputElement::U8 => {
+            spec.layout_u8(input, scratch, bytes);
+            let tensor = TensorRef::from_array_view((shape, bytes.as_slice())).map_err(err)?;
+            session.run(ort::inputs![tensor]).map_err(err)?
+        }
+    };
+    let output = outputs.get(output_name).with_context(|| format!("the model produced no output {output_name:?}"))?;
+    let (shape, scores) = output.try_extract_tensor::<f32>().map_err(err)?;
+    Ok((shape.iter().map(|&d| d.max(0) as usize).collect(), scores.to_vec()))
 }
 
 fn build_session(
     environment: &ort::environment::Environment,
     config: &ModelConfig,
-    bytes: &[u8],
-    input_shape: [usize; 4],
+    path: &Path,
+    input: InputSpec,
+    output_name: &str,
 ) -> anyhow::Result<(Session, Vec<usize>, &'static str)> {
     let ort_err = |err: ort::Error<_>| anyhow::anyhow!("{err}");
     let mut builder = Session::builder(environment)
@@ -93,21 +133,21 @@ fn build_session(
         .map_err(ort_err)?;
     let engine_name = match config.engine {
         EngineKind::TensorRt => {
-            builder = tensorrt::register(builder, config, bytes)?;
+            // The engine cache is keyed by the model's bytes.
+            let bytes = std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
+            builder = tensorrt::register(builder, config, &bytes)?;
             "tensorrt"
         }
         _ => "onnxruntime",
     };
-    let mut session = builder.commit_from_memory(bytes).map_err(|err| anyhow::anyhow!("{err}"))?;
+    // From the file, not from memory: ONNX Runtime then finds external data
+    // (`model.onnx.data`) beside the model whatever the working directory.
+    let mut session = builder.commit_from_file(path).map_err(|err| anyhow::anyhow!("{err}"))?;
     // One run now: it fixes the output shape and takes the first-run cost
     // (allocations, kernel selection) before the first real frame.
-    let zeros = vec![0.0f32; input_shape.iter().product()];
-    let output_shape = {
-        let input = TensorRef::from_array_view((input_shape, zeros.as_slice())).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let outputs = session.run(ort::inputs![input]).map_err(|e| anyhow::anyhow!("first inference failed: {e}"))?;
-        let (shape, _) = outputs[0].try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("{e}"))?;
-        shape.iter().map(|&d| d.max(0) as usize).collect()
-    };
+    let zeros = Tensor::zeros(input.shape);
+    let (output_shape, _) = run_session(&mut session, input, output_name, &zeros, &mut Vec::new(), &mut Vec::new())
+        .context("first inference failed")?;
     Ok((session, output_shape, engine_name))
 }
 
@@ -118,11 +158,7 @@ impl Engine for OrtEngine {
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
         self.info.check_input(input)?;
-        let tensor =
-            TensorRef::from_array_view((input.shape, input.data.as_slice())).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let outputs = self.session.run(ort::inputs![tensor]).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (_, scores) = outputs[0].try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(scores.to_vec())
+        self.run(input)
     }
 }
 

@@ -1,24 +1,83 @@
-//! The tract engine: pure Rust, always built, runs FP32 and QDQ INT8 ONNX.
+//! The tract engine: pure Rust, always built, runs FP32 and INT8 ONNX (QDQ,
+//! and QOperator/dynamic where tract has the operators).
 //!
 //! Loading fixes the input to the model's declared shape (batch 1), optimises
 //! once and keeps one run state, so a frame costs one inference and no
 //! model rebuild. Loading runs under `catch_unwind`: a malformed file must
 //! give an error naming it, never take the daemon down.
+//!
+//! A rewritten INT8 graph (weights-only) is checked against the graph as
+//! quantised at load ([`super::selfcheck`]): both are built side by side,
+//! compared on a probe picture, and again on the first real frame in the
+//! background; on disagreement the engine runs the graph as quantised.
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 use super::prepare::{self, EngineFacts, Rewrite};
-use super::{Engine, ModelInfo, Tensor};
-use crate::config::ModelConfig;
+use super::selfcheck::{self, SelfCheck};
+use super::{Engine, InputElement, InputSpec, ModelInfo, Tensor};
+use crate::config::{ConfigError, Int8Check, Int8Mode, ModelConfig, OutputKind};
 
 pub struct TractEngine {
     info: ModelInfo,
+    plan: Plan,
+    /// The first real frame's comparison with the graph as quantised, while
+    /// it runs in the background.
+    frame_check: Option<FrameCheck>,
+}
+
+/// A built, optimised model and its run state.
+struct Plan {
     state: TypedSimpleState,
+    input: InputSpec,
+    /// Reused buffers for inputs that are not NCHW float.
+    scratch: Vec<f32>,
+    bytes: Vec<u8>,
+}
+
+/// What [`build`] reports besides the plan.
+struct Built {
+    plan: Plan,
+    output_shape: Vec<usize>,
+    graph_time: Duration,
+    optimize_time: Duration,
+}
+
+impl Plan {
+    fn run(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
+        let shape = self.input.model_shape();
+        let tensor = match self.input.element {
+            InputElement::F32 => {
+                let values = self.input.layout_f32(input, &mut self.scratch);
+                tract_onnx::prelude::Tensor::from_shape(&shape, values)?
+            }
+            InputElement::U8 => {
+                self.input.layout_u8(input, &mut self.scratch, &mut self.bytes);
+                tract_onnx::prelude::Tensor::from_shape(&shape, &self.bytes)?
+            }
+        };
+        let outputs = self.state.run(tvec!(tensor.into_tvalue())).context("tract could not run the model")?;
+        let scores = outputs[0].to_plain_array_view::<f32>().context("the model's output is not float")?;
+        Ok(scores.iter().copied().collect())
+    }
+}
+
+/// The background comparison of the first real frame.
+struct FrameCheck {
+    check: Arc<SelfCheck>,
+    output: OutputKind,
+    /// The configured graph's scores for the frame sent.
+    ours: Option<Vec<f32>>,
+    to_reference: Option<mpsc::Sender<Tensor>>,
+    from_reference: mpsc::Receiver<anyhow::Result<(Vec<f32>, Plan)>>,
 }
 
 impl TractEngine {
@@ -41,53 +100,199 @@ impl TractEngine {
 
     fn load_checked(config: &ModelConfig, require_labels: bool) -> anyhow::Result<TractEngine> {
         let path = config.path.as_path();
-        let prepared = prepare::prepare(config, require_labels, Rewrite::ForTract)?;
-        let input_shape = prepared.input_shape;
+        let mut prepared = prepare::prepare(config, require_labels, Rewrite::ForTract)?;
         let threads = tract_threads(config.threads);
-        let proto = &prepared.proto;
-        let built = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<_> {
-            let started = Instant::now();
-            let model = tract_onnx::onnx().model_for_proto_model(proto).context("tract could not read the graph")?;
-            let missing = unimplemented_ops(&model);
-            if !missing.is_empty() {
-                anyhow::bail!(
-                    "tract has no implementation of {}: run this model with model.engine = \"onnxruntime\", \
-                     or export it with standard ONNX operators",
-                    missing.join(", ")
-                );
+        let reference = prepared.reference.take();
+        let output_kind = prepared.metadata.output;
+        let (mean, std) = (prepared.metadata.mean, prepared.metadata.std);
+        let (input, output_name, dir) =
+            (prepared.input, prepared.output_name.clone(), prepared.model_dir_str().map(str::to_string));
+        let started = Instant::now();
+        // The graph as quantised is built on a second thread while this one
+        // builds the configured graph: on two cores the check costs little
+        // more than the longer of the two builds.
+        let (built, reference_built) = std::thread::scope(|scope| {
+            let reference = reference.as_ref().map(|proto| {
+                let (output_name, dir) = (output_name.clone(), dir.clone());
+                scope.spawn(move || build(proto, dir.as_deref(), input, &output_name, threads))
+            });
+            let built = build(&prepared.proto, dir.as_deref(), input, &output_name, threads);
+            (built, reference.map(|handle| handle.join().unwrap_or_else(|_| Err(anyhow::anyhow!("tract panicked")))))
+        });
+        let mut built = built.map_err(|err| prepare::model_error(path, err))?;
+        // The configured graph's proto is no longer needed: free it before the first frame.
+        prepared.proto = pb::ModelProto::default();
+        let mut check = None;
+        let mut frame_check = None;
+        let mut mode = prepared.int8_mode;
+        if let Some(reference_built) = reference_built {
+            let mut reference = reference_built.map_err(|err| prepare::model_error(path, err))?.plan;
+            let selfcheck = Arc::new(SelfCheck::new(Int8Mode::WeightsOnly, config.int8_check));
+            let probe = selfcheck::probe(input.shape, mean, std);
+            let ours = selfcheck::as_scores(built.plan.run(&probe)?, output_kind);
+            let theirs = selfcheck::as_scores(reference.run(&probe)?, output_kind);
+            let difference = selfcheck::difference(&ours, &theirs);
+            selfcheck
+                .record_probe(difference, started.elapsed().saturating_sub(built.graph_time + built.optimize_time));
+            if difference > selfcheck.tolerance {
+                disagree(path, config.int8_check, &selfcheck, difference, "a probe picture")?;
+                built.plan = reference;
+                mode = Some(Int8Mode::Native);
+            } else {
+                tracing::info!(model = %path.display(), difference, tolerance = selfcheck.tolerance, "weights-only INT8 agrees with the graph as quantised on the probe; checking the first frame too");
+                frame_check = Some(FrameCheck::start(reference, selfcheck.clone(), output_kind)?);
             }
-            let loaded = Instant::now();
-            let model = model
-                .with_input_fact(0, f32::fact(input_shape).into())
-                .and_then(|m| m.into_optimized())
-                .context("tract could not analyse and optimise the graph")?;
-            let options = RunOptions { executor: executor(threads), ..Default::default() };
-            let output_shape: Vec<usize> = model
-                .output_fact(0)?
-                .shape
-                .as_concrete()
-                .map(|s| s.to_vec())
-                .context("the output shape is not fixed once the input is")?;
-            let plan = model.into_runnable_with_options(&options).context("tract could not plan the graph")?;
-            let state = plan.spawn()?;
-            Ok((state, output_shape, loaded - started, loaded.elapsed()))
-        }));
-        let (state, output_shape, graph_time, optimize_time) = match built {
-            Ok(result) => result.map_err(|err| prepare::model_error(path, err))?,
-            Err(_) => return Err(prepare::model_error(path, anyhow::anyhow!("tract panicked while loading it"))),
-        };
-        let built = EngineFacts {
+            check = Some(selfcheck);
+        }
+        let facts = EngineFacts {
             engine: "tract",
             engine_version: format!("tract {}", env!("LABELCAST_TRACT_VERSION")),
             threads,
-            output_shape,
-            graph_time,
-            optimize_time,
+            output_shape: built.output_shape,
+            graph_time: built.graph_time,
+            optimize_time: built.optimize_time,
         };
-        let info = prepared.into_info(path, built, require_labels)?;
+        prepared.int8_mode = mode;
+        let mut info = prepared.into_info(path, facts, require_labels)?;
+        info.selfcheck = check;
         info.log_loaded();
-        Ok(TractEngine { info, state })
+        Ok(TractEngine { info, plan: built.plan, frame_check })
     }
+
+    /// Looks at the background comparison of the first frame, if it is
+    /// done: on disagreement the graph as quantised takes over.
+    fn poll_frame_check(&mut self) {
+        let Some(pending) = self.frame_check.as_mut() else { return };
+        if pending.ours.is_none() {
+            return;
+        }
+        let outcome = match pending.from_reference.try_recv() {
+            Ok(outcome) => outcome,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => Err(anyhow::anyhow!("the reference thread ended")),
+        };
+        let Some(pending) = self.frame_check.take() else { return };
+        let ours = pending.ours.unwrap_or_default();
+        match outcome {
+            Ok((theirs, reference)) => {
+                let difference = selfcheck::difference(&ours, &selfcheck::as_scores(theirs, pending.output));
+                pending.check.record_frame(difference);
+                if difference > pending.check.tolerance {
+                    // An error is not possible here (the daemon runs): fall back either way.
+                    let _ =
+                        disagree(&self.info.path, Int8Check::Fallback, &pending.check, difference, "the first frame");
+                    self.plan = reference;
+                    self.info.int8_mode = Some(Int8Mode::Native);
+                } else {
+                    tracing::info!(model = %self.info.path.display(), difference, "weights-only INT8 agrees with the graph as quantised on the first frame");
+                }
+            }
+            Err(err) => {
+                tracing::warn!(model = %self.info.path.display(), error = %format!("{err:#}"), "the first-frame INT8 check could not run")
+            }
+        }
+    }
+}
+
+/// Logs (or refuses, with `model.int8_check = "error"`) a disagreement.
+fn disagree(path: &Path, policy: Int8Check, check: &SelfCheck, difference: f32, on: &str) -> anyhow::Result<()> {
+    if policy == Int8Check::Error {
+        return Err(ConfigError::new(
+            "model.int8_check",
+            format!(
+                "{}: weights-only INT8 scores differ from the graph as quantised by {difference:.3} on {on} (tolerance {}); \
+                 run it with model.int8 = \"native\" or model.engine = \"onnxruntime\"",
+                path.display(),
+                check.tolerance
+            ),
+        )
+        .into());
+    }
+    check.record_fallback();
+    tracing::warn!(
+        model = %path.display(),
+        mode = check.mode.as_str(),
+        difference,
+        tolerance = check.tolerance,
+        on,
+        "INT8 self-check: the rewritten graph disagrees with the graph as quantised; running native instead (slower, right)"
+    );
+    Ok(())
+}
+
+impl FrameCheck {
+    fn start(mut reference: Plan, check: Arc<SelfCheck>, output: OutputKind) -> anyhow::Result<FrameCheck> {
+        let (to_reference, frames) = mpsc::channel::<Tensor>();
+        let (results, from_reference) = mpsc::channel();
+        std::thread::Builder::new().name("int8-check".into()).spawn(move || {
+            // The first frame only; the plan goes back to the engine, which
+            // keeps it if the check fails and drops it otherwise.
+            if let Ok(frame) = frames.recv() {
+                let outcome = reference.run(&frame).map(|scores| (scores, reference));
+                let _ = results.send(outcome);
+            }
+        })?;
+        Ok(FrameCheck { check, output, ours: None, to_reference: Some(to_reference), from_reference })
+    }
+}
+
+/// Parses, optimises and plans one graph for a fixed input.
+fn build(
+    proto: &pb::ModelProto,
+    model_dir: Option<&str>,
+    input: InputSpec,
+    output_name: &str,
+    threads: usize,
+) -> anyhow::Result<Built> {
+    let built = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<Built> {
+        let started = Instant::now();
+        let parsed = tract_onnx::onnx().parse(proto, model_dir).context("tract could not read the graph")?;
+        if !parsed.unresolved_inputs.is_empty() {
+            anyhow::bail!("the graph reads tensors nothing produces: {}", parsed.unresolved_inputs.join(", "));
+        }
+        let mut model = parsed.model;
+        let missing = unimplemented_ops(&model);
+        if !missing.is_empty() {
+            // ONNX Runtime's QOperator format writes its own contrib ops
+            // (QGemm, QLinearAdd...): say so, the fix is the format.
+            let qoperator = missing.iter().any(|op| super::onnx_graph::is_qoperator(op));
+            let how = if qoperator {
+                "this is a QOperator-format INT8 model with ONNX Runtime's contrib ops: run it with model.engine = \"onnxruntime\", \
+                 or quantise it as QDQ (quant_format=QuantFormat.QDQ, ONNX Runtime's default), which tract runs"
+            } else {
+                "run this model with model.engine = \"onnxruntime\", or export it with standard ONNX operators"
+            };
+            anyhow::bail!("tract has no implementation of {}: {how}", missing.join(", "));
+        }
+        if model.outputs.len() > 1 {
+            model.select_outputs_by_name([output_name]).with_context(|| format!("selecting output {output_name:?}"))?;
+        }
+        let loaded = Instant::now();
+        let fact: InferenceFact = match input.element {
+            InputElement::F32 => f32::fact(input.model_shape()).into(),
+            InputElement::U8 => u8::fact(input.model_shape()).into(),
+        };
+        let model = model
+            .with_input_fact(0, fact)
+            .and_then(|m| m.into_optimized())
+            .context("tract could not analyse and optimise the graph")?;
+        let options = RunOptions { executor: executor(threads), ..Default::default() };
+        let output_shape: Vec<usize> = model
+            .output_fact(0)?
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec())
+            .context("the output shape is not fixed once the input is")?;
+        let plan = model.into_runnable_with_options(&options).context("tract could not plan the graph")?;
+        let state = plan.spawn()?;
+        Ok(Built {
+            plan: Plan { state, input, scratch: Vec::new(), bytes: Vec::new() },
+            output_shape,
+            graph_time: loaded - started,
+            optimize_time: loaded.elapsed(),
+        })
+    }));
+    built.unwrap_or_else(|_| Err(anyhow::anyhow!("tract panicked while loading it")))
 }
 
 impl Engine for TractEngine {
@@ -97,10 +302,15 @@ impl Engine for TractEngine {
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
         self.info.check_input(input)?;
-        let tensor = tract_onnx::prelude::Tensor::from_shape(&input.shape, &input.data)?;
-        let outputs = self.state.run(tvec!(tensor.into_tvalue())).context("tract could not run the model")?;
-        let scores = outputs[0].to_plain_array_view::<f32>().context("the model's output is not float")?;
-        Ok(scores.iter().copied().collect())
+        self.poll_frame_check();
+        let scores = self.plan.run(input)?;
+        if let Some(pending) = self.frame_check.as_mut()
+            && let Some(sender) = pending.to_reference.take()
+        {
+            pending.ours = Some(selfcheck::as_scores(scores.clone(), pending.output));
+            let _ = sender.send(input.clone());
+        }
+        Ok(scores)
     }
 }
 

@@ -86,6 +86,7 @@ pub struct RawHomeAssistant {
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     pub uri: Option<String>,
+    pub max_frame_megapixels: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +104,9 @@ pub struct RawModel {
     pub int8: Option<String>,
     pub fallback: Option<String>,
     pub onnxruntime_library: Option<PathBuf>,
+    pub layout: Option<String>,
+    pub output_name: Option<String>,
+    pub int8_check: Option<String>,
     #[serde(default)]
     pub tensorrt: RawTensorRt,
 }
@@ -252,6 +256,9 @@ fn located(text: &str, err: &toml::de::Error) -> String {
 pub struct Config {
     pub device_id: String,
     pub source: SourceSpec,
+    /// Frames (photos) with more pixels are refused from their header,
+    /// before decoding (`source.max_frame_megapixels`).
+    pub max_frame_pixels: u64,
     pub model: ModelConfig,
     pub labels: LabelPolicy,
     pub output: OutputConfig,
@@ -298,6 +305,8 @@ pub struct ModelConfig {
     /// `libonnxruntime.so` to load; else `ORT_DYLIB_PATH`, else the system's.
     pub onnxruntime_library: Option<PathBuf>,
     pub tensorrt: TensorRtConfig,
+    /// What happens when an INT8 rewrite disagrees with the graph as quantised.
+    pub int8_check: Int8Check,
 }
 
 impl ModelConfig {
@@ -313,6 +322,7 @@ impl ModelConfig {
             fallback: None,
             onnxruntime_library: None,
             tensorrt: TensorRtConfig::default(),
+            int8_check: Int8Check::default(),
         }
     }
 }
@@ -373,6 +383,62 @@ impl Int8Mode {
     }
 }
 
+/// The load-time check of a rewritten INT8 graph against the graph as
+/// quantised (`engine::selfcheck`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Int8Check {
+    /// On disagreement, log a WARN and run the graph as quantised.
+    #[default]
+    Fallback,
+    /// On disagreement, refuse to start (exit 78).
+    Error,
+    /// No check (the rewrite is trusted; only to measure what it costs).
+    Off,
+}
+
+impl Int8Check {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "fallback" => Ok(Self::Fallback),
+            "error" => Ok(Self::Error),
+            "off" => Ok(Self::Off),
+            other => Err(format!("expected \"fallback\", \"error\" or \"off\", got {other:?}")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fallback => "fallback",
+            Self::Error => "error",
+            Self::Off => "off",
+        }
+    }
+}
+
+/// Where a model's input keeps its colour channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputLayout {
+    /// `[N, 3, H, W]` (PyTorch exports).
+    Nchw,
+    /// `[N, H, W, 3]` (TensorFlow/Keras and TFLite-derived exports).
+    Nhwc,
+}
+
+impl InputLayout {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "nchw" => Ok(Self::Nchw),
+            "nhwc" => Ok(Self::Nhwc),
+            other => Err(format!("expected \"nchw\" or \"nhwc\", got {other:?}")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nchw => "nchw",
+            Self::Nhwc => "nhwc",
+        }
+    }
+}
+
 /// What TensorRT builds an engine with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TensorRtPrecision {
@@ -419,6 +485,9 @@ pub struct MetadataOverrides {
     pub std: Option<[f32; 3]>,
     pub output: Option<OutputKind>,
     pub resize: Option<ResizeMode>,
+    pub layout: Option<InputLayout>,
+    /// Which of several outputs holds the scores.
+    pub output_name: Option<String>,
 }
 
 /// What the model's output tensor holds.
@@ -670,6 +739,7 @@ impl Config {
         {
             return Err(ConfigError::new("source.uri", format!("{} does not exist", path.display())));
         }
+        let max_frame_pixels = validate_max_frame_pixels(&raw.source)?;
         let model = validate_model(&raw.model, data.as_deref())?;
 
         let labels = validate_labels(&raw.labels)?;
@@ -688,7 +758,7 @@ impl Config {
         };
 
         let service = validate_service(&raw.service)?;
-        Ok(Config { device_id, source, model, labels, output, service })
+        Ok(Config { device_id, source, max_frame_pixels, model, labels, output, service })
     }
 
     /// Reads `path` (if any), applies the overrides and validates.
@@ -703,6 +773,19 @@ impl Config {
             Some(path) => config.with_context(|| format!("config file {}", path.display())),
             None => Ok(config?),
         }
+    }
+}
+
+/// `source.max_frame_megapixels`: from 0.1 (a 320x240 camera fits three
+/// times) to 1000; the default is [`crate::preprocess::DEFAULT_MAX_FRAME_PIXELS`].
+pub fn validate_max_frame_pixels(raw: &RawSource) -> Result<u64, ConfigError> {
+    match raw.max_frame_megapixels {
+        None => Ok(crate::preprocess::DEFAULT_MAX_FRAME_PIXELS),
+        Some(mp) if mp.is_finite() && (0.1..=1000.0).contains(&mp) => Ok((mp * 1e6) as u64),
+        Some(mp) => Err(ConfigError::new(
+            "source.max_frame_megapixels",
+            format!("expected 0.1 to 1000 (megapixels; a frame costs 3 bytes per pixel), got {mp}"),
+        )),
     }
 }
 
@@ -772,6 +855,16 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
             .map(ResizeMode::parse)
             .transpose()
             .map_err(|m| ConfigError::new("model.resize", m))?,
+        layout: raw
+            .layout
+            .as_deref()
+            .map(InputLayout::parse)
+            .transpose()
+            .map_err(|m| ConfigError::new("model.layout", m))?,
+        output_name: match raw.output_name.as_deref() {
+            Some("") => return Err(ConfigError::new("model.output_name", "is empty; remove it or name an output")),
+            other => other.map(str::to_string),
+        },
     };
     if let Some(std) = overrides.std
         && std.iter().any(|v| *v <= 0.0)
@@ -817,6 +910,13 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
         fallback,
         onnxruntime_library: raw.onnxruntime_library.clone(),
         tensorrt: validate_tensorrt(&raw.tensorrt)?,
+        int8_check: raw
+            .int8_check
+            .as_deref()
+            .map(Int8Check::parse)
+            .transpose()
+            .map_err(|m| ConfigError::new("model.int8_check", m))?
+            .unwrap_or_default(),
     })
 }
 

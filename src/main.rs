@@ -66,10 +66,16 @@ struct EngineArgs {
     /// Inference threads.
     #[arg(long)]
     threads: Option<i64>,
+    /// The INT8 rewrite's check against the graph as quantised: fallback, error or off.
+    #[arg(long)]
+    int8_check: Option<String>,
 }
 
 impl EngineArgs {
     fn apply(&self, model: &mut config::RawModel) {
+        if self.int8_check.is_some() {
+            model.int8_check = self.int8_check.clone();
+        }
         if self.engine.is_some() {
             model.engine = self.engine.clone();
         }
@@ -124,6 +130,11 @@ enum Command {
         /// One JSON object per image instead of a table.
         #[arg(long)]
         json: bool,
+        /// Testing: also write each image's model input (NCHW float32,
+        /// little-endian) to DIR/<n>.f32, so another runtime can be fed the
+        /// very same tensor (tests/int8_matrix.py).
+        #[arg(long, hide = true, value_name = "DIR")]
+        dump_input: Option<PathBuf>,
     },
     /// Show what a model file holds and how long the engine takes to load it.
     ModelInfo {
@@ -167,7 +178,9 @@ fn main() -> ExitCode {
     telemetry::init_logging(&cli.log_level);
     let result = match cli.command {
         Command::Run { config, overrides } => run(config, overrides.overrides()),
-        Command::Classify { images, model, config, engine, json } => classify(&images, model, config, &engine, json),
+        Command::Classify { images, model, config, engine, json, dump_input } => {
+            classify(&images, model, config, &engine, json, dump_input.as_deref())
+        }
         Command::ModelInfo { model, engine, json } => model_info(&model, &engine, json),
         Command::Bench { args, row } => match row {
             Some(row) => bench_row(&row),
@@ -225,7 +238,11 @@ fn classify(
     config_path: Option<PathBuf>,
     engine_args: &EngineArgs,
     json: bool,
+    dump_input: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = dump_input {
+        std::fs::create_dir_all(dir).with_context(|| format!("--dump-input {}", dir.display()))?;
+    }
     let mut raw = match &config_path {
         Some(path) => RawConfig::from_file(path)?,
         None => RawConfig::default(),
@@ -236,13 +253,14 @@ fn classify(
     engine_args.apply(&mut raw.model);
     let model_config = config::validate_model(&raw.model, config::data_dir().as_deref())?;
     let policy = config::validate_labels(&raw.labels)?;
+    let max_pixels = config::validate_max_frame_pixels(&raw.source)?;
     let engine = engine::load(&model_config)?;
     let rules = labels::resolve_rules(&policy, &engine.info().metadata)?;
-    let mut classifier = FrameClassifier::new(engine);
+    let mut classifier = FrameClassifier::new(engine).with_max_frame_pixels(max_pixels);
     let model_name: std::sync::Arc<str> = classifier.info().metadata.name.as_str().into();
     let mut failures = 0;
     for (index, path) in images.iter().enumerate() {
-        let result = source::read_frame(path, index as u64)
+        let result = source::read_frame_limited(path, index as u64, max_pixels)
             .map_err(anyhow::Error::from)
             .and_then(|frame| Ok(classifier.classify(&frame)?))
             .map(|c| {
@@ -257,6 +275,12 @@ fn classify(
                 continue;
             }
         };
+        if let Some(dir) = dump_input {
+            let tensor = classifier.last_input();
+            let bytes: Vec<u8> = tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let file = dir.join(format!("{index}.f32"));
+            std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))?;
+        }
         let event = LabelEvent {
             sequence: index as u64,
             timestamp: std::time::SystemTime::now(),
@@ -301,14 +325,31 @@ fn model_info(path: &std::path::Path, engine_args: &EngineArgs, json_out: bool) 
             "version": meta.version,
             "backbone": meta.backbone,
             "recipe_hash": meta.recipe_hash,
-            "input": { "name": info.input_name, "shape": info.input_shape, "type": info.input_type },
-            "output": { "name": info.output_name, "shape": info.output_shape, "kind": meta.output.as_str() },
+            "input": {
+                "name": info.input_name,
+                "shape": info.input_shape,
+                "dims": info.input_dims,
+                "layout": info.input_layout.as_str(),
+                "type": info.input_type,
+            },
+            "output": { "name": info.output_name, "shape": info.output_shape, "kind": meta.output.as_str(), "of": info.outputs },
+            "external_tensors": info.external_tensors,
             "int8": info.is_int8(),
+            "int8_format": info.int8_format.map(|f| f.as_str()),
             "int8_mode": info.int8_mode.map(|m| m.as_str()),
             "quantize_linear": info.quantize_linear,
             "dequantize_linear": info.dequantize_linear,
             "activation_qdq_removed": info.activation_qdq_removed,
+            "saturation_clips": info.saturation_clips,
+            "activation_qdq_kept": info.activation_qdq_kept,
             "qdq_repaired": info.qdq_repaired,
+            "int8_selfcheck": info.selfcheck.as_ref().map(|c| json!({
+                "mode": c.mode.as_str(),
+                "max_difference": c.max_difference(),
+                "tolerance": c.tolerance,
+                "fell_back": c.fell_back(),
+                "took_ms": c.took().as_secs_f64() * 1e3,
+            })),
             "labels": meta.labels,
             "labels_from": meta.labels_from,
             "thresholds": meta.thresholds,
@@ -333,26 +374,48 @@ fn model_info(path: &std::path::Path, engine_args: &EngineArgs, json_out: bool) 
         name += &format!(", backbone {backbone}");
     }
     println!("name         {name}");
-    println!("input        {} {} {:?}", info.input_name, info.input_type, info.input_shape);
-    println!("output       {} {:?} ({})", info.output_name, info.output_shape, meta.output.as_str());
-    if let Some(mode) = info.int8_mode {
-        println!(
-            "int8         yes (QDQ): {} QuantizeLinear, {} DequantizeLinear; runs {}",
-            info.quantize_linear,
-            info.dequantize_linear,
-            mode.as_str()
-        );
-        if info.activation_qdq_removed > 0 {
+    println!(
+        "input        {} {} {} ({}; labelcast prepares {:?})",
+        info.input_name,
+        info.input_type,
+        info.input_dims,
+        info.input_layout.as_str().to_uppercase(),
+        info.input_shape
+    );
+    let of = if info.outputs > 1 { format!(", 1 of {} outputs", info.outputs) } else { String::new() };
+    println!("output       {} {:?} ({}{of})", info.output_name, info.output_shape, meta.output.as_str());
+    if info.external_tensors > 0 {
+        println!("weights      {} tensors in external data files beside the model", info.external_tensors);
+    }
+    match (info.int8_format, info.int8_mode) {
+        (Some(format), Some(mode)) => {
             println!(
-                "             weights-only: {} activation quantise/dequantise pairs removed",
-                info.activation_qdq_removed
+                "int8         yes ({}): {} QuantizeLinear, {} DequantizeLinear; runs {}",
+                format.as_str(),
+                info.quantize_linear,
+                info.dequantize_linear,
+                mode.as_str()
             );
+            if info.activation_qdq_removed > 0 {
+                println!(
+                    "             weights-only: {} activation quantise/dequantise pairs removed, {} of them clamped to the range the quantiser folded in",
+                    info.activation_qdq_removed, info.saturation_clips
+                );
+            }
+            if info.activation_qdq_kept > 0 {
+                println!(
+                    "             {} activation pairs kept quantised (not one scale and zero point)",
+                    info.activation_qdq_kept
+                );
+            }
+            if !info.qdq_repaired.is_empty() {
+                println!("             kept in float for tract: {}", info.qdq_repaired.join(", "));
+            }
         }
-        if !info.qdq_repaired.is_empty() {
-            println!("             kept in float for tract: {}", info.qdq_repaired.join(", "));
-        }
-    } else {
-        println!("int8         no (no QuantizeLinear/DequantizeLinear nodes)");
+        _ => println!("int8         no (a float model)"),
+    }
+    if let Some(check) = &info.selfcheck {
+        println!("int8 check   {}", check.summary());
     }
     if meta.labels.is_empty() {
         println!("labels       none in the model: give them in the config (model.labels) or a sidecar .toml");

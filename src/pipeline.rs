@@ -120,6 +120,18 @@ impl FrameClassifier {
         self.scorer.info()
     }
 
+    /// Refuses frames of more than `max_pixels` pixels before decoding them.
+    pub fn with_max_frame_pixels(mut self, max_pixels: u64) -> Self {
+        self.preprocessor = self.preprocessor.with_max_pixels(max_pixels);
+        self
+    }
+
+    /// The input tensor of the last frame classified (NCHW float), as the
+    /// engine received it.
+    pub fn last_input(&self) -> &Tensor {
+        &self.tensor
+    }
+
     pub fn classify(&mut self, frame: &Frame) -> Result<Classified, ClassifyError> {
         let preprocess = self.preprocessor.run_timed(frame, &mut self.tensor).map_err(ClassifyError::BadFrame)?;
         let (scores, inference) = self.scorer.score(&self.tensor).map_err(ClassifyError::Engine)?;
@@ -261,7 +273,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::task::spawn_blocking(move || prepare(&prepare_config)).await.context("model loading thread")??;
     // A camera that is not plugged in yet is waited for; anything else
     // wrong with the source (no such folder, not a camera) stops here.
-    let first_source = match source::open(&config.source) {
+    let first_source = match source::open_limited(&config.source, config.max_frame_pixels) {
         Ok(source) => {
             tracing::info!(source = %source.describe(), device_id = %config.device_id, "source opened");
             Some(source)
@@ -302,16 +314,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             counters: counters.clone(),
             source: config.source.describe(),
             engine: engine.info().engine.to_string(),
+            selfcheck: engine.info().selfcheck.clone(),
         };
         crate::http::start(listen, exporter).await;
     }
-    let supervisor = Supervisor::new(config.source.clone(), first_source, counters.clone(), health.clone());
+    let supervisor = Supervisor::new(config.source.clone(), first_source, counters.clone(), health.clone())
+        .with_max_frame_pixels(config.max_frame_pixels);
     let capture = spawn_capture(supervisor, frames.clone(), stop.clone(), counters.clone(), health.clone())?;
     let scorer = Scorer::new(engine);
     let pacing = Arc::new(Pacing::default());
     let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
     let preprocess = spawn_preprocess(
-        preprocessor_for(scorer.info()),
+        preprocessor_for(scorer.info()).with_max_pixels(config.max_frame_pixels),
         config.source.is_live(),
         frames.clone(),
         prepared.clone(),
@@ -414,6 +428,7 @@ pub struct Supervisor {
     /// A frame arrived since the source was (re)opened.
     delivered: bool,
     opened_before: bool,
+    max_frame_pixels: u64,
     counters: Arc<Counters>,
     health: Arc<Health>,
 }
@@ -445,9 +460,16 @@ impl Supervisor {
             backoff: publish::mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(10)),
             timeouts: 0,
             delivered: false,
+            max_frame_pixels: crate::preprocess::DEFAULT_MAX_FRAME_PIXELS,
             counters,
             health,
         }
+    }
+
+    /// Refuses pictures of more pixels where the source decodes them itself.
+    pub fn with_max_frame_pixels(mut self, max_pixels: u64) -> Self {
+        self.max_frame_pixels = max_pixels;
+        self
     }
 
     fn frame_interval(&self) -> Option<Duration> {
@@ -515,7 +537,7 @@ impl Supervisor {
     }
 
     fn reopen(&mut self) -> Step {
-        match source::open(&self.spec) {
+        match source::open_limited(&self.spec, self.max_frame_pixels) {
             Ok(source) => {
                 if self.opened_before {
                     Counters::inc(&self.counters.source_reconnects);

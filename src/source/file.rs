@@ -21,6 +21,7 @@ pub struct FileSource {
     looping: bool,
     interval: Option<Duration>,
     sequence: u64,
+    max_pixels: u64,
 }
 
 impl FileSource {
@@ -33,7 +34,15 @@ impl FileSource {
             looping,
             interval: interval_for_fps(fps),
             sequence: 0,
+            max_pixels: crate::preprocess::DEFAULT_MAX_FRAME_PIXELS,
         })
+    }
+
+    /// Refuses PNG files of more than `max_pixels` pixels before decoding
+    /// them (JPEG files are checked where they are decoded).
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
+        self.max_pixels = max_pixels;
+        self
     }
 }
 
@@ -41,6 +50,14 @@ impl FileSource {
 /// later, like a webcam's), anything else decoded to RGB here. A file that
 /// cannot be read or decoded is a [`SourceError::Skipped`] naming it.
 pub fn read_frame(path: &Path, sequence: u64) -> Result<Frame, SourceError> {
+    read_frame_limited(path, sequence, crate::preprocess::DEFAULT_MAX_FRAME_PIXELS)
+}
+
+/// [`read_frame`] with a pixel limit: a PNG whose header declares more
+/// pixels is refused before anything is decoded or allocated for it (a
+/// 48 KB 1-bit PNG can declare 20000x20000). Its EXIF orientation (eXIf
+/// chunk) is applied, as for JPEG files.
+pub fn read_frame_limited(path: &Path, sequence: u64, max_pixels: u64) -> Result<Frame, SourceError> {
     let origin: Arc<str> = Arc::from(path.display().to_string());
     let skipped = |reason: String| SourceError::Skipped { origin: origin.to_string(), reason };
     let bytes = std::fs::read(path).map_err(|err| skipped(err.to_string()))?;
@@ -57,9 +74,7 @@ pub fn read_frame(path: &Path, sequence: u64) -> Result<Frame, SourceError> {
             origin: Some(origin),
         });
     }
-    let image = image::load_from_memory(&bytes)
-        .map_err(|err| skipped(format!("not a readable JPEG or PNG image ({err})")))?
-        .into_rgb8();
+    let image = decode_limited(&bytes, max_pixels).map_err(skipped)?;
     let (width, height) = image.dimensions();
     Ok(Frame {
         format: PixelFormat::Rgb8,
@@ -71,6 +86,34 @@ pub fn read_frame(path: &Path, sequence: u64) -> Result<Frame, SourceError> {
         captured_at,
         origin: Some(origin),
     })
+}
+
+/// Decodes a non-JPEG image within the pixel limit: the size is read from
+/// the header first, and the decoder may allocate no more than the RGBA16
+/// picture of that many pixels needs.
+fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, String> {
+    use image::ImageDecoder;
+    let unreadable = |err: image::ImageError| format!("not a readable JPEG or PNG image ({err})");
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(16 << 20));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(unreadable)?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > max_pixels {
+        return Err(format!(
+            "the picture is {w}x{h} ({:.1} megapixels); frames above {:.1} megapixels are refused before decoding \
+             (source.max_frame_megapixels)",
+            pixels as f64 / 1e6,
+            max_pixels as f64 / 1e6
+        ));
+    }
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
+    image.apply_orientation(orientation);
+    Ok(image.into_rgb8())
 }
 
 impl FrameSource for FileSource {
@@ -93,7 +136,7 @@ impl FrameSource for FileSource {
         }
         let path = self.files[self.next_index].clone();
         self.next_index += 1;
-        let frame = read_frame(&path, self.sequence);
+        let frame = read_frame_limited(&path, self.sequence, self.max_pixels);
         self.sequence += 1;
         frame.map(Some)
     }

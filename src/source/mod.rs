@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-pub use file::{FileSource, read_frame};
+pub use file::{FileSource, read_frame, read_frame_limited};
 pub use pattern::{PatternFaults, TestPattern, encode};
 
 /// How the bytes of a [`Frame`] are laid out.
@@ -252,10 +252,18 @@ impl SourceSpec {
 /// Opens the source a spec names. A camera that is not there (yet) is
 /// [`SourceError::Disconnected`]: worth trying again.
 pub fn open(spec: &SourceSpec) -> Result<Box<dyn FrameSource>, SourceError> {
+    open_limited(spec, crate::preprocess::DEFAULT_MAX_FRAME_PIXELS)
+}
+
+/// [`open`], refusing pictures of more than `max_pixels` pixels where the
+/// source decodes them itself (PNG files).
+pub fn open_limited(spec: &SourceSpec, max_pixels: u64) -> Result<Box<dyn FrameSource>, SourceError> {
     Ok(match spec {
-        SourceSpec::File { path, fps, looping } => {
-            Box::new(FileSource::open(path, *fps, *looping).map_err(|err| SourceError::Fatal(format!("{err:#}")))?)
-        }
+        SourceSpec::File { path, fps, looping } => Box::new(
+            FileSource::open(path, *fps, *looping)
+                .map_err(|err| SourceError::Fatal(format!("{err:#}")))?
+                .with_max_pixels(max_pixels),
+        ),
         SourceSpec::TestPattern { width, height, fps, frames, format, faults } => {
             Box::new(TestPattern::open(*width, *height, *fps, *frames, *format, faults.clone())?)
         }

@@ -13,8 +13,16 @@ use crate::config::ResizeMode;
 use crate::engine::Tensor;
 use crate::source::{Frame, PixelFormat};
 
+pub mod jpeg;
+
 /// The largest frame side accepted (a 16K camera is 15360 wide).
 const MAX_SIDE: u32 = 16384;
+
+/// The most pixels a frame may have unless `source.max_frame_megapixels`
+/// says otherwise: 50 megapixels (a 48 MP phone photo, 8000x6000, fits)
+/// cost 150 MB as RGB, which a 1 GB board can still hold once. A picture
+/// above it is refused from its header, before anything is allocated.
+pub const DEFAULT_MAX_FRAME_PIXELS: u64 = 50_000_000;
 
 /// Where preprocessing time went, for the per-stage figures.
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,6 +52,9 @@ pub struct Preprocessor {
     turbo: Option<turbojpeg::Decompressor>,
     fitted: Vec<u8>,
     letterboxed: Vec<u8>,
+    /// A frame turned the way its EXIF orientation says.
+    oriented: Vec<u8>,
+    max_pixels: u64,
 }
 
 impl Preprocessor {
@@ -69,7 +80,16 @@ impl Preprocessor {
                 .ok(),
             fitted: vec![0; width * height * 3],
             letterboxed: Vec::new(),
+            oriented: Vec::new(),
+            max_pixels: DEFAULT_MAX_FRAME_PIXELS,
         }
+    }
+
+    /// Refuses frames of more than `max_pixels` pixels (from the JPEG header,
+    /// before decoding).
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
+        self.max_pixels = max_pixels;
+        self
     }
 
     /// Decodes MJPEG at full size with zune-jpeg even in a `turbojpeg`
@@ -108,6 +128,11 @@ impl Preprocessor {
     /// between camera formats), for benchmarks; returns the frame's size.
     pub fn convert(&mut self, frame: &Frame) -> anyhow::Result<(u32, u32)> {
         self.convert_to_rgb(frame)
+    }
+
+    /// The packed RGB picture the last [`Preprocessor::convert`] (or run) made.
+    pub fn rgb(&self) -> &[u8] {
+        &self.rgb
     }
 
     /// Leaves the frame as packed RGB in `self.rgb` and returns its size.
@@ -162,29 +187,71 @@ impl Preprocessor {
         Ok((w, h))
     }
 
+    /// Decodes a JPEG (a file or an MJPEG frame) into `self.rgb`, turned the
+    /// way its EXIF orientation says; a JPEG cut short, corrupt in its scan
+    /// data or larger than the pixel limit is an error.
     fn decode_jpeg(&mut self, data: &[u8]) -> anyhow::Result<(u32, u32)> {
+        // Taken out of `self` while its bytes are decoded, and put back after.
+        let mut patched = std::mem::take(&mut self.patched);
         let data: &[u8] = if lacks_huffman_tables(data) {
             // UVC cameras leave the Huffman tables out and mean the JPEG
             // standard's (Annex K). An APP0 "AVI1" segment says exactly that
             // (the AVI MJPEG convention), and the decoder then uses them.
-            self.patched.clear();
-            self.patched.extend_from_slice(&data[..2]);
-            self.patched.extend_from_slice(&AVI1_APP0);
-            self.patched.extend_from_slice(&data[2..]);
-            &self.patched
+            patched.clear();
+            patched.extend_from_slice(&data[..2]);
+            patched.extend_from_slice(&AVI1_APP0);
+            patched.extend_from_slice(&data[2..]);
+            &patched
         } else {
             data
         };
+        let decoded = self.decode_oriented_jpeg(data);
+        self.patched = patched;
+        decoded
+    }
+
+    fn decode_oriented_jpeg(&mut self, data: &[u8]) -> anyhow::Result<(u32, u32)> {
+        // Whole, up to its EOI; what follows (camera padding) is dropped.
+        let layout = jpeg::scan(data).map_err(anyhow::Error::msg)?;
+        let (w, h) = self.decode_whole_jpeg(&data[..layout.end])?;
+        match layout.orientation {
+            Some(value @ 2..=8) => {
+                let (w, h) = jpeg::orient(&self.rgb, w as usize, h as usize, value, &mut self.oriented);
+                std::mem::swap(&mut self.rgb, &mut self.oriented);
+                Ok((w as u32, h as u32))
+            }
+            _ => Ok((w, h)),
+        }
+    }
+
+    /// Refuses a picture of more pixels than the limit.
+    fn check_pixels(&self, w: usize, h: usize) -> anyhow::Result<()> {
+        let pixels = w as u64 * h as u64;
+        if pixels > self.max_pixels {
+            bail!(
+                "the picture is {w}x{h} ({:.1} megapixels); frames above {:.1} megapixels are refused before decoding \
+                 (source.max_frame_megapixels)",
+                pixels as f64 / 1e6,
+                self.max_pixels as f64 / 1e6
+            );
+        }
+        Ok(())
+    }
+
+    fn decode_whole_jpeg(&mut self, data: &[u8]) -> anyhow::Result<(u32, u32)> {
         #[cfg(feature = "turbojpeg")]
         if let Some(turbo) = self.turbo.as_mut() {
             let (width, height) = (self.width as usize, self.height as usize);
-            return decode_jpeg_scaled(turbo, data, width, height, &mut self.rgb);
+            let max_pixels = self.max_pixels;
+            return decode_jpeg_scaled(turbo, data, width, height, max_pixels, &mut self.rgb);
         }
         // A corrupt header can claim any size: the limits refuse it before
-        // anything is allocated for it.
+        // anything is allocated for it. Strict: scan data that runs short or
+        // holds a stray marker is an error, not a grey patch.
         let options = zune_core::options::DecoderOptions::default()
             .set_max_width(MAX_SIDE as usize)
             .set_max_height(MAX_SIDE as usize)
+            .set_strict_mode(true)
             .jpeg_set_out_colorspace(zune_core::colorspace::ColorSpace::RGB);
         let mut decoder = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(data), options);
         decoder.decode_headers().map_err(|err| anyhow::anyhow!("corrupt JPEG header: {err}"))?;
@@ -192,6 +259,7 @@ impl Preprocessor {
         if w == 0 || h == 0 {
             bail!("JPEG claims {w}x{h} pixels");
         }
+        self.check_pixels(w, h)?;
         let size = decoder.output_buffer_size().context("JPEG output size overflows")?;
         self.rgb.resize(size, 0);
         decoder.decode_into(&mut self.rgb).map_err(|err| anyhow::anyhow!("corrupt JPEG data: {err}"))?;
@@ -274,6 +342,7 @@ fn decode_jpeg_scaled(
     data: &[u8],
     min_width: usize,
     min_height: usize,
+    max_pixels: u64,
     rgb: &mut Vec<u8>,
 ) -> anyhow::Result<(u32, u32)> {
     use turbojpeg::ScalingFactor;
@@ -281,6 +350,14 @@ fn decode_jpeg_scaled(
     let (w, h) = (header.width, header.height);
     if w == 0 || h == 0 || w > MAX_SIDE as usize || h > MAX_SIDE as usize {
         bail!("JPEG claims {w}x{h} pixels; expected 1 to {MAX_SIDE} on each side");
+    }
+    if w as u64 * h as u64 > max_pixels {
+        bail!(
+            "the picture is {w}x{h} ({:.1} megapixels); frames above {:.1} megapixels are refused before decoding \
+             (source.max_frame_megapixels)",
+            (w * h) as f64 / 1e6,
+            max_pixels as f64 / 1e6
+        );
     }
     let factor = [ScalingFactor::ONE_EIGHTH, ScalingFactor::ONE_QUARTER, ScalingFactor::ONE_HALF]
         .into_iter()
@@ -591,5 +668,120 @@ mod tests {
         let mut t = p.new_tensor();
         let err = p.run(&frame(PixelFormat::Rgb8, 8, 8, 24, vec![0; 10]), &mut t).unwrap_err();
         assert!(format!("{err:#}").contains("needs"), "{err:#}");
+    }
+
+    fn fixture_frame(name: &str, data: Vec<u8>) -> Frame {
+        let mut f = frame(PixelFormat::Mjpeg, 0, 0, 0, data);
+        f.origin = Some(name.into());
+        f
+    }
+
+    /// JPEGs from other encoders (tests/fixtures/jpeg, made by Pillow and
+    /// OpenCV: progressive, restart markers, 4:4:4/4:2:2/4:2:0, grey, CMYK,
+    /// EXIF with a thumbnail JPEG inside, an ICC profile): each decodes, and
+    /// to the picture Pillow decodes.
+    #[test]
+    fn jpegs_from_other_encoders_decode_to_the_picture_pillow_sees() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg");
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let mut p = identity(4, ResizeMode::Stretch);
+        for (name, expected) in reference.as_object().unwrap() {
+            let data = std::fs::read(dir.join(name)).unwrap();
+            let (w, h) = p.convert(&fixture_frame(name, data)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let (w, h) = (w as usize, h as usize);
+            assert_eq!(
+                (w as u64, h as u64),
+                (expected["width"].as_u64().unwrap(), expected["height"].as_u64().unwrap())
+            );
+            let mut worst = 0.0f64;
+            for (cell, want) in expected["grid"].as_array().unwrap().iter().enumerate() {
+                let (gx, gy) = (cell % 8, cell / 8);
+                let (y0, x0) = (gy * h / 8, gx * w / 8);
+                let (y1, x1) = (((gy + 1) * h / 8).max(y0 + 1), ((gx + 1) * w / 8).max(x0 + 1));
+                for c in 0..3 {
+                    let mut sum = 0.0;
+                    for y in y0..y1 {
+                        for x in x0..x1 {
+                            sum += p.rgb()[(y * w + x) * 3 + c] as f64;
+                        }
+                    }
+                    let mean = sum / ((y1 - y0) * (x1 - x0)) as f64;
+                    worst = worst.max((mean - want[c].as_f64().unwrap()).abs());
+                }
+            }
+            // IDCT and chroma upsampling differ between decoders by a few levels.
+            assert!(worst < 6.0, "{name}: a grid cell differs from Pillow's decode by {worst:.1} levels");
+        }
+    }
+
+    #[test]
+    fn every_fixture_jpeg_cut_short_is_refused_and_one_with_bytes_after_its_end_is_kept() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg");
+        let mut p = identity(4, ResizeMode::Stretch);
+        let mut t = p.new_tensor();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "jpg") {
+                continue;
+            }
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let data = std::fs::read(&path).unwrap();
+            for fraction in [0.4, 0.75, 0.98] {
+                let cut = (data.len() as f64 * fraction) as usize;
+                let err = p.run(&fixture_frame(&name, data[..cut].to_vec()), &mut t).unwrap_err();
+                let message = format!("{err:#}");
+                assert!(message.contains(&name) && message.contains("truncated"), "{name} at {cut}: {message}");
+            }
+            let err = p.run(&fixture_frame(&name, data[..data.len() - 2].to_vec()), &mut t).unwrap_err();
+            assert!(format!("{err:#}").contains("truncated"), "{name} without its EOI: {err:#}");
+            let mut padded = data.clone();
+            padded.extend_from_slice(&[0u8; 64]);
+            padded.extend_from_slice(b"\xFF\xD8 trailer written by a camera");
+            p.run(&fixture_frame(&name, padded), &mut t).unwrap_or_else(|e| panic!("{name} with a trailer: {e:#}"));
+        }
+    }
+
+    #[test]
+    fn a_jpeg_is_turned_the_way_its_exif_orientation_says() {
+        // Left half red, right half blue, 16x8: after orientation 6 (turn
+        // 90 degrees clockwise) it is 8x16 with red on top.
+        let img =
+            image::RgbImage::from_fn(
+                16,
+                8,
+                |x, _| if x < 8 { image::Rgb([220, 20, 20]) } else { image::Rgb([20, 20, 220]) },
+            );
+        let mut plain = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut plain), image::ImageFormat::Jpeg).unwrap();
+        let mut p = identity(4, ResizeMode::Stretch);
+        for (value, size, red_at) in
+            [(1u16, (16, 8), (2, 4)), (3, (16, 8), (13, 4)), (6, (8, 16), (4, 2)), (8, (8, 16), (4, 13))]
+        {
+            let mut tagged = plain[..2].to_vec();
+            tagged.extend(jpeg_exif_app1(value));
+            tagged.extend_from_slice(&plain[2..]);
+            let (w, h) = p.convert(&fixture_frame("phone.jpg", tagged)).unwrap();
+            assert_eq!((w, h), size, "orientation {value}");
+            let (x, y) = red_at;
+            let px = &p.rgb()[(y * w as usize + x) * 3..][..3];
+            assert!(px[0] > 150 && px[2] < 100, "orientation {value}: ({x}, {y}) is {px:?}, expected red");
+        }
+    }
+
+    fn jpeg_exif_app1(orientation: u16) -> Vec<u8> {
+        super::jpeg::tests::exif_app1(orientation)
+    }
+
+    #[test]
+    fn a_jpeg_header_declaring_more_pixels_than_the_limit_is_refused_before_decoding() {
+        let mut jpeg = jpeg_bytes(8);
+        // 16000 x 16000: within the side limit, 256 megapixels.
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x3E, 0x80, 0x3E, 0x80]);
+        let mut p = identity(4, ResizeMode::Stretch).with_max_pixels(2_000_000);
+        let mut t = p.new_tensor();
+        let message = format!("{:#}", p.run(&frame(PixelFormat::Mjpeg, 0, 0, 0, jpeg), &mut t).unwrap_err());
+        assert!(message.contains("16000x16000") && message.contains("source.max_frame_megapixels"), "{message}");
     }
 }

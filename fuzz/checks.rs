@@ -112,7 +112,9 @@ fn assert_publishable(topic: &str) {
 /// for a stale one.
 pub fn mqtt_payload(input: PayloadInput) {
     let names: Vec<String> = input.labels.iter().map(|(name, ..)| name.clone()).collect();
-    if check_label_names(&names, "fuzz").is_err() {
+    if check_label_names(&names, "fuzz").is_err()
+        || labelcast::publish::homeassistant::check_entity_ids(&names, "fuzz").is_err()
+    {
         return;
     }
     let device = sanitize_id(&input.device);

@@ -87,6 +87,8 @@ pub struct RawHomeAssistant {
 pub struct RawSource {
     pub uri: Option<String>,
     pub max_frame_megapixels: Option<f64>,
+    pub reconnect_min: Option<String>,
+    pub reconnect_max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,6 +261,9 @@ pub struct Config {
     /// Frames (photos) with more pixels are refused from their header,
     /// before decoding (`source.max_frame_megapixels`).
     pub max_frame_pixels: u64,
+    /// The wait before reopening a source that went away, doubling from the
+    /// first to the second (`source.reconnect_min` / `source.reconnect_max`).
+    pub source_backoff: (Duration, Duration),
     pub model: ModelConfig,
     pub labels: LabelPolicy,
     pub output: OutputConfig,
@@ -740,6 +745,14 @@ impl Config {
             return Err(ConfigError::new("source.uri", format!("{} does not exist", path.display())));
         }
         let max_frame_pixels = validate_max_frame_pixels(&raw.source)?;
+        let reconnect_min = duration("source.reconnect_min", &raw.source.reconnect_min, Duration::from_millis(250))?;
+        let reconnect_max = duration("source.reconnect_max", &raw.source.reconnect_max, Duration::from_secs(10))?;
+        if reconnect_min.is_zero() || reconnect_min > reconnect_max {
+            return Err(ConfigError::new(
+                "source.reconnect_min",
+                format!("must be above 0 and not above source.reconnect_max ({reconnect_max:?})"),
+            ));
+        }
         let model = validate_model(&raw.model, data.as_deref())?;
 
         let labels = validate_labels(&raw.labels)?;
@@ -758,7 +771,16 @@ impl Config {
         };
 
         let service = validate_service(&raw.service)?;
-        Ok(Config { device_id, source, max_frame_pixels, model, labels, output, service })
+        Ok(Config {
+            device_id,
+            source,
+            max_frame_pixels,
+            source_backoff: (reconnect_min, reconnect_max),
+            model,
+            labels,
+            output,
+            service,
+        })
     }
 
     /// Reads `path` (if any), applies the overrides and validates.
@@ -964,17 +986,16 @@ fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {
     Ok(labels.to_vec())
 }
 
-/// Every label becomes an MQTT topic level and a Home Assistant entity, so a
-/// name must be usable as both: not empty, no `/`, `+`, `#` (levels and
+/// Every label becomes an MQTT topic level (and, with discovery on, a Home
+/// Assistant entity, see `publish::homeassistant::check_entity_ids`), so a
+/// name must be usable as one: not empty, no `/`, `+`, `#` (levels and
 /// wildcards), no control characters (MQTT forbids U+0000 in topics and
-/// advises against the rest), not absurdly long, and not given twice (two
-/// entities would share a unique_id). `field` is what the error names: the
+/// advises against the rest), not absurdly long, and not given twice.
+/// Any script is fine (`猫`, `café`). `field` is what the error names: the
 /// config key, or the model file or sidecar the names came from.
 pub fn check_label_names(labels: &[String], field: &str) -> Result<(), ConfigError> {
     const MAX_LABEL_BYTES: usize = 256;
-    // Home Assistant entity id -> the label that took it; the same name twice
-    // is the simplest way to take one id twice.
-    let mut entity_ids = std::collections::HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     for name in labels {
         if name.is_empty() || name.contains(['/', '+', '#']) || name.chars().any(char::is_control) {
             return Err(ConfigError::new(
@@ -992,20 +1013,8 @@ pub fn check_label_names(labels: &[String], field: &str) -> Result<(), ConfigErr
                 ),
             ));
         }
-        let entity_id = node_safe(name);
-        match entity_ids.insert(entity_id.clone(), name) {
-            None => {}
-            Some(other) if other == name => {
-                return Err(ConfigError::new(field, format!("label {name:?} appears twice")));
-            }
-            Some(other) => {
-                return Err(ConfigError::new(
-                    field,
-                    format!(
-                        "labels {other:?} and {name:?} would share the Home Assistant entity id {entity_id:?}; rename one"
-                    ),
-                ));
-            }
+        if !seen.insert(name.as_str()) {
+            return Err(ConfigError::new(field, format!("label {name:?} appears twice")));
         }
     }
     Ok(())
@@ -1063,6 +1072,11 @@ pub fn parse_mqtt_url(text: &str) -> Result<(String, u16, bool), String> {
     let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("no host in {text:?}"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    if port == 0 {
+        return Err(format!(
+            "port 0 is not a broker port: give the port the broker listens on (1883, or 8883 for TLS), got {text:?}"
+        ));
+    }
     Ok((host, port, tls))
 }
 
@@ -1074,12 +1088,20 @@ fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigErr
         }
         None => {
             let text = raw.embedded_listen.as_deref().unwrap_or(DEFAULT_EMBEDDED_LISTEN);
-            let listen = text.parse().map_err(|_| {
+            let listen: SocketAddr = text.parse().map_err(|_| {
                 ConfigError::new(
                     "mqtt.embedded_listen",
                     format!("expected host:port like \"127.0.0.1:1883\", got {text:?}"),
                 )
             })?;
+            if listen.port() == 0 {
+                return Err(ConfigError::new(
+                    "mqtt.embedded_listen",
+                    format!(
+                        "port 0 would pick a random port no client can know; give one, like \"127.0.0.1:1883\", got {text:?}"
+                    ),
+                ));
+            }
             (BrokerChoice::Embedded { listen }, false)
         }
     };
@@ -1305,10 +1327,20 @@ mod tests {
     }
 
     #[test]
-    fn label_names_that_would_share_a_home_assistant_entity_are_rejected() {
-        let names = ["traffic light".to_string(), "traffic_light".to_string()];
-        let err = check_label_names(&names, "model.labels").unwrap_err();
-        assert!(err.message.contains("traffic_light") && err.message.contains("rename one"), "{err}");
+    fn label_names_in_any_script_are_topics_and_a_name_given_twice_is_rejected() {
+        let names: Vec<String> =
+            ["猫", "狗", "鳥", "café", "traffic light", "traffic_light"].map(String::from).to_vec();
+        check_label_names(&names, "model.labels").unwrap();
+        let twice = ["猫".to_string(), "猫".to_string()];
+        let err = check_label_names(&twice, "model.labels").unwrap_err();
+        assert!(err.message.contains("appears twice"), "{err}");
+    }
+
+    #[test]
+    fn port_zero_is_not_a_broker_port() {
+        assert!(parse_mqtt_url("mqtt://127.0.0.1:0").unwrap_err().contains("port 0"));
+        let err = validate("[mqtt]\nembedded_listen = \"127.0.0.1:0\"\n").unwrap_err();
+        assert_eq!(err.field, "mqtt.embedded_listen");
     }
 
     #[test]

@@ -84,6 +84,13 @@ impl Collector for Exporter {
             ("label_changes", "Label state changes", Counters::get(&c.state_changes)),
             ("mqtt_connect_attempts", "MQTT connection attempts", Counters::get(&c.mqtt_connect_attempts)),
             ("mqtt_reconnects", "MQTT connections after the first", connections.saturating_sub(1)),
+            (
+                "mqtt_kicked",
+                "Connections the broker closed moments after accepting them (another client with the same client id?)",
+                Counters::get(&c.mqtt_kicked),
+            ),
+            ("mqtt_refused", "Connections the broker refused (CONNACK return code)", Counters::get(&c.mqtt_refused)),
+            ("mqtt_acked", "Messages (QoS >= 1) the broker acknowledged", Counters::get(&c.mqtt_acked)),
         ] {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(metric)?;
@@ -96,11 +103,18 @@ impl Collector for Exporter {
                 MetricType::Gauge,
             )?;
             ConstGauge::new(i64::from(connected)).encode(metric)?;
+            let metric = encoder.encode_descriptor(
+                "mqtt_unacked",
+                "Messages (QoS >= 1) written to the broker and not acknowledged yet",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(self.health.mqtt_unacked() as i64).encode(metric)?;
         }
-        let streaming = i64::from(self.health.source_state() == crate::service::SourceState::Streaming);
+        let streaming = i64::from(self.health.source_report(Instant::now()) == crate::service::SourceState::Streaming);
         let mut metric = encoder.encode_descriptor(
             "source_streaming",
-            "1 while the source is open and delivering, 0 while it is reconnecting or ended",
+            "1 while the source is open and delivering, 0 while it is reconnecting, stalled, hung or ended",
             None,
             MetricType::Gauge,
         )?;

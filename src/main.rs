@@ -199,7 +199,6 @@ fn main() -> ExitCode {
 }
 
 fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<ExitCode> {
-    let config = Config::load(config_path.as_deref(), &overrides)?;
     // Two worker threads: the MQTT client and the embedded broker's glue are
     // light; capture and inference run on their own OS threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -207,18 +206,44 @@ fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<Exi
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(pipeline::run(config, shutdown_signal()))?;
+    runtime.block_on(async {
+        // Before anything slow: until these handlers exist, a SIGHUP (or
+        // SIGTERM) kills the process without a word, and systemd counts death
+        // by SIGHUP as clean, so Restart=on-failure would not bring it back.
+        let signals = Signals::install();
+        let config = Config::load(config_path.as_deref(), &overrides)?;
+        pipeline::run(config, signals.shutdown()).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::error!("cannot listen for SIGTERM/SIGINT/SIGHUP; stop the daemon with SIGKILL");
-        return std::future::pending().await;
-    };
+/// SIGTERM, SIGINT and SIGHUP, listened for from the moment they are installed.
+struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+            (Ok(term), Ok(int), Ok(hup)) => Self(Some([term, int, hup])),
+            _ => {
+                tracing::error!("cannot listen for SIGTERM/SIGINT/SIGHUP; stop the daemon with SIGKILL");
+                Self(None)
+            }
+        }
+    }
+
+    /// Completes on SIGTERM or SIGINT; SIGHUP is logged and ignored.
+    async fn shutdown(self) {
+        let Some([term, int, hup]) = self.0 else { return std::future::pending().await };
+        shutdown_signal(term, int, hup).await
+    }
+}
+
+async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    mut hup: tokio::signal::unix::Signal,
+) {
     loop {
         tokio::select! {
             _ = term.recv() => return tracing::info!("SIGTERM received"),

@@ -45,6 +45,13 @@ pub struct Prepared {
 pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let engine = engine::load(&config.model)?;
     let rules = labels::resolve_rules(&config.labels, &engine.info().metadata)?;
+    if let OutputConfig::Mqtt(mqtt) = &config.output
+        && mqtt.homeassistant.is_some()
+    {
+        // Each label becomes an entity: two must not share an id.
+        let names: Vec<&str> = rules.iter().map(|r| r.name.as_ref()).collect();
+        publish::homeassistant::check_entity_ids(&names, "model.labels")?;
+    }
     Ok(Prepared { engine, rules })
 }
 
@@ -267,10 +274,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
     let health = Arc::new(Health::new(config.service.stall_timeout));
+    // The embedded broker's address is part of the config: a port another
+    // program holds is exit 78, found before seconds go into the model.
+    if let OutputConfig::Mqtt(mqtt) = &config.output
+        && let crate::config::BrokerChoice::Embedded { listen } = mqtt.broker
+    {
+        publish::broker::start_embedded(listen)?;
+    }
     service::spawn_watchdog(health.clone(), counters.clone()).context("starting the watchdog thread")?;
     let prepare_config = config.clone();
-    let Prepared { engine, rules } =
-        tokio::task::spawn_blocking(move || prepare(&prepare_config)).await.context("model loading thread")??;
+    // A SIGTERM while the model loads stops the daemon then, not after.
+    tokio::pin!(shutdown);
+    let loading = tokio::task::spawn_blocking(move || prepare(&prepare_config));
+    let Prepared { engine, rules } = tokio::select! {
+        loaded = loading => loaded.context("model loading thread")??,
+        _ = &mut shutdown => {
+            tracing::info!("shutdown requested while the model was loading; stopping");
+            return Ok(());
+        }
+    };
     // A camera that is not plugged in yet is waited for; anything else
     // wrong with the source (no such folder, not a camera) stops here.
     let first_source = match source::open_limited(&config.source, config.max_frame_pixels) {
@@ -289,9 +311,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (events_tx, events_rx) = mpsc::channel::<LabelEvent>(64);
     let sink = match &config.output {
         OutputConfig::Mqtt(mqtt) => {
-            if let crate::config::BrokerChoice::Embedded { listen } = mqtt.broker {
-                publish::broker::start_embedded(listen)?;
-            }
             let sink = publish::mqtt::Sink {
                 device_id: config.device_id.clone(),
                 config: (**mqtt).clone(),
@@ -319,7 +338,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         crate::http::start(listen, exporter).await;
     }
     let supervisor = Supervisor::new(config.source.clone(), first_source, counters.clone(), health.clone())
-        .with_max_frame_pixels(config.max_frame_pixels);
+        .with_max_frame_pixels(config.max_frame_pixels)
+        .with_backoff(config.source_backoff.0, config.source_backoff.1);
     let capture = spawn_capture(supervisor, frames.clone(), stop.clone(), counters.clone(), health.clone())?;
     let scorer = Scorer::new(engine);
     let pacing = Arc::new(Pacing::default());
@@ -357,7 +377,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     })?;
 
     tokio::select! {
-        _ = shutdown => tracing::info!("shutdown requested: stopping capture, finishing the frame in flight"),
+        _ = &mut shutdown => tracing::info!("shutdown requested: stopping capture, finishing the frame in flight"),
         _ = done_rx => tracing::info!("source finished: all frames processed"),
     }
     Notifier::stopping();
@@ -428,10 +448,22 @@ pub struct Supervisor {
     /// A frame arrived since the source was (re)opened.
     delivered: bool,
     opened_before: bool,
+    /// When the source was last (re)opened.
+    opened_at: Instant,
+    /// A source lost after streaming at least this long is reopened at once
+    /// (and the backoff starts over); one lost sooner waits the backoff, so
+    /// a camera that fails right after each open cannot flood the log and
+    /// the broker.
+    stable_after: Duration,
     max_frame_pixels: u64,
+    lost_warning: RateLimit,
+    back_info: RateLimit,
     counters: Arc<Counters>,
     health: Arc<Health>,
 }
+
+/// See [`Supervisor`]'s `stable_after`.
+const STABLE_STREAM: Duration = Duration::from_secs(10);
 
 /// What one step of the supervisor produced.
 enum Step {
@@ -460,7 +492,11 @@ impl Supervisor {
             backoff: publish::mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(10)),
             timeouts: 0,
             delivered: false,
+            opened_at: Instant::now(),
+            stable_after: STABLE_STREAM,
             max_frame_pixels: crate::preprocess::DEFAULT_MAX_FRAME_PIXELS,
+            lost_warning: RateLimit::new(Duration::from_secs(10)),
+            back_info: RateLimit::new(Duration::from_secs(10)),
             counters,
             health,
         }
@@ -469,6 +505,12 @@ impl Supervisor {
     /// Refuses pictures of more pixels where the source decodes them itself.
     pub fn with_max_frame_pixels(mut self, max_pixels: u64) -> Self {
         self.max_frame_pixels = max_pixels;
+        self
+    }
+
+    /// Waits from `min` doubling to `max` between attempts to reopen.
+    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = publish::mqtt::Backoff::new(min, max);
         self
     }
 
@@ -485,10 +527,7 @@ impl Supervisor {
         match source.next_frame() {
             Ok(Some(frame)) => {
                 self.timeouts = 0;
-                if !self.delivered {
-                    self.delivered = true;
-                    self.backoff.reset();
-                }
+                self.delivered = true;
                 Step::Frame(frame)
             }
             Ok(None) if self.spec.is_live() => self.lost("the live stream ended".into()),
@@ -523,17 +562,29 @@ impl Supervisor {
     }
 
     /// The source went away: close it (a camera's buffers and descriptor go
-    /// with it) and start reopening: at once after a source that streamed,
-    /// after the backoff delay when it failed before its first frame (an RTSP
-    /// camera that accepts connections but sends nothing must not be
-    /// reconnected in a tight loop).
+    /// with it) and start reopening: at once after a source that streamed
+    /// for a while ([`STABLE_STREAM`]), after the backoff delay when it failed
+    /// before its first frame or soon after (an RTSP camera that accepts
+    /// connections but sends nothing, a camera that drops out after three
+    /// frames every time, must not be reopened in a tight loop).
     fn lost(&mut self, reason: String) -> Step {
         let described = self.source.as_ref().map(|s| s.describe()).unwrap_or_default();
         self.source = None;
         self.timeouts = 0;
-        tracing::warn!(source = %described, reason, "source lost; reopening");
+        let streamed = std::mem::take(&mut self.delivered) && self.opened_at.elapsed() >= self.stable_after;
+        if streamed {
+            self.backoff.reset();
+        }
+        let step = if streamed { Step::Nothing } else { Step::Retry(self.backoff.next_delay()) };
+        if let Some(suppressed) = self.lost_warning.check(Instant::now()) {
+            let retry_ms = match step {
+                Step::Retry(delay) => delay.as_millis() as u64,
+                _ => 0,
+            };
+            tracing::warn!(source = %described, reason, retry_ms, suppressed, "source lost; reopening");
+        }
         self.health.set_source_state(SourceState::Reconnecting);
-        if std::mem::take(&mut self.delivered) { Step::Nothing } else { Step::Retry(self.backoff.next_delay()) }
+        step
     }
 
     fn reopen(&mut self) -> Step {
@@ -541,13 +592,16 @@ impl Supervisor {
             Ok(source) => {
                 if self.opened_before {
                     Counters::inc(&self.counters.source_reconnects);
-                    tracing::info!(source = %source.describe(), "source back");
+                    if let Some(suppressed) = self.back_info.check(Instant::now()) {
+                        tracing::info!(source = %source.describe(), suppressed, "source back");
+                    }
                 } else {
                     tracing::info!(source = %source.describe(), "source opened");
                 }
                 self.opened_before = true;
                 self.source = Some(source);
                 self.delivered = false;
+                self.opened_at = Instant::now();
                 self.health.set_source_state(SourceState::Streaming);
                 Step::Nothing
             }
@@ -845,8 +899,25 @@ mod tests {
     }
 
     #[test]
+    fn a_source_that_fails_right_after_each_open_backs_off_instead_of_reopening_at_once() {
+        // Three frames, then "unplugged", every time, as fast as it can.
+        let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=3&offline_ms=0");
+        let mut delays = Vec::new();
+        for _ in 0..40 {
+            if let Step::Retry(delay) = supervisor.step() {
+                delays.push(delay);
+            }
+        }
+        assert!(delays.len() >= 4, "every loss waits: {delays:?}");
+        // Jittered doubling from 250 ms: the fourth wait is 1 to 2 s.
+        assert!(delays[0] <= Duration::from_millis(250) && delays[3] >= Duration::from_secs(1), "{delays:?}");
+    }
+
+    #[test]
     fn a_source_that_streamed_is_reopened_at_once_and_reports_its_state() {
         let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=2");
+        // It "streamed for long enough" at once.
+        supervisor.stable_after = Duration::ZERO;
         assert!(matches!(supervisor.step(), Step::Nothing), "the first step opens");
         assert_eq!(supervisor.health.source_state(), SourceState::Streaming);
         assert!(matches!(supervisor.step(), Step::Frame(_)));

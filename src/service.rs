@@ -32,6 +32,13 @@ pub struct Health {
     mqtt_connected: AtomicBool,
     mqtt_used: AtomicBool,
     mqtt_down_since: AtomicU64,
+    /// Whether a connection was ever accepted, and why the last attempt failed.
+    mqtt_ever_connected: AtomicBool,
+    mqtt_last_error: std::sync::Mutex<Option<String>>,
+    /// When the oldest message still waiting for its acknowledgement (QoS
+    /// >= 1) was written, and how many wait.
+    mqtt_oldest_unacked: AtomicU64,
+    mqtt_unacked: AtomicU64,
     /// Streaming / reconnecting / ended; the MQTT sink publishes changes.
     source_state: tokio::sync::watch::Sender<SourceState>,
     /// Inference latency in seconds, for `/metrics`.
@@ -47,6 +54,11 @@ pub enum SourceState {
     Reconnecting,
     /// A finite source ran out, or the source failed for good.
     Ended,
+    /// Open, but no frame was classified for `service.stall_timeout`.
+    Stalled,
+    /// A camera read has not returned for `service.stall_timeout` (the
+    /// watchdog's verdict too).
+    Hung,
 }
 
 impl SourceState {
@@ -55,9 +67,16 @@ impl SourceState {
             Self::Streaming => "streaming",
             Self::Reconnecting => "reconnecting",
             Self::Ended => "ended",
+            Self::Stalled => "stalled",
+            Self::Hung => "hung",
         }
     }
 }
+
+/// Acknowledgements older than this make `/healthz` unhealthy: a broker
+/// that accepts the TCP stream but stopped answering (frozen, SIGSTOPped,
+/// overloaded) is otherwise only noticed after two keep-alive periods.
+pub const MQTT_ACK_OVERDUE: Duration = Duration::from_secs(10);
 
 /// What `/healthz` answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +97,10 @@ impl Health {
             mqtt_connected: AtomicBool::new(false),
             mqtt_used: AtomicBool::new(false),
             mqtt_down_since: AtomicU64::new(1),
+            mqtt_ever_connected: AtomicBool::new(false),
+            mqtt_last_error: std::sync::Mutex::new(None),
+            mqtt_oldest_unacked: AtomicU64::new(0),
+            mqtt_unacked: AtomicU64::new(0),
             source_state: tokio::sync::watch::Sender::new(SourceState::Streaming),
             inference_seconds: prometheus_client::metrics::histogram::Histogram::new([
                 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
@@ -145,12 +168,51 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
+    /// The MQTT sink started: from now on `/healthz` and `/metrics` report
+    /// the broker, also before (or without) a first connection.
+    pub fn mqtt_started(&self) {
+        self.mqtt_down_since.store(self.stamp(Instant::now()), Ordering::Relaxed);
+        self.mqtt_used.store(true, Ordering::Relaxed);
+    }
     pub fn set_mqtt(&self, connected: bool) {
         self.mqtt_used.store(true, Ordering::Relaxed);
+        if connected {
+            self.mqtt_ever_connected.store(true, Ordering::Relaxed);
+        }
         let was = self.mqtt_connected.swap(connected, Ordering::Relaxed);
         if was && !connected {
             self.mqtt_down_since.store(self.stamp(Instant::now()), Ordering::Relaxed);
         }
+    }
+    /// Why the last connection attempt failed, for `/healthz`.
+    pub fn set_mqtt_error(&self, error: String) {
+        *self.mqtt_last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+    /// Messages waiting for their acknowledgement: how many, and since when
+    /// the oldest waits (`None`: none waits).
+    pub fn set_mqtt_unacked(&self, count: usize, oldest: Option<Instant>) {
+        self.mqtt_unacked.store(count as u64, Ordering::Relaxed);
+        self.mqtt_oldest_unacked.store(oldest.map_or(0, |at| self.stamp(at)), Ordering::Relaxed);
+    }
+    pub fn mqtt_unacked(&self) -> u64 {
+        self.mqtt_unacked.load(Ordering::Relaxed)
+    }
+
+    /// What `<prefix>/source` says: the capture supervisor's state, unless
+    /// the camera read hangs (`hung`) or no frame was classified for the
+    /// stall timeout while the source is open (`stalled`).
+    pub fn source_report(&self, now: Instant) -> SourceState {
+        let state = self.source_state();
+        let capture_age = self.age(self.capture_busy_since.load(Ordering::Relaxed), now);
+        if state != SourceState::Ended && capture_age.is_some_and(|age| age > self.stall_timeout) {
+            return SourceState::Hung;
+        }
+        let last_frame = self.age(self.last_frame_at.load(Ordering::Relaxed), now);
+        if state == SourceState::Streaming && self.is_ready() && last_frame.is_some_and(|age| age > self.stall_timeout)
+        {
+            return SourceState::Stalled;
+        }
+        state
     }
 
     /// Which pipeline call has been stuck too long, if any: the watchdog's question.
@@ -184,10 +246,31 @@ impl Health {
         }
         if self.mqtt_used.load(Ordering::Relaxed) && !self.mqtt_connected.load(Ordering::Relaxed) {
             let down = self.age(self.mqtt_down_since.load(Ordering::Relaxed), now).unwrap_or_default();
+            let why = self
+                .mqtt_last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map_or(String::new(), |e| format!(" ({e})"));
             if down > self.stall_timeout {
-                return Verdict::Unhealthy(format!("MQTT broker unreachable for {:.0} s", down.as_secs_f64()));
+                return Verdict::Unhealthy(if self.mqtt_ever_connected.load(Ordering::Relaxed) {
+                    format!("MQTT broker unreachable for {:.0} s{why}", down.as_secs_f64())
+                } else {
+                    format!("MQTT broker never reached in {:.0} s{why}", down.as_secs_f64())
+                });
             }
-            return Verdict::Healthy(format!("ok; MQTT reconnecting for {:.0} s", down.as_secs_f64()));
+            return Verdict::Healthy(format!("ok; MQTT connecting for {:.0} s{why}", down.as_secs_f64()));
+        }
+        if self.mqtt_used.load(Ordering::Relaxed)
+            && let Some(waiting) = self.age(self.mqtt_oldest_unacked.load(Ordering::Relaxed), now)
+            && waiting > MQTT_ACK_OVERDUE
+        {
+            return Verdict::Unhealthy(format!(
+                "MQTT acknowledgements overdue: the oldest of {} messages was sent {:.0} s ago and the broker has not \
+                 acknowledged it (frozen or overloaded?)",
+                self.mqtt_unacked(),
+                waiting.as_secs_f64()
+            ));
         }
         Verdict::Healthy("ok".into())
     }
@@ -309,11 +392,59 @@ mod tests {
         health.set_mqtt(true);
         assert_eq!(health.verdict(Instant::now()), Verdict::Healthy("ok".into()));
         health.set_mqtt(false);
-        assert!(matches!(health.verdict(Instant::now()), Verdict::Healthy(r) if r.contains("reconnecting")));
+        assert!(matches!(health.verdict(Instant::now()), Verdict::Healthy(r) if r.contains("connecting")));
         let later = Instant::now() + Duration::from_millis(500);
         assert!(matches!(health.verdict(later), Verdict::Unhealthy(r) if r.contains("no frame")));
         health.set_source_state(SourceState::Ended);
         assert!(matches!(health.verdict(later), Verdict::Unhealthy(r) if r.contains("MQTT")));
+    }
+
+    #[test]
+    fn a_broker_never_reached_turns_healthz_unhealthy_after_the_stall_timeout_with_the_reason() {
+        let health = Health::new(Duration::from_millis(100));
+        health.inference_started();
+        health.inference_finished(true);
+        health.mark_ready();
+        health.mqtt_started();
+        health.set_mqtt_error("connection refused".into());
+        assert!(matches!(health.verdict(Instant::now()), Verdict::Healthy(r) if r.contains("connecting")));
+        // A finite source that ended: only the broker is left to judge.
+        health.set_source_state(SourceState::Ended);
+        let later = Instant::now() + Duration::from_millis(300);
+        let Verdict::Unhealthy(reason) = health.verdict(later) else { panic!("expected unhealthy") };
+        assert!(reason.contains("never reached") && reason.contains("connection refused"), "{reason}");
+    }
+
+    #[test]
+    fn overdue_acknowledgements_turn_healthz_unhealthy() {
+        let health = Health::new(Duration::from_secs(60));
+        health.inference_started();
+        health.inference_finished(true);
+        health.mark_ready();
+        health.set_mqtt(true);
+        let sent = Instant::now();
+        health.set_mqtt_unacked(3, Some(sent));
+        assert_eq!(health.verdict(sent + Duration::from_secs(2)), Verdict::Healthy("ok".into()));
+        let Verdict::Unhealthy(reason) = health.verdict(sent + Duration::from_secs(12)) else { panic!() };
+        assert!(reason.contains("acknowledgements overdue") && reason.contains("3 messages"), "{reason}");
+        health.set_mqtt_unacked(0, None);
+        assert_eq!(health.verdict(sent + Duration::from_secs(12)), Verdict::Healthy("ok".into()));
+    }
+
+    #[test]
+    fn a_camera_read_that_hangs_is_reported_as_hung_and_frames_that_stop_as_stalled() {
+        let health = Health::new(Duration::from_millis(100));
+        assert_eq!(health.source_report(Instant::now()), SourceState::Streaming);
+        health.capture_started();
+        assert_eq!(health.source_report(Instant::now() + Duration::from_millis(300)), SourceState::Hung);
+        health.capture_finished();
+        health.inference_started();
+        health.inference_finished(true);
+        health.mark_ready();
+        assert_eq!(health.source_report(Instant::now()), SourceState::Streaming);
+        assert_eq!(health.source_report(Instant::now() + Duration::from_millis(300)), SourceState::Stalled);
+        health.set_source_state(SourceState::Reconnecting);
+        assert_eq!(health.source_report(Instant::now() + Duration::from_millis(300)), SourceState::Reconnecting);
     }
 
     #[test]

@@ -38,6 +38,13 @@ pub struct Counters {
     pub state_changes: AtomicU64,
     pub mqtt_connect_attempts: AtomicU64,
     pub mqtt_connections: AtomicU64,
+    /// Connections the broker accepted, then closed within moments: another
+    /// client with the same client id takes the session over.
+    pub mqtt_kicked: AtomicU64,
+    /// Connections the broker answered with a refusal (CONNACK return code).
+    pub mqtt_refused: AtomicU64,
+    /// Messages (QoS >= 1) the broker acknowledged.
+    pub mqtt_acked: AtomicU64,
     /// Sum of inference time in microseconds, for the mean.
     pub inference_us_total: AtomicU64,
     /// Sums of JPEG decode / pixel conversion and of resize + normalise time.
@@ -89,6 +96,9 @@ impl Counters {
             "state_changes": Self::get(&self.state_changes),
             "mqtt_connect_attempts": Self::get(&self.mqtt_connect_attempts),
             "mqtt_connections": Self::get(&self.mqtt_connections),
+            "mqtt_kicked": Self::get(&self.mqtt_kicked),
+            "mqtt_refused": Self::get(&self.mqtt_refused),
+            "mqtt_acked": Self::get(&self.mqtt_acked),
         })
     }
 }
@@ -103,6 +113,11 @@ pub struct RateLimit {
 impl RateLimit {
     pub const fn new(interval: Duration) -> Self {
         Self { interval, state: Mutex::new((None, 0)) }
+    }
+
+    /// Starts a new interval at `now`, as if a line had just been let through.
+    pub fn reset(&self, now: Instant) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (Some(now), 0);
     }
 
     /// `Some(suppressed)` when the caller should log now.

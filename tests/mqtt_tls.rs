@@ -213,7 +213,9 @@ fn username_and_password_over_tls_are_accepted_and_a_wrong_password_is_not() {
     assert!(daemon.stop().success());
 
     let (mut denied, _work) = broker.daemon("tls-denied", &section(&wrong));
-    denied.wait_for_log("MQTT broker unreachable", WAIT);
+    // The broker answered: a refusal, saying what to check, not "unreachable".
+    denied.wait_for_log("MQTT broker refused the connection", WAIT);
+    assert!(denied.log().contains("mqtt.password_file"), "{}", denied.log());
     assert!(denied.is_running());
     assert!(watch.payloads("labelcast/tls-denied/available").is_empty());
     assert!(!denied.log().contains("guess"), "the password never reaches the log");

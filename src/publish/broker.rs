@@ -15,11 +15,16 @@ use anyhow::{Context, bail};
 pub fn start_embedded(listen: SocketAddr) -> anyhow::Result<()> {
     // rumqttd binds inside its own thread and only logs a failure there, so
     // check the port here, where the error can reach the operator.
+    // A port that is taken is a configuration problem (exit 78): restarting
+    // will not free it.
     TcpListener::bind(listen).map_err(|err| {
-        anyhow::anyhow!(
-            "cannot start the embedded MQTT broker on {listen}: {err}. If a broker (mosquitto?) already \
-             listens there, use it with --mqtt mqtt://{listen} (or mqtt.url); otherwise set mqtt.embedded_listen \
-             to a free address"
+        crate::config::ConfigError::new(
+            "mqtt.embedded_listen",
+            format!(
+                "cannot start the embedded MQTT broker on {listen}: {err}. If a broker (mosquitto?) already \
+                 listens there, use it with --mqtt mqtt://{listen} (or mqtt.url); otherwise set mqtt.embedded_listen \
+                 to a free address"
+            ),
         )
     })?;
 

@@ -13,7 +13,50 @@
 use serde_json::{Value, json};
 
 use super::payload::Topics;
-use crate::config::{HomeAssistantConfig, node_safe};
+use crate::config::{ConfigError, HomeAssistantConfig, node_safe};
+
+/// The part of a label's Home Assistant ids (`unique_id`, the discovery
+/// topic's node id) that comes from its name. Home Assistant allows
+/// `[a-zA-Z0-9_-]` there. An ASCII name keeps the form labelcast always gave
+/// it (`traffic light` -> `traffic_light`); a name with other characters
+/// (`猫`, `café`) gets what is left of it plus a short hash of the whole
+/// name (FNV-1a, 32 bits, in hex), so names in any script get distinct ids
+/// that do not change from run to run. The entity's display name is the
+/// label itself.
+pub fn object_id(name: &str) -> String {
+    if name.is_ascii() {
+        return node_safe(name);
+    }
+    // FNV-1a (64-bit offset basis and prime), folded to 32 bits.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = (hash ^ (hash >> 32)) as u32;
+    let safe = node_safe(name);
+    let readable = safe.trim_matches('_');
+    if readable.is_empty() { format!("label_{hash:08x}") } else { format!("{readable}_{hash:08x}") }
+}
+
+/// With discovery on, two labels must not share an entity: ASCII names that
+/// differ only in characters Home Assistant does not allow (`a b`, `a_b`)
+/// would. `field` names where the labels came from.
+pub fn check_entity_ids(labels: &[impl AsRef<str>], field: &str) -> Result<(), ConfigError> {
+    let mut taken: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for name in labels {
+        let name = name.as_ref();
+        let id = object_id(name);
+        if let Some(other) = taken.insert(id.clone(), name)
+            && other != name
+        {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "labels {other:?} and {name:?} would share the Home Assistant entity id {id:?}; rename one, \
+                     or set homeassistant.discovery = false"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Everything the discovery payloads need to know about this daemon.
 #[derive(Debug, Clone)]
@@ -54,11 +97,11 @@ impl Discovery {
     }
 
     fn unique_id(&self, entity: &str) -> String {
-        format!("labelcast_{}_{}", self.device_id, node_safe(entity))
+        format!("labelcast_{}_{}", self.device_id, object_id(entity))
     }
 
     fn config_topic(&self, component: &str, entity: &str) -> String {
-        format!("{}/{component}/{}_{}/config", self.prefix, self.device_id, node_safe(entity))
+        format!("{}/{component}/{}_{}/config", self.prefix, self.device_id, object_id(entity))
     }
 
     fn device(&self) -> Value {
@@ -240,5 +283,23 @@ mod tests {
         let (topic, body) = &other.messages(&["dog"])[0];
         assert!(topic.starts_with("homeassistant/binary_sensor/kitchen_"));
         assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"]), None, "not this device's entity");
+    }
+
+    #[test]
+    fn labels_in_any_script_get_distinct_stable_entity_ids_and_keep_their_names() {
+        let d = discovery();
+        let labels = ["猫", "狗", "鳥", "café", "traffic light"];
+        let messages = d.messages(&labels);
+        let topics: std::collections::HashSet<&String> = messages.iter().map(|(t, _)| t).collect();
+        assert_eq!(topics.len(), messages.len(), "{messages:?}");
+        assert_eq!(object_id("traffic light"), "traffic_light", "ASCII names keep their ids");
+        assert_eq!(object_id("猫"), object_id("猫"), "stable");
+        assert!(object_id("猫").starts_with("label_") && object_id("café").starts_with("caf_"));
+        let config: Value = serde_json::from_str(&messages[0].1).unwrap();
+        assert_eq!(config["name"], "猫");
+        assert_eq!(config["state_topic"], "labelcast/kitchen/label/猫");
+        check_entity_ids(&labels, "model.labels").unwrap();
+        let err = check_entity_ids(&["a b", "a_b"], "model.labels").unwrap_err();
+        assert!(err.message.contains("homeassistant.discovery = false"), "{err}");
     }
 }

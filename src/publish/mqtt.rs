@@ -3,17 +3,32 @@
 //! Two tasks share one client. The *connection driver* polls rumqttc's event
 //! loop (it must be polled for anything to move) and owns reconnecting:
 //! rumqttc retries on the next poll without waiting, so the driver sleeps a
-//! capped exponential backoff with jitter between failed attempts and resets
-//! it on ConnAck. The *publisher* turns label events into messages; it never
-//! blocks: while the broker is away, `labels` messages are dropped and
-//! counted, and the latest per-label state is kept and re-sent (retained) on
-//! every reconnect, together with `available = online`.
+//! capped exponential backoff with jitter between failed attempts, and
+//! resets it only once a connection has stayed up for [`STABLE_CONNECTION`]:
+//! two daemons with one client id (cloned SD cards share host names) kick
+//! each other off the broker, and resetting on every ConnAck made them
+//! reconnect in a tight loop. The driver also says what went wrong in words:
+//! a broker that refused the connection (with the CONNACK code and what to
+//! check) is not a broker that could not be reached.
+//!
+//! The *publisher* turns label events into messages; it never blocks: while
+//! the broker is away, `labels` messages are dropped and counted, and the
+//! latest per-label state is kept and re-sent (retained) on every reconnect,
+//! together with `available = online`. A message counts as published when
+//! the broker acknowledged it (QoS >= 1): the [`Outbox`] follows each one
+//! from the queue to the wire to its PUBACK, so a frozen broker shows as
+//! overdue acknowledgements in `/healthz`, and a clean shutdown waits for
+//! them before DISCONNECT.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, StateError,
+    TlsConfiguration, Transport,
+};
 use tokio::sync::{mpsc, watch};
 
 use super::homeassistant::Discovery;
@@ -47,6 +62,144 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.step = self.min;
+    }
+}
+
+/// A connection that stayed up this long was a real one: the backoff starts
+/// again from `mqtt.reconnect_min` after it. One the broker closes sooner,
+/// twice in a row, means another client took the session over.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// How long a clean shutdown waits for the broker to acknowledge the last
+/// messages (`offline`, final stats) before DISCONNECT.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(3);
+
+/// The `source` topic is re-published at most this often; a source that
+/// flaps is published in its latest state once the interval has passed.
+const SOURCE_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a message was, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Labels,
+    Other,
+}
+
+/// Messages handed to rumqttc and not yet acknowledged, shared by the
+/// publisher (which queues them) and the connection driver (which sees them
+/// written, `Outgoing::Publish(pkid)`, and acknowledged, PUBACK/PUBCOMP).
+/// rumqttc handles its request queue in order, so the n-th publish written
+/// is the n-th queued; a packet id written again is a retransmission after
+/// a reconnect (rumqttc keeps the id).
+#[derive(Debug, Default)]
+struct Outbox {
+    queued: VecDeque<Kind>,
+    inflight: HashMap<u16, (Kind, Instant)>,
+}
+
+impl Outbox {
+    /// A publish went out. Returns its kind when it is complete now (QoS 0).
+    fn written(&mut self, pkid: u16, now: Instant) -> Option<Kind> {
+        if pkid != 0 && self.inflight.contains_key(&pkid) {
+            return None;
+        }
+        let kind = self.queued.pop_front().unwrap_or(Kind::Other);
+        if pkid == 0 {
+            return Some(kind);
+        }
+        self.inflight.insert(pkid, (kind, now));
+        None
+    }
+
+    /// The broker acknowledged a publish.
+    fn acknowledged(&mut self, pkid: u16) -> Option<Kind> {
+        self.inflight.remove(&pkid).map(|(kind, _)| kind)
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.inflight.values().map(|(_, at)| *at).min()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queued.is_empty() && self.inflight.is_empty()
+    }
+
+    fn waiting(&self) -> usize {
+        self.queued.len() + self.inflight.len()
+    }
+}
+
+type SharedOutbox = Arc<Mutex<Outbox>>;
+
+fn lock(outbox: &SharedOutbox) -> std::sync::MutexGuard<'_, Outbox> {
+    outbox.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a connection attempt or a connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The broker answered the CONNECT with a refusal.
+    Refused,
+    /// The broker (or something on the way) closed an open connection.
+    Closed,
+    /// TCP or TLS did not get through.
+    Unreachable,
+}
+
+/// The failure in words, with what to check for a refusal.
+fn explain(err: &ConnectionError, client_id: &str, keep_alive: Duration) -> (Failure, String) {
+    let closed = |kind: std::io::ErrorKind| {
+        matches!(
+            kind,
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    match err {
+        ConnectionError::ConnectionRefused(code) => {
+            let why = match code {
+                ConnectReturnCode::BadUserNamePassword => {
+                    "bad user name or password: check mqtt.username and mqtt.password_file (or mqtt.password_env)"
+                        .to_string()
+                }
+                ConnectReturnCode::NotAuthorized => "not authorised: check mqtt.username and mqtt.password_file \
+                    (or mqtt.password_env), and the broker's access rules for this client"
+                    .to_string(),
+                ConnectReturnCode::BadClientId => format!(
+                    "identifier rejected for client id {client_id:?}: set mqtt.client_id to one the broker accepts \
+                     (and unique per device); mosquitto >= 2.0.12 also answers this when mqtt.keep_alive ({}s) is \
+                     above its max_keepalive",
+                    keep_alive.as_secs()
+                ),
+                ConnectReturnCode::ServiceUnavailable => {
+                    "server unavailable: the broker is up but not taking clients (starting, or at its limits)".into()
+                }
+                ConnectReturnCode::RefusedProtocolVersion => {
+                    "unacceptable protocol version: the broker does not speak MQTT 3.1.1".into()
+                }
+                ConnectReturnCode::Success => "refused with return code 0".into(),
+            };
+            (Failure::Refused, format!("the broker refused the connection: {why}"))
+        }
+        ConnectionError::MqttState(StateError::ConnectionAborted) => {
+            (Failure::Closed, "the broker closed the connection".into())
+        }
+        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) if closed(io.kind()) => {
+            (Failure::Closed, format!("the connection was closed ({io})"))
+        }
+        ConnectionError::MqttState(StateError::AwaitPingResp) => {
+            (Failure::Unreachable, "the broker stopped answering (no reply to the keep-alive ping)".into())
+        }
+        ConnectionError::Tls(tls) => (
+            Failure::Unreachable,
+            format!(
+                "TLS failed ({tls}): check mqtt.tls.ca_file and that the broker's certificate names the host in mqtt.url"
+            ),
+        ),
+        ConnectionError::NetworkTimeout => (Failure::Unreachable, "no answer within the network timeout".into()),
+        other => (Failure::Unreachable, other.to_string()),
     }
 }
 
@@ -120,14 +273,22 @@ impl Sink {
         let (link_tx, link_rx) = watch::channel(Link::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let (incoming_tx, mut incoming_rx) = mpsc::channel::<rumqttc::Publish>(256);
+        let outbox: SharedOutbox = Arc::default();
+        health.mqtt_started();
         let driver = tokio::spawn(drive_connection(
             eventloop,
-            config.reconnect_min,
-            config.reconnect_max,
+            DriverSettings {
+                min: config.reconnect_min,
+                max: config.reconnect_max,
+                client_id: config.client_id.clone(),
+                keep_alive: config.keep_alive,
+            },
             link_tx,
             incoming_tx,
             stop_rx,
             counters.clone(),
+            health.clone(),
+            outbox.clone(),
         ));
         tracing::info!(broker = %format!("{host}:{port}"), tls = config.tls.is_some(), client_id = %config.client_id, prefix = %config.topic_prefix, homeassistant = config.homeassistant.is_some(), "MQTT sink starting");
 
@@ -153,9 +314,16 @@ impl Sink {
             connected: false,
             drop_warning: RateLimit::new(Duration::from_secs(30)),
             discovery,
-            source_state: health.source_state(),
+            source_state: health.source_report(Instant::now()),
+            source_published: None,
+            outbox: outbox.clone(),
         };
         let mut source_rx = health.watch_source_state();
+        // Hung and stalled are read off the health marks, not announced:
+        // look once a second.
+        let mut source_tick = tokio::time::interval(Duration::from_secs(1));
+        source_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut source_due: Option<tokio::time::Instant> = None;
         let mut link_rx = link_rx;
         let mut stats_tick = tokio::time::interval(config.stats_interval);
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,7 +348,16 @@ impl Sink {
                     }
                 }
                 Ok(()) = source_rx.changed() => {
-                    publisher.source_state = *source_rx.borrow_and_update();
+                    source_rx.borrow_and_update();
+                    source_due = publisher.update_source(health.source_report(Instant::now()));
+                }
+                _ = source_tick.tick() => {
+                    if source_due.is_none() {
+                        source_due = publisher.update_source(health.source_report(Instant::now()));
+                    }
+                }
+                _ = tokio::time::sleep_until(source_due.unwrap_or_else(tokio::time::Instant::now)), if source_due.is_some() => {
+                    source_due = None;
                     publisher.publish_source();
                 }
                 Some(message) = incoming_rx.recv() => {
@@ -203,8 +380,23 @@ impl Sink {
         }
 
         if publisher.connected {
+            publisher.publish_source();
             publisher.publish_stats();
-            let _ = client.try_publish(publisher.topics.available(), QoS::AtLeastOnce, true, "offline");
+            publisher.send(publisher.topics.available(), true, "offline".into(), Kind::Other);
+            // Wait (bounded) for the broker to acknowledge what is in flight:
+            // closing first made mosquitto drop the connection as broken and
+            // publish the Last Will too, so subscribers saw `offline` twice.
+            let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
+            while !lock(&outbox).is_empty() && Instant::now() < deadline && *link_rx.borrow() != Link::default() {
+                if !link_rx.borrow().connected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let waiting = lock(&outbox).waiting();
+            if waiting > 0 {
+                tracing::warn!(waiting, "disconnecting from MQTT with messages not acknowledged within 3 s");
+            }
             let _ = client.try_disconnect();
         }
         let _ = stop_tx.send(true);
@@ -230,7 +422,11 @@ struct Publisher {
     connected: bool,
     drop_warning: RateLimit,
     discovery: Option<Discovery>,
+    /// What the `source` topic says (or will say once the interval allows).
     source_state: SourceState,
+    /// When the `source` topic was last published.
+    source_published: Option<Instant>,
+    outbox: SharedOutbox,
 }
 
 impl Publisher {
@@ -251,10 +447,10 @@ impl Publisher {
         if let Some(discovery) = &self.discovery {
             let labels: Vec<&str> = self.states.iter().map(|(name, _)| name.as_ref()).collect();
             for (topic, body) in discovery.messages(&labels) {
-                self.send(topic, true, body);
+                self.send(topic, true, body, Kind::Other);
             }
         }
-        self.send(self.topics.available(), true, "online".into());
+        self.send(self.topics.available(), true, "online".into(), Kind::Other);
         self.publish_source();
         self.publish_states();
         self.publish_stats();
@@ -271,22 +467,41 @@ impl Publisher {
             let labels: Vec<&str> = self.states.iter().map(|(name, _)| name.as_ref()).collect();
             if let Some(stale) = discovery.stale_label(&message.topic, &message.payload, &labels) {
                 tracing::info!(label = %stale, topic = %message.topic, "removing the Home Assistant entity of a label no longer configured");
-                self.send(message.topic.clone(), true, String::new());
+                self.send(message.topic.clone(), true, String::new(), Kind::Other);
             }
         }
         false
     }
 
-    fn publish_source(&self) {
+    /// Takes a new source state; returns when to publish it if it cannot be
+    /// now (a source that flaps is published at most once a second).
+    fn update_source(&mut self, state: SourceState) -> Option<tokio::time::Instant> {
+        if state == self.source_state {
+            return None;
+        }
+        self.source_state = state;
+        match self.source_published.map(|at| at.elapsed()) {
+            Some(since) if since < SOURCE_PUBLISH_INTERVAL => {
+                Some(tokio::time::Instant::now() + (SOURCE_PUBLISH_INTERVAL - since))
+            }
+            _ => {
+                self.publish_source();
+                None
+            }
+        }
+    }
+
+    fn publish_source(&mut self) {
         if self.connected {
-            self.send(self.topics.source(), true, self.source_state.as_str().into());
+            self.send(self.topics.source(), true, self.source_state.as_str().into(), Kind::Other);
+            self.source_published = Some(Instant::now());
         }
     }
 
     fn publish_states(&self) {
         if self.connected {
             for (name, on) in &self.states {
-                self.send(self.topics.label(name), true, payload::on_off(*on).into());
+                self.send(self.topics.label(name), true, payload::on_off(*on).into(), Kind::Other);
             }
         }
     }
@@ -296,7 +511,7 @@ impl Publisher {
             let label = &event.labels[index];
             self.states[index].1 = label.on;
             if self.connected {
-                self.send(self.topics.label(&label.name), true, payload::on_off(label.on).into());
+                self.send(self.topics.label(&label.name), true, payload::on_off(label.on).into(), Kind::Other);
             }
         }
         let due = self.events_seen.is_multiple_of(u64::from(self.publish_every));
@@ -317,9 +532,9 @@ impl Publisher {
         }
         let began = Instant::now();
         let body = payload::labels_json(event).to_string();
-        if self.send(self.topics.labels(), false, body) {
+        // Counted as published when the broker acknowledges it (the driver).
+        if self.send(self.topics.labels(), false, body, Kind::Labels) {
             Counters::add(&self.counters.publish_us_total, began.elapsed().as_micros() as u64);
-            Counters::inc(&self.counters.labels_published);
         } else {
             Counters::inc(&self.counters.labels_dropped);
         }
@@ -336,16 +551,22 @@ impl Publisher {
                 snapshot["fps_recent"] = serde_json::json!((recent * 100.0).round() / 100.0);
             }
             self.fps_window = (Instant::now(), inferences);
-            self.send(self.topics.stats(), true, snapshot.to_string());
+            self.send(self.topics.stats(), true, snapshot.to_string(), Kind::Other);
         }
     }
 
     /// Queues a message without waiting; false when rumqttc's queue is full.
-    fn send(&self, topic: String, retain: bool, body: String) -> bool {
+    fn send(&self, topic: String, retain: bool, body: String, kind: Kind) -> bool {
         // Retained state must not be lost silently: at least QoS 1 for it.
         let qos = if retain && self.qos == QoS::AtMostOnce { QoS::AtLeastOnce } else { self.qos };
+        // Held while queueing, so the driver cannot see this message written
+        // before it is in the outbox.
+        let mut outbox = lock(&self.outbox);
         match self.client.try_publish(topic.as_str(), qos, retain, body) {
-            Ok(()) => true,
+            Ok(()) => {
+                outbox.queued.push_back(kind);
+                true
+            }
             Err(err) => {
                 tracing::debug!(topic, error = %err, "MQTT queue full; message dropped");
                 false
@@ -354,29 +575,47 @@ impl Publisher {
     }
 }
 
-async fn drive_connection(
-    mut eventloop: rumqttc::EventLoop,
+/// What the connection driver needs besides its channels.
+struct DriverSettings {
     min: Duration,
     max: Duration,
+    client_id: String,
+    keep_alive: Duration,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive_connection(
+    mut eventloop: rumqttc::EventLoop,
+    settings: DriverSettings,
     link: watch::Sender<Link>,
     incoming: mpsc::Sender<rumqttc::Publish>,
     mut stop: watch::Receiver<bool>,
     counters: Arc<Counters>,
+    health: Arc<Health>,
+    outbox: SharedOutbox,
 ) {
-    let mut backoff = Backoff::new(min, max);
+    let mut backoff = Backoff::new(settings.min, settings.max);
     let mut generation = 0;
-    let mut connected = false;
+    let mut connected_at: Option<Instant> = None;
+    // Connections in a row the broker closed soon after accepting them.
+    let mut quick_closes = 0u32;
+    let mut warned_takeover = false;
+    // Refusals and failures repeat with every attempt: one line per kind of
+    // failure, then one every 30 s with a count.
+    let mut last_failure: Option<String> = None;
+    let repeat_warning = RateLimit::new(Duration::from_secs(30));
     Counters::inc(&counters.mqtt_connect_attempts);
     loop {
         let event = tokio::select! {
             event = eventloop.poll() => event,
-            _ = stop.wait_for(|stopping| *stopping), if !connected => return,
+            _ = stop.wait_for(|stopping| *stopping), if connected_at.is_none() => return,
         };
+        let now = Instant::now();
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 generation += 1;
-                connected = true;
-                backoff.reset();
+                connected_at = Some(now);
+                last_failure = None;
                 Counters::inc(&counters.mqtt_connections);
                 if generation == 1 {
                     tracing::info!(code = ?ack.code, "connected to MQTT broker");
@@ -393,21 +632,78 @@ async fn drive_connection(
                 // lags, dropping a replayed config costs nothing.
                 let _ = incoming.try_send(message);
             }
+            Ok(Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid, .. })))
+            | Ok(Event::Incoming(Packet::PubComp(rumqttc::PubComp { pkid, .. }))) => {
+                if let Some(kind) = lock(&outbox).acknowledged(pkid) {
+                    Counters::inc(&counters.mqtt_acked);
+                    if kind == Kind::Labels {
+                        Counters::inc(&counters.labels_published);
+                    }
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if lock(&outbox).written(pkid, now) == Some(Kind::Labels) {
+                    // QoS 0: written is all there is.
+                    Counters::inc(&counters.labels_published);
+                }
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 let _ = link.send(Link { connected: false, generation });
                 return;
             }
             Ok(_) => {}
             Err(err) => {
-                if connected {
-                    connected = false;
+                let lasted = connected_at.take().map(|at| at.elapsed());
+                if lasted.is_some() {
                     let _ = link.send(Link { connected: false, generation });
                 }
                 if *stop.borrow() {
                     return;
                 }
+                let (failure, reason) = explain(&err, &settings.client_id, settings.keep_alive);
+                health.set_mqtt_error(reason.clone());
+                match lasted {
+                    Some(lasted) if lasted >= STABLE_CONNECTION => {
+                        backoff.reset();
+                        quick_closes = 0;
+                        warned_takeover = false;
+                    }
+                    Some(lasted) if failure == Failure::Closed => {
+                        quick_closes += 1;
+                        Counters::inc(&counters.mqtt_kicked);
+                        if quick_closes >= 2 && !warned_takeover {
+                            warned_takeover = true;
+                            tracing::warn!(
+                                client_id = %settings.client_id,
+                                lasted_ms = lasted.as_millis() as u64,
+                                "the MQTT broker closed the connection moments after accepting it, twice in a row: \
+                                 another client with the same client id is probably connected (two devices with one \
+                                 device_id, e.g. cloned SD cards with the same host name); give each its own device_id \
+                                 or mqtt.client_id"
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+                if failure == Failure::Refused {
+                    Counters::inc(&counters.mqtt_refused);
+                }
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "MQTT broker unreachable");
+                let retry_in_ms = delay.as_millis() as u64;
+                let message = match failure {
+                    Failure::Refused => "MQTT broker refused the connection",
+                    Failure::Closed => "MQTT connection closed by the broker; reconnecting",
+                    Failure::Unreachable => "MQTT broker unreachable",
+                };
+                let repeated = last_failure.as_deref() == Some(reason.as_str());
+                if !repeated {
+                    // A new kind of failure: said now, and its repeats held back from now.
+                    repeat_warning.reset(Instant::now());
+                    tracing::warn!(reason, retry_in_ms, "{message}");
+                } else if let Some(suppressed) = repeat_warning.check(Instant::now()) {
+                    tracing::warn!(reason, retry_in_ms, suppressed, "{message}");
+                }
+                last_failure = Some(reason);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.wait_for(|stopping| *stopping) => return,
@@ -415,6 +711,8 @@ async fn drive_connection(
                 Counters::inc(&counters.mqtt_connect_attempts);
             }
         }
+        let outbox = lock(&outbox);
+        health.set_mqtt_unacked(outbox.inflight.len(), outbox.oldest());
     }
 }
 
@@ -529,5 +827,39 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_outbox_follows_each_message_from_the_queue_to_its_acknowledgement() {
+        let mut outbox = Outbox::default();
+        let t0 = Instant::now();
+        outbox.queued.extend([Kind::Other, Kind::Labels, Kind::Labels]);
+        assert_eq!(outbox.written(1, t0), None, "QoS 1: in flight until acknowledged");
+        assert_eq!(outbox.written(2, t0 + Duration::from_secs(1)), None);
+        assert_eq!(outbox.written(0, t0), Some(Kind::Labels), "QoS 0: complete when written");
+        assert_eq!(outbox.oldest(), Some(t0));
+        assert_eq!(outbox.written(1, t0 + Duration::from_secs(5)), None, "a retransmission after a reconnect");
+        assert_eq!(outbox.oldest(), Some(t0), "keeps its first time");
+        assert_eq!(outbox.acknowledged(2), Some(Kind::Labels));
+        assert_eq!(outbox.acknowledged(1), Some(Kind::Other));
+        assert_eq!(outbox.acknowledged(1), None);
+        assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_refusal_says_what_the_broker_said_and_what_to_check() {
+        let keep_alive = Duration::from_secs(30);
+        let (kind, text) =
+            explain(&ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized), "labelcast-x", keep_alive);
+        assert_eq!(kind, Failure::Refused);
+        assert!(text.contains("not authorised") && text.contains("mqtt.password_file"), "{text}");
+        let (_, text) =
+            explain(&ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId), "labelcast-x", keep_alive);
+        assert!(text.contains("labelcast-x") && text.contains("mqtt.client_id") && text.contains("30s"), "{text}");
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let (kind, _) = explain(&ConnectionError::Io(refused), "x", keep_alive);
+        assert_eq!(kind, Failure::Unreachable);
+        let (kind, _) = explain(&ConnectionError::MqttState(StateError::ConnectionAborted), "x", keep_alive);
+        assert_eq!(kind, Failure::Closed);
     }
 }

@@ -176,6 +176,8 @@ pub struct Mosquitto {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More configuration lines (authentication, client id rules...).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -186,10 +188,39 @@ impl Mosquitto {
             eprintln!("LABELCAST_SKIP_MOSQUITTO is set: skipping a test that needs mosquitto");
             return None;
         }
+        Self::start_with("")
+    }
+
+    /// [`Mosquitto::start`] with more lines in its configuration; `{dir}` in
+    /// them is replaced with a folder the test may write files to.
+    pub fn start_with(extra: &str) -> Option<Mosquitto> {
+        if std::env::var_os("LABELCAST_SKIP_MOSQUITTO").is_some() {
+            eprintln!("LABELCAST_SKIP_MOSQUITTO is set: skipping a test that needs mosquitto");
+            return None;
+        }
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Mosquitto { port: free_port(), child: None, dir };
+        // Run as root, mosquitto drops to its own user: it must still reach
+        // its log and the files the test writes here.
+        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(dir.path()).unwrap().permissions(), 0o777);
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
+        let mut m = Mosquitto { port: free_port(), child: None, dir, extra };
         m.spawn();
         Some(m)
+    }
+
+    /// The folder `{dir}` stood for.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mosquitto runs").id()
+    }
+
+    /// What mosquitto logged (connections, disconnections and why).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     fn binary() -> PathBuf {
@@ -205,8 +236,18 @@ impl Mosquitto {
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n", self.port))
-            .unwrap();
+        let log = self.dir.path().join("mosquitto.log");
+        let anonymous = if self.extra.contains("allow_anonymous") { "" } else { "allow_anonymous true\n" };
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\n{anonymous}persistence false\nlog_dest file {}\nlog_type all\n{}\n",
+                self.port,
+                log.display(),
+                self.extra
+            ),
+        )
+        .unwrap();
         let child = Command::new(Self::binary())
             .arg("-c")
             .arg(&conf)

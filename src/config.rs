@@ -72,6 +72,7 @@ pub struct RawConfig {
 pub struct RawService {
     pub stall_timeout: Option<String>,
     pub http_listen: Option<String>,
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,6 +299,8 @@ pub struct HomeAssistantConfig {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub path: PathBuf,
+    /// Where the INT8 self-check keeps its verdicts; `None`: no cache.
+    pub check_cache: Option<PathBuf>,
     pub overrides: MetadataOverrides,
     pub threads: usize,
     /// Keep row-wise ops' outputs out of INT8 so tract computes them right
@@ -319,6 +322,7 @@ impl ModelConfig {
     pub fn for_path(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
+            check_cache: None,
             overrides: MetadataOverrides::default(),
             threads: 1,
             repair_qdq: true,
@@ -771,6 +775,8 @@ impl Config {
         };
 
         let service = validate_service(&raw.service)?;
+        let mut model = model;
+        model.check_cache = cache_dir(raw.service.cache_dir.as_deref());
         Ok(Config {
             device_id,
             source,
@@ -796,6 +802,21 @@ impl Config {
             None => Ok(config?),
         }
     }
+}
+
+/// Where labelcast keeps what it may reuse across starts (the INT8 self-check's
+/// verdicts): `service.cache_dir` (`"off"`: nowhere), else systemd's
+/// `$CACHE_DIRECTORY`, else `$XDG_CACHE_HOME/labelcast`, else
+/// `~/.cache/labelcast`.
+pub fn cache_dir(configured: Option<&Path>) -> Option<PathBuf> {
+    if let Some(dir) = configured {
+        return (dir != Path::new("off")).then(|| dir.to_path_buf());
+    }
+    let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    from_env("CACHE_DIRECTORY")
+        .map(|dirs| PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or_default().to_string()))
+        .or_else(|| from_env("XDG_CACHE_HOME").map(|d| d.join("labelcast")))
+        .or_else(|| from_env("HOME").map(|d| d.join(".cache/labelcast")))
 }
 
 /// `source.max_frame_megapixels`: from 0.1 (a 320x240 camera fits three
@@ -924,6 +945,7 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
     };
     Ok(ModelConfig {
         path,
+        check_cache: None,
         overrides,
         threads,
         repair_qdq: raw.repair_qdq.unwrap_or(true),

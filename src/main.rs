@@ -276,7 +276,8 @@ fn classify(
         raw.model.path = model;
     }
     engine_args.apply(&mut raw.model);
-    let model_config = config::validate_model(&raw.model, config::data_dir().as_deref())?;
+    let mut model_config = config::validate_model(&raw.model, config::data_dir().as_deref())?;
+    model_config.check_cache = config::cache_dir(raw.service.cache_dir.as_deref());
     let policy = config::validate_labels(&raw.labels)?;
     let max_pixels = config::validate_max_frame_pixels(&raw.source)?;
     let engine = engine::load(&model_config)?;

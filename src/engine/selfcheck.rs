@@ -12,6 +12,9 @@
 //! the mode and the difference, and runs `native` from then on
 //! (`model.int8_check = "error"` refuses to start instead).
 //!
+//! The verdict is cached per model, labelcast and tract version
+//! ([`VerdictCache`]), so later starts skip the second graph.
+//!
 //! The tolerance comes from the conformance matrix (`tests/int8_matrix.py`,
 //! README "Engines"): across every quantiser setting and body there, the
 //! largest score difference between weights-only and native on a model the
@@ -45,6 +48,8 @@ struct State {
     probe_difference: Option<f32>,
     frame_difference: Option<f32>,
     fell_back: bool,
+    /// The verdict is an earlier start's (see [`VerdictCache`]).
+    cached: bool,
     /// Extra time the check added to loading (building the reference graph
     /// beside the configured one, and the probe).
     took: Duration,
@@ -106,12 +111,16 @@ impl SelfCheck {
         } else {
             format!("{} agrees with the graph as quantised", self.mode.as_str())
         };
+        let when = if state.cached {
+            "measured at an earlier start of this model and labelcast version".to_string()
+        } else {
+            format!("check took {:.0} ms", state.took.as_secs_f64() * 1e3)
+        };
         format!(
-            "{verdict}: largest score difference {} on the probe, {} on the first frame (tolerance {}); check took {:.0} ms",
+            "{verdict}: largest score difference {} on the probe, {} on the first frame (tolerance {}); {when}",
             show(state.probe_difference),
             show(state.frame_difference),
             self.tolerance,
-            state.took.as_secs_f64() * 1e3
         )
     }
 }
@@ -201,5 +210,94 @@ mod tests {
         let summary = check.summary();
         assert!(summary.contains("DISAGREES") && summary.contains("0.9000"), "{summary}");
         assert_eq!(check.max_difference(), Some(0.9));
+    }
+}
+
+/// Verdicts of earlier checks, so that only the first start of a model
+/// (with this labelcast and tract) pays for building the graph twice: that
+/// costs about 0.13 s and 60 MB at start on the demo model. The key is the
+/// model's SHA-256, both versions, the mode and every switch that changes
+/// the rewrite, so a new labelcast (a new rewrite) checks again.
+pub struct VerdictCache {
+    file: std::path::PathBuf,
+}
+
+/// A cached verdict.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Verdict {
+    pub agrees: bool,
+    pub probe_difference: f32,
+    pub frame_difference: Option<f32>,
+}
+
+impl VerdictCache {
+    /// The cache entry for this model and rewrite under `dir`.
+    pub fn new(dir: &std::path::Path, model: &[u8], mode: Int8Mode, repair: bool, fault: bool) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(model);
+        for part in [
+            env!("CARGO_PKG_VERSION"),
+            env!("LABELCAST_TRACT_VERSION"),
+            mode.as_str(),
+            if repair { "repair" } else { "no-repair" },
+            if fault { "fault-drop-saturation" } else { "" },
+        ] {
+            hash.update([0]);
+            hash.update(part.as_bytes());
+        }
+        let key = format!("{:x}", hash.finalize());
+        Self { file: dir.join("int8-checks").join(format!("{}.json", &key[..32])) }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.file
+    }
+
+    pub fn load(&self) -> Option<Verdict> {
+        serde_json::from_slice(&std::fs::read(&self.file).ok()?).ok()
+    }
+
+    /// Stores a verdict; a cache that cannot be written only costs the next
+    /// start the check again.
+    pub fn store(&self, verdict: &Verdict) {
+        let written = self
+            .file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&self.file, serde_json::to_vec(verdict).unwrap_or_default()));
+        if let Err(err) = written {
+            tracing::debug!(file = %self.file.display(), error = %err, "INT8 self-check verdict not cached");
+        }
+    }
+}
+
+impl SelfCheck {
+    /// A check answered from the cache: what the earlier check measured.
+    pub fn from_cache(mode: Int8Mode, policy: Int8Check, verdict: &Verdict) -> Self {
+        let check = Self::new(mode, policy);
+        {
+            let mut state = check.lock();
+            state.probe_difference = Some(verdict.probe_difference);
+            state.frame_difference = verdict.frame_difference;
+            state.fell_back = !verdict.agrees;
+            state.cached = true;
+        }
+        check
+    }
+
+    /// True when the verdict came from an earlier start.
+    pub fn cached(&self) -> bool {
+        self.lock().cached
+    }
+
+    /// What to cache once the check is as far as it will get.
+    pub fn verdict(&self) -> Option<Verdict> {
+        let state = self.lock();
+        Some(Verdict {
+            agrees: !state.fell_back,
+            probe_difference: state.probe_difference?,
+            frame_difference: state.frame_difference,
+        })
     }
 }

@@ -22,7 +22,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 use super::prepare::{self, EngineFacts, Rewrite};
-use super::selfcheck::{self, SelfCheck};
+use super::selfcheck::{self, SelfCheck, VerdictCache};
 use super::{Engine, InputElement, InputSpec, ModelInfo, Tensor};
 use crate::config::{ConfigError, Int8Check, Int8Mode, ModelConfig, OutputKind};
 
@@ -78,6 +78,7 @@ struct FrameCheck {
     ours: Option<Vec<f32>>,
     to_reference: Option<mpsc::Sender<Tensor>>,
     from_reference: mpsc::Receiver<anyhow::Result<(Vec<f32>, Plan)>>,
+    cache: Option<VerdictCache>,
 }
 
 impl TractEngine {
@@ -107,6 +108,38 @@ impl TractEngine {
         let (mean, std) = (prepared.metadata.mean, prepared.metadata.std);
         let (input, output_name, dir) =
             (prepared.input, prepared.output_name.clone(), prepared.model_dir_str().map(str::to_string));
+        // An earlier start's verdict for this very model and rewrite saves
+        // building the graph twice.
+        let cache = match (&reference, &config.check_cache) {
+            (Some(_), Some(dir)) => std::fs::read(path).ok().map(|bytes| {
+                let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
+                VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault)
+            }),
+            _ => None,
+        };
+        let cached = cache.as_ref().and_then(VerdictCache::load);
+        let mut check = None;
+        let mut frame_check = None;
+        let mut mode = prepared.int8_mode;
+        let mut reference = reference;
+        if let Some(verdict) = &cached
+            && let Some(reference_proto) = reference.take()
+        {
+            let selfcheck = Arc::new(SelfCheck::from_cache(Int8Mode::WeightsOnly, config.int8_check, verdict));
+            if !verdict.agrees {
+                disagree(
+                    path,
+                    config.int8_check,
+                    &selfcheck,
+                    verdict.probe_difference.max(verdict.frame_difference.unwrap_or(0.0)),
+                    "an earlier start",
+                )?;
+                // Run the graph as quantised, as the earlier start ended up doing.
+                prepared.proto = reference_proto;
+                mode = Some(Int8Mode::Native);
+            }
+            check = Some(selfcheck);
+        }
         let started = Instant::now();
         // The graph as quantised is built on a second thread while this one
         // builds the configured graph: on two cores the check costs little
@@ -122,9 +155,7 @@ impl TractEngine {
         let mut built = built.map_err(|err| prepare::model_error(path, err))?;
         // The configured graph's proto is no longer needed: free it before the first frame.
         prepared.proto = pb::ModelProto::default();
-        let mut check = None;
-        let mut frame_check = None;
-        let mut mode = prepared.int8_mode;
+        drop(reference);
         if let Some(reference_built) = reference_built {
             let mut reference = reference_built.map_err(|err| prepare::model_error(path, err))?.plan;
             let selfcheck = Arc::new(SelfCheck::new(Int8Mode::WeightsOnly, config.int8_check));
@@ -138,11 +169,19 @@ impl TractEngine {
                 disagree(path, config.int8_check, &selfcheck, difference, "a probe picture")?;
                 built.plan = reference;
                 mode = Some(Int8Mode::Native);
+                if let (Some(cache), Some(verdict)) = (&cache, selfcheck.verdict()) {
+                    cache.store(&verdict);
+                }
             } else {
                 tracing::info!(model = %path.display(), difference, tolerance = selfcheck.tolerance, "weights-only INT8 agrees with the graph as quantised on the probe; checking the first frame too");
-                frame_check = Some(FrameCheck::start(reference, selfcheck.clone(), output_kind)?);
+                if let (Some(cache), Some(verdict)) = (&cache, selfcheck.verdict()) {
+                    cache.store(&verdict);
+                }
+                frame_check = Some(FrameCheck::start(reference, selfcheck.clone(), output_kind, cache)?);
             }
             check = Some(selfcheck);
+        } else if let Some(check) = &check {
+            tracing::info!(model = %path.display(), "{}", check.summary());
         }
         let facts = EngineFacts {
             engine: "tract",
@@ -186,6 +225,9 @@ impl TractEngine {
                 } else {
                     tracing::info!(model = %self.info.path.display(), difference, "weights-only INT8 agrees with the graph as quantised on the first frame");
                 }
+                if let (Some(cache), Some(verdict)) = (&pending.cache, pending.check.verdict()) {
+                    cache.store(&verdict);
+                }
             }
             Err(err) => {
                 tracing::warn!(model = %self.info.path.display(), error = %format!("{err:#}"), "the first-frame INT8 check could not run")
@@ -221,7 +263,12 @@ fn disagree(path: &Path, policy: Int8Check, check: &SelfCheck, difference: f32, 
 }
 
 impl FrameCheck {
-    fn start(mut reference: Plan, check: Arc<SelfCheck>, output: OutputKind) -> anyhow::Result<FrameCheck> {
+    fn start(
+        mut reference: Plan,
+        check: Arc<SelfCheck>,
+        output: OutputKind,
+        cache: Option<VerdictCache>,
+    ) -> anyhow::Result<FrameCheck> {
         let (to_reference, frames) = mpsc::channel::<Tensor>();
         let (results, from_reference) = mpsc::channel();
         std::thread::Builder::new().name("int8-check".into()).spawn(move || {
@@ -232,7 +279,7 @@ impl FrameCheck {
                 let _ = results.send(outcome);
             }
         })?;
-        Ok(FrameCheck { check, output, ours: None, to_reference: Some(to_reference), from_reference })
+        Ok(FrameCheck { check, output, ours: None, to_reference: Some(to_reference), from_reference, cache })
     }
 }
 

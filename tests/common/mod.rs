@@ -47,7 +47,12 @@ pub fn free_port() -> u16 {
 
 pub fn labelcast(args: &[&str]) -> Command {
     let mut cmd = Command::new(binary());
-    cmd.args(args).env("RUST_LOG", "info");
+    // The INT8 self-check's verdicts are cached under the build's temporary
+    // folder, not the developer's ~/.cache; CACHE_DIRECTORY (systemd's) would win.
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("CACHE_DIRECTORY")
+        .env("XDG_CACHE_HOME", Path::new(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache"));
     cmd
 }
 

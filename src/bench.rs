@@ -34,6 +34,9 @@ pub struct RowSpec {
     pub images: Vec<PathBuf>,
     pub iterations: usize,
     pub warmup: usize,
+    /// Also time every node and report by kind of operator (tract only).
+    #[serde(default)]
+    pub profile: bool,
 }
 
 /// What one row measured.
@@ -49,11 +52,17 @@ pub struct RowResult {
     /// Probabilities per image, in `spec.images` order.
     pub scores: Vec<Vec<f32>>,
     pub thresholds: Vec<f32>,
+    /// Milliseconds per inference by kind of operator (`--profile`, tract).
+    #[serde(default)]
+    pub profile: crate::engine::Profile,
 }
 
 /// Runs one row in this process; what the child does.
 pub fn run_row(spec: &RowSpec) -> anyhow::Result<RowResult> {
     let mut config = ModelConfig::for_path(&spec.model);
+    // The INT8 self-check's verdict is cached after a model's first start:
+    // the rows measure the starts after it.
+    config.int8_check = crate::config::Int8Check::Off;
     config.engine = EngineKind::parse(&spec.engine).map_err(anyhow::Error::msg)?;
     config.int8 = Int8Mode::parse(&spec.int8).map_err(anyhow::Error::msg)?;
     config.threads = spec.threads;
@@ -84,6 +93,10 @@ pub fn run_row(spec: &RowSpec) -> anyhow::Result<RowResult> {
         engine.infer(&tensors[i % tensors.len()])?;
         latencies_ms.push(began.elapsed().as_secs_f64() * 1e3);
     }
+    let profile = match spec.profile {
+        true => engine.profile(&tensors[0], spec.iterations.clamp(1, 20)).transpose()?.unwrap_or_default(),
+        false => Default::default(),
+    };
     let rules = labels::resolve_rules(&Default::default(), meta)?;
     Ok(RowResult {
         spec: spec.clone(),
@@ -95,6 +108,7 @@ pub fn run_row(spec: &RowSpec) -> anyhow::Result<RowResult> {
         peak_rss_mb: crate::telemetry::peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
         scores,
         thresholds: rules.iter().map(|r| r.on).collect(),
+        profile,
     })
 }
 
@@ -109,6 +123,7 @@ pub struct BenchPlan {
     pub iterations: usize,
     pub warmup: usize,
     pub onnxruntime_library: Option<PathBuf>,
+    pub profile: bool,
 }
 
 impl BenchPlan {
@@ -124,6 +139,7 @@ impl BenchPlan {
             images: self.images.clone(),
             iterations: self.iterations,
             warmup: self.warmup,
+            profile: self.profile && engine == EngineKind::Tract,
         };
         let mut rows = Vec::new();
         for &threads in &self.threads {
@@ -332,6 +348,35 @@ pub fn collect_images(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(images)
 }
 
+/// `bench --profile`: per tract row, where an inference's time goes by kind
+/// of operator, with each kind's share.
+pub fn render_profile(rows: &[RowResult]) -> String {
+    let mut out = String::new();
+    for row in rows.iter().filter(|r| !r.profile.kinds.is_empty()) {
+        let total: f64 = row.profile.kinds.iter().map(|t| t.ms).sum();
+        out.push_str(&format!(
+            "\n{} {} {} threads={}: {:.2} ms per inference in tract's nodes\n",
+            row.spec.engine, row.spec.model_kind, row.precision, row.spec.threads, total
+        ));
+        out.push_str("  kind of operator                      nodes       ms   share\n");
+        for t in &row.profile.kinds {
+            out.push_str(&format!(
+                "  {:<36} {:>6} {:>8.2} {:>6.1}%\n",
+                t.kind,
+                t.nodes,
+                t.ms,
+                100.0 * t.ms / total.max(1e-9)
+            ));
+        }
+        out.push_str("  slowest nodes:\n");
+        for t in &row.profile.slowest {
+            let text: String = t.kind.chars().take(160).collect();
+            out.push_str(&format!("  {:>8.3} ms  {text}\n", t.ms));
+        }
+    }
+    out
+}
+
 /// The CPU this ran on, for the table's heading.
 pub fn cpu_description() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -362,6 +407,7 @@ mod tests {
                 images: vec![],
                 iterations: latencies.len(),
                 warmup: 0,
+                profile: false,
             },
             engine_version: "tract".into(),
             precision: "native".into(),
@@ -371,6 +417,7 @@ mod tests {
             peak_rss_mb: rss,
             scores,
             thresholds: vec![0.5, 0.5],
+            profile: Default::default(),
         }
     }
 
@@ -405,6 +452,7 @@ mod tests {
             iterations: 1,
             warmup: 0,
             onnxruntime_library: None,
+            profile: false,
         };
         let rows = plan.rows();
         let names: Vec<String> =

@@ -524,6 +524,10 @@ struct BenchArgs {
     /// One JSON document instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time every node of the tract rows and print where an inference's
+    /// time goes, by kind of operator.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn bench_row(row: &str) -> anyhow::Result<ExitCode> {
@@ -589,6 +593,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         iterations: args.iterations,
         warmup: args.warmup,
         onnxruntime_library: args.onnxruntime_library,
+        profile: args.profile,
     };
     let exe = std::env::current_exe().context("finding the labelcast binary to run rows")?;
     let started = std::time::Instant::now();
@@ -638,6 +643,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
         println!("baseline (ratios, score differences): the first row; each row in its own process\n");
         print!("{}", bench::render_table(&summaries, &failed));
+        if args.profile {
+            print!("{}", bench::render_profile(&done));
+        }
         println!("\n{} rows in {:.0} s", summaries.len() + failed.len(), started.elapsed().as_secs_f64());
     }
     Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@
 //! engines join behind cargo features. No tract type leaves this module: the
 //! rest of the daemon sees [`Tensor`], `Vec<f32>` scores and [`ModelInfo`].
 
+pub mod depthwise;
 pub mod metadata;
 pub mod onnx_graph;
 pub mod prepare;
@@ -233,4 +234,57 @@ pub trait Engine: Send {
     fn info(&self) -> &ModelInfo;
     /// Raw output scores for one input, `info().output_width()` of them.
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>>;
+    /// Where an inference's time goes, per kind of operator: `runs`
+    /// inferences of `input`, each node timed. `None` for an engine that
+    /// cannot say (ONNX Runtime has its own profiler).
+    fn profile(&mut self, _input: &Tensor, _runs: usize) -> Option<anyhow::Result<Profile>> {
+        None
+    }
+}
+
+/// Where an inference's time goes: by kind of operator, and the slowest nodes.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Profile {
+    pub kinds: Vec<OpTime>,
+    /// The slowest nodes, most first: `kind` is the node's operator and
+    /// what tract says of it (shapes, kernel), `nodes` 1.
+    pub slowest: Vec<OpTime>,
+}
+
+/// Time spent in one kind of operator, per inference.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OpTime {
+    /// The group the operator falls in (depthwise conv, matrix product...).
+    pub kind: String,
+    /// How many nodes of the graph are of this kind.
+    pub nodes: usize,
+    /// Milliseconds per inference.
+    pub ms: f64,
+}
+
+/// The group a tract operator is reported under in `bench --profile`,
+/// from the name tract gives it after optimisation.
+pub fn op_kind(name: &str) -> &'static str {
+    match name {
+        n if n.starts_with("DepthWise") => "depthwise conv",
+        n if n.contains("MatMul") || n.starts_with("EinSum") || n.starts_with("Gemm") => {
+            "matrix product (1x1 conv, dense)"
+        }
+        n if n.starts_with("Conv") || n.contains("Im2col") || n.starts_with("Lazy") || n.contains("DirectConv") => {
+            "convolution (im2col, direct)"
+        }
+        n if n.contains("Pack") => "packing",
+        n if n.contains("Softmax") || n.contains("LayerNorm") || n.contains("Reduce") => "softmax, norms, reductions",
+        n if n.starts_with("Opt")
+            || n.contains("BinChain")
+            || n.contains("Max")
+            || n.contains("Min")
+            || n.contains("Add")
+            || n.contains("Mul") =>
+        {
+            "element-wise (activations, adds)"
+        }
+        n if n.contains("Quantize") || n.contains("Lookup") || n.contains("Cast") => "quantise, dequantise, casts",
+        _ => "other (moves, reshapes...)",
+    }
 }

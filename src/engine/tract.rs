@@ -52,9 +52,58 @@ struct Built {
 }
 
 impl Plan {
-    fn run(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
+    /// Runs `input` `runs` times timing every node, and sums the times by
+    /// [`super::op_kind`]: milliseconds per inference, most first.
+    fn profile(&mut self, input: &Tensor, runs: usize) -> anyhow::Result<super::Profile> {
+        use std::collections::HashMap;
+        let mut by_node: HashMap<usize, (String, String, Duration)> = HashMap::new();
+        for _ in 0..runs {
+            let tensor = self.model_input(input)?;
+            self.state
+                .run_plan_with_eval(tvec!(tensor.into_tvalue()), |ctx, op_state, node, inputs| {
+                    let began = Instant::now();
+                    let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    let entry = by_node.entry(node.id).or_insert_with(|| {
+                        let info = node.op.info().unwrap_or_default().join("; ");
+                        (node.op.name().to_string(), format!("{} #{}: {info}", node.op.name(), node.id), Duration::ZERO)
+                    });
+                    entry.2 += began.elapsed();
+                    outputs
+                })
+                .context("tract could not run the model")?;
+        }
+        let mut by_kind: HashMap<&'static str, (usize, Duration)> = HashMap::new();
+        for (name, _, took) in by_node.values() {
+            let entry = by_kind.entry(super::op_kind(name)).or_default();
+            entry.0 += 1;
+            entry.1 += *took;
+        }
+        let mut times: Vec<super::OpTime> = by_kind
+            .into_iter()
+            .map(|(kind, (nodes, took))| super::OpTime {
+                kind: kind.to_string(),
+                nodes,
+                ms: took.as_secs_f64() * 1e3 / runs as f64,
+            })
+            .collect();
+        times.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        let mut slowest: Vec<super::OpTime> = by_node
+            .into_values()
+            .map(|(_, described, took)| super::OpTime {
+                kind: described,
+                nodes: 1,
+                ms: took.as_secs_f64() * 1e3 / runs as f64,
+            })
+            .collect();
+        slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        slowest.truncate(12);
+        Ok(super::Profile { kinds: times, slowest })
+    }
+
+    /// `input` as the tensor the model takes (layout and element type).
+    fn model_input(&mut self, input: &Tensor) -> anyhow::Result<tract_onnx::prelude::Tensor> {
         let shape = self.input.model_shape();
-        let tensor = match self.input.element {
+        Ok(match self.input.element {
             InputElement::F32 => {
                 let values = self.input.layout_f32(input, &mut self.scratch);
                 tract_onnx::prelude::Tensor::from_shape(&shape, values)?
@@ -63,7 +112,11 @@ impl Plan {
                 self.input.layout_u8(input, &mut self.scratch, &mut self.bytes);
                 tract_onnx::prelude::Tensor::from_shape(&shape, &self.bytes)?
             }
-        };
+        })
+    }
+
+    fn run(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
+        let tensor = self.model_input(input)?;
         let outputs = self.state.run(tvec!(tensor.into_tvalue())).context("tract could not run the model")?;
         let scores = outputs[0].to_plain_array_view::<f32>().context("the model's output is not float")?;
         Ok(scores.iter().copied().collect())
@@ -185,7 +238,11 @@ impl TractEngine {
         }
         let facts = EngineFacts {
             engine: "tract",
-            engine_version: format!("tract {}", env!("LABELCAST_TRACT_VERSION")),
+            engine_version: format!(
+                "tract {} (depthwise: {})",
+                env!("LABELCAST_TRACT_VERSION"),
+                super::depthwise::selected().unwrap_or("tract's width-inner")
+            ),
             threads,
             output_shape: built.output_shape,
             graph_time: built.graph_time,
@@ -345,6 +402,10 @@ fn build(
 impl Engine for TractEngine {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn profile(&mut self, input: &Tensor, runs: usize) -> Option<anyhow::Result<super::Profile>> {
+        Some(self.plan.profile(input, runs.max(1)))
     }
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {

@@ -243,7 +243,15 @@ impl Preprocessor {
         if let Some(turbo) = self.turbo.as_mut() {
             let (width, height) = (self.width as usize, self.height as usize);
             let max_pixels = self.max_pixels;
-            return decode_jpeg_scaled(turbo, data, width, height, max_pixels, &mut self.rgb);
+            match decode_jpeg_scaled(turbo, data, width, height, max_pixels, &mut self.rgb) {
+                Ok(size) => return Ok(size),
+                // TurboJPEG has no CMYK/YCCK to RGB conversion: zune-jpeg
+                // does, and says what is wrong with a really corrupt file.
+                Err(err) if format!("{err:#}").contains("megapixels") => return Err(err),
+                Err(err) => {
+                    tracing::debug!(error = %format!("{err:#}"), "libjpeg-turbo could not decode; trying zune-jpeg")
+                }
+            }
         }
         // A corrupt header can claim any size: the limits refuse it before
         // anything is allocated for it. Strict: scan data that runs short or
@@ -455,6 +463,15 @@ mod tests {
     fn identity(size: usize, mode: ResizeMode) -> Preprocessor {
         // mean 0, std 1/255: the tensor holds raw 0..255 values.
         Preprocessor::new(size, size, [0.0; 3], [1.0 / 255.0; 3], mode)
+    }
+
+    /// Decodes JPEGs at full size in every build (with `turbojpeg` the
+    /// decode would otherwise be scaled down to the small test input).
+    fn full_size(size: usize) -> Preprocessor {
+        let p = identity(size, ResizeMode::Stretch);
+        #[cfg(feature = "turbojpeg")]
+        let p = p.without_reduced_scale_jpeg();
+        p
     }
 
     #[test]
@@ -685,7 +702,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg");
         let reference: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let mut p = identity(4, ResizeMode::Stretch);
+        let mut p = full_size(4);
         for (name, expected) in reference.as_object().unwrap() {
             let data = std::fs::read(dir.join(name)).unwrap();
             let (w, h) = p.convert(&fixture_frame(name, data)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -754,7 +771,7 @@ mod tests {
             );
         let mut plain = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut plain), image::ImageFormat::Jpeg).unwrap();
-        let mut p = identity(4, ResizeMode::Stretch);
+        let mut p = full_size(4);
         for (value, size, red_at) in
             [(1u16, (16, 8), (2, 4)), (3, (16, 8), (13, 4)), (6, (8, 16), (4, 2)), (8, (8, 16), (4, 13))]
         {

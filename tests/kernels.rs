@@ -1,0 +1,57 @@
+//! labelcast's depthwise kernels inside tract, end to end: the demo model's
+//! scores on real photos with the AVX-512 kernel, the AVX2+FMA one, and
+//! tract's own width-inner path (instruction sets masked with tract's
+//! `TRACT_CPU_ISA`), against each other and against ONNX Runtime's FP32.
+//! The unit tests in src/engine/depthwise.rs check the kernels against the
+//! scalar contract on random shapes.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+
+/// `classify --json` scores for the shipped photos, with `TRACT_CPU_ISA`.
+fn scores(isa: &str, engine: &str) -> (Vec<HashMap<String, f64>>, String) {
+    let photos = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "china.jpg", "astronaut.jpg"];
+    let mut args = vec!["classify", "--json", "--engine", engine, "--model"];
+    let model = demo_fp32_model();
+    args.push(model.to_str().unwrap());
+    let paths: Vec<String> = photos.iter().map(|p| photo(p).display().to_string()).collect();
+    args.extend(paths.iter().map(String::as_str));
+    let out = run_to_end(labelcast(&args).env("TRACT_CPU_ISA", isa));
+    assert!(out.status.success(), "{isa}: {}", out.stderr);
+    let info = run_to_end(labelcast(&["model-info", model.to_str().unwrap()]).env("TRACT_CPU_ISA", isa));
+    let engine_line = info.stdout.lines().find(|l| l.starts_with("engine")).unwrap_or_default().to_string();
+    (out.stdout.lines().map(|l| scores_of(&serde_json::from_str(l).unwrap())).collect(), engine_line)
+}
+
+fn largest_difference(a: &[HashMap<String, f64>], b: &[HashMap<String, f64>]) -> f64 {
+    a.iter().zip(b).flat_map(|(x, y)| x.iter().map(move |(label, s)| (s - y[label]).abs())).fold(0.0, f64::max)
+}
+
+#[test]
+fn the_demo_model_scores_the_same_with_every_depthwise_kernel() {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("labelcast's depthwise kernels are x86-64 only; aarch64 runs tract's NEON kernel");
+        return;
+    }
+    let (default, engine) = scores("", "tract");
+    println!("{engine}");
+    let (avx2, avx2_engine) = scores("-avx512f", "tract");
+    let (tracts_own, own_engine) = scores("-avx512f,-avx2,-fma", "tract");
+    assert!(avx2_engine.contains("labelcast_avx2_fma_depthwise") || !engine.contains("avx512f"), "{avx2_engine}");
+    assert!(own_engine.contains("tract's width-inner"), "{own_engine}");
+    for (name, other) in [("AVX2+FMA kernel", &avx2), ("tract's own path", &tracts_own)] {
+        let difference = largest_difference(&default, other);
+        println!("{name}: largest score difference {difference:.6}");
+        // Summation order and fused multiply-adds differ; the scores do not.
+        assert!(difference < 1e-3, "{name} differs by {difference}");
+    }
+    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+        let (reference, _) = scores("", "onnxruntime");
+        let difference = largest_difference(&default, &reference);
+        println!("ONNX Runtime FP32: largest score difference {difference:.6}");
+        assert!(difference < 1e-3, "{difference}");
+    }
+}

@@ -293,6 +293,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             return Ok(());
         }
     };
+    crate::telemetry::release_freed_memory();
     // A camera that is not plugged in yet is waited for; anything else
     // wrong with the source (no such folder, not a camera) stops here.
     let first_source = match source::open_limited(&config.source, config.max_frame_pixels) {

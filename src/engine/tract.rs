@@ -197,18 +197,18 @@ impl TractEngine {
         // The graph as quantised is built on a second thread while this one
         // builds the configured graph: on two cores the check costs little
         // more than the longer of the two builds.
+        // Each build takes its proto and drops it once tract has parsed it,
+        // so the file's tensors are not held beside tract's own while it optimises.
+        let proto = std::mem::take(&mut prepared.proto);
         let (built, reference_built) = std::thread::scope(|scope| {
-            let reference = reference.as_ref().map(|proto| {
+            let reference = reference.take().map(|proto| {
                 let (output_name, dir) = (output_name.clone(), dir.clone());
                 scope.spawn(move || build(proto, dir.as_deref(), input, &output_name, threads))
             });
-            let built = build(&prepared.proto, dir.as_deref(), input, &output_name, threads);
+            let built = build(proto, dir.as_deref(), input, &output_name, threads);
             (built, reference.map(|handle| handle.join().unwrap_or_else(|_| Err(anyhow::anyhow!("tract panicked")))))
         });
         let mut built = built.map_err(|err| prepare::model_error(path, err))?;
-        // The configured graph's proto is no longer needed: free it before the first frame.
-        prepared.proto = pb::ModelProto::default();
-        drop(reference);
         if let Some(reference_built) = reference_built {
             let mut reference = reference_built.map_err(|err| prepare::model_error(path, err))?.plan;
             let selfcheck = Arc::new(SelfCheck::new(Int8Mode::WeightsOnly, config.int8_check));
@@ -281,10 +281,13 @@ impl TractEngine {
                     self.info.int8_mode = Some(Int8Mode::Native);
                 } else {
                     tracing::info!(model = %self.info.path.display(), difference, "weights-only INT8 agrees with the graph as quantised on the first frame");
+                    drop(reference);
                 }
                 if let (Some(cache), Some(verdict)) = (&pending.cache, pending.check.verdict()) {
                     cache.store(&verdict);
                 }
+                // The graph as quantised is gone (unless it took over): give its memory back.
+                crate::telemetry::release_freed_memory();
             }
             Err(err) => {
                 tracing::warn!(model = %self.info.path.display(), error = %format!("{err:#}"), "the first-frame INT8 check could not run")
@@ -342,15 +345,16 @@ impl FrameCheck {
 
 /// Parses, optimises and plans one graph for a fixed input.
 fn build(
-    proto: &pb::ModelProto,
+    proto: pb::ModelProto,
     model_dir: Option<&str>,
     input: InputSpec,
     output_name: &str,
     threads: usize,
 ) -> anyhow::Result<Built> {
-    let built = std::panic::catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<Built> {
+    let built = std::panic::catch_unwind(AssertUnwindSafe(move || -> anyhow::Result<Built> {
         let started = Instant::now();
-        let parsed = tract_onnx::onnx().parse(proto, model_dir).context("tract could not read the graph")?;
+        let parsed = tract_onnx::onnx().parse(&proto, model_dir).context("tract could not read the graph")?;
+        drop(proto);
         if !parsed.unresolved_inputs.is_empty() {
             anyhow::bail!("the graph reads tensors nothing produces: {}", parsed.unresolved_inputs.join(", "));
         }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end: labelcast against the Python pipeline a user would write
 # instead (benches/baseline/pipeline.py), back to back on the same machine,
-# the same model file, the same JPEG frames (60 at 640x480 and 60 at
+# the same model files, the same JPEG frames (60 at 640x480 and 60 at
 # 1280x720, made from the shipped photos, as a camera would send MJPEG), the
 # same thread counts (1 and 2) and the same broker (mosquitto on loopback).
 # Prints one table: frames/s, p50/p99 per-frame latency (capture to scores,
@@ -20,7 +20,11 @@ bin=$target/release/labelcast
 py=$repo/.venv/bin/python
 ORT_DYLIB_PATH=$("$py" -c 'import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0])')
 export ORT_DYLIB_PATH
-model=$repo/models/demo/labelcast-demo-int8.onnx
+# Each engine runs the demo file quantised for it (what labelcast picks when
+# model.path is unset): uint8 activations for ONNX Runtime's CPU provider
+# (labelcast and the Python baseline alike), the default file for tract.
+model_cpu=$repo/models/demo/labelcast-demo-int8-cpu.onnx
+model_tract=$repo/models/demo/labelcast-demo-int8.onnx
 work=$target/bench-e2e
 rm -rf "$work" && mkdir -p "$work"
 
@@ -88,12 +92,14 @@ for round in $(seq "$rounds"); do
     frames=$work/frames-$res
     for threads in 1 2; do
       for engine in onnxruntime tract; do
+        model=$model_tract
+        [ "$engine" = onnxruntime ] && model=$model_cpu
         run_row labelcast "$engine" "$threads" "$res" labelcast/bench/labels \
           "$bin" --log-level info run --device-id bench --engine "$engine" --threads "$threads" --http-listen off \
           --source "file://$frames?fps=0" --mqtt "mqtt://127.0.0.1:$port" --model "$model"
       done
       run_row baseline onnxruntime "$threads" "$res" baseline/bench/labels \
-        "$py" benches/baseline/pipeline.py --model "$model" --frames "$frames" --mqtt "127.0.0.1:$port" --threads "$threads"
+        "$py" benches/baseline/pipeline.py --model "$model_cpu" --frames "$frames" --mqtt "127.0.0.1:$port" --threads "$threads"
     done
   done
 done

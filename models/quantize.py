@@ -12,7 +12,10 @@ Choices, and why:
     QLinearSoftmax) beside QLinearConv/QLinearMatMul: tract has the latter
     two, not the former, so only the onnxruntime engine runs such a file.
   * Symmetric int8 weights, per channel, and symmetric int8 activations
-    (zero point 0): what TensorRT accepts.
+    (zero point 0): what TensorRT accepts (`--target tensorrt`, the default).
+    `--target cpu` writes uint8 activations instead: ONNX Runtime's CPU
+    provider runs those as integer kernels (U8S8), and symmetric int8 ones
+    in float, so each engine gets the file it runs fastest.
   * Percentile calibration (99.999): max calibration lets one bright pixel set
     the scale of a whole tensor.
   * ``quant_pre_process(skip_symbolic_shape=True)``: ML-Decoder's attention
@@ -93,7 +96,7 @@ def split_photos(photos: list[Path], holdout_fraction: float, seed: int) -> tupl
 
 
 def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float = 0.25, seed: int = 0,
-             quantize_attention: bool = False, ort_defaults: bool = False) -> dict:
+             quantize_attention: bool = False, ort_defaults: bool = False, target: str = "tensorrt") -> dict:
     model = onnx.load(str(fp32))
     size, mean, std = model_preprocessing(model)
     input_name = model.graph.input[0].name
@@ -111,6 +114,20 @@ def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float 
             # What most people run: QDQ, uint8 activations (Relu/Clip folded
             # into the pairs), int8 per-tensor weights, MinMax calibration.
             quantize_static(str(prepared), str(out), PhotoReader(input_name, tensors))
+        elif target == "cpu":
+            # ONNX Runtime's CPU provider runs QDQ convolutions and matrix
+            # products as integer kernels when activations are uint8 and
+            # weights int8 (U8S8; VNNI on x86, dot-product instructions on
+            # ARM), with Relu/Clip folded into the uint8 range; symmetric
+            # int8 activations (the TensorRT layout) fall back to float there.
+            quantize_static(
+                str(prepared), str(out), PhotoReader(input_name, tensors),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.Percentile,
+                nodes_to_exclude=excluded,
+                extra_options={"WeightSymmetric": True, "CalibPercentile": 99.999},
+            )
         else:
             quantize_static(
                 str(prepared), str(out), PhotoReader(input_name, tensors),
@@ -172,12 +189,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantize-attention", action="store_true",
                         help="also quantise Softmax and softmax x V (ONNX Runtime's default; labelcast repairs it for tract)")
+    parser.add_argument("--target", choices=["tensorrt", "cpu"], default="tensorrt",
+                        help="tensorrt: symmetric int8 activations (TensorRT's explicit quantisation; tract runs it too); "
+                             "cpu: uint8 activations, what ONNX Runtime's CPU provider runs as integer kernels")
     parser.add_argument("--ort-defaults", action="store_true",
                         help="quantize_static at ONNX Runtime's defaults (uint8 activations, per-tensor weights, MinMax) "
                              "instead of labelcast's recipe: what most users bring")
     args = parser.parse_args()
     photos = list_photos(args.calibration)
-    quantize(args.fp32, args.out, photos, args.holdout_fraction, args.seed, args.quantize_attention, args.ort_defaults)
+    quantize(args.fp32, args.out, photos, args.holdout_fraction, args.seed, args.quantize_attention, args.ort_defaults,
+             args.target)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ pub fn run_row(spec: &RowSpec) -> anyhow::Result<RowResult> {
 pub struct BenchPlan {
     pub int8_model: PathBuf,
     pub fp32_model: Option<PathBuf>,
+    /// The model quantised for ONNX Runtime's CPU provider (uint8
+    /// activations): an extra `int8-cpu` row for the onnxruntime engine.
+    pub int8_cpu_model: Option<PathBuf>,
     pub images: Vec<PathBuf>,
     pub threads: Vec<usize>,
     pub engines: Vec<EngineKind>,
@@ -151,6 +154,12 @@ impl BenchPlan {
                     EngineKind::Tract => {
                         rows.push(row(&self.int8_model, "int8", engine, Int8Mode::Native, threads));
                         rows.push(row(&self.int8_model, "int8", engine, Int8Mode::WeightsOnly, threads));
+                    }
+                    EngineKind::OnnxRuntime => {
+                        rows.push(row(&self.int8_model, "int8", engine, Int8Mode::Native, threads));
+                        if let Some(cpu) = &self.int8_cpu_model {
+                            rows.push(row(cpu, "int8-cpu", engine, Int8Mode::Native, threads));
+                        }
                     }
                     _ => rows.push(row(&self.int8_model, "int8", engine, Int8Mode::Native, threads)),
                 }
@@ -287,11 +296,11 @@ pub fn summarise(baseline: &RowResult, row: &RowResult) -> RowSummary {
 pub fn render_table(summaries: &[RowSummary], failures: &[(RowSpec, String)]) -> String {
     let mut out = String::new();
     out.push_str(
-        "engine       model  mode          thr   p50 ms   p90 ms   p99 ms  frames/s  RSS MB  load ms  max|dscore|  agree   p50/base  RSS/base\n",
+        "engine       model    mode          thr   p50 ms   p90 ms   p99 ms  frames/s  RSS MB  load ms  max|dscore|  agree   p50/base  RSS/base\n",
     );
     for s in summaries {
         out.push_str(&format!(
-            "{:<12} {:<6} {:<13} {:>3} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>7.1} {:>8.0} {:>12.4} {:>6.1}% {:>9.2} {:>9.2}\n",
+            "{:<12} {:<8} {:<13} {:>3} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>7.1} {:>8.0} {:>12.4} {:>6.1}% {:>9.2} {:>9.2}\n",
             s.engine,
             s.model,
             s.mode,
@@ -310,7 +319,7 @@ pub fn render_table(summaries: &[RowSummary], failures: &[(RowSpec, String)]) ->
     }
     for (spec, why) in failures {
         out.push_str(&format!(
-            "{:<12} {:<6} {:<13} {:>3}  not measured: {}\n",
+            "{:<12} {:<8} {:<13} {:>3}  not measured: {}\n",
             spec.engine,
             spec.model_kind,
             spec.int8,
@@ -446,6 +455,7 @@ mod tests {
         let plan = BenchPlan {
             int8_model: "i.onnx".into(),
             fp32_model: Some("f.onnx".into()),
+            int8_cpu_model: None,
             images: vec![],
             threads: vec![1, 2],
             engines: vec![EngineKind::OnnxRuntime, EngineKind::Tract],
@@ -468,5 +478,35 @@ mod tests {
             ]
         );
         assert_eq!(rows.len(), 10);
+    }
+
+    #[test]
+    fn the_cpu_quantised_model_is_an_extra_row_for_onnx_runtime_only() {
+        let plan = BenchPlan {
+            int8_model: "m-int8.onnx".into(),
+            fp32_model: None,
+            int8_cpu_model: Some("m-int8-cpu.onnx".into()),
+            images: vec![],
+            threads: vec![1],
+            engines: vec![EngineKind::OnnxRuntime, EngineKind::Tract],
+            iterations: 1,
+            warmup: 0,
+            onnxruntime_library: None,
+            profile: false,
+        };
+        let names: Vec<String> = plan
+            .rows()
+            .iter()
+            .map(|r| format!("{} {} {} {}", r.engine, r.model_kind, r.int8, r.model.display()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "onnxruntime int8 native m-int8.onnx",
+                "onnxruntime int8-cpu native m-int8-cpu.onnx",
+                "tract int8 native m-int8.onnx",
+                "tract int8 weights-only m-int8.onnx"
+            ]
+        );
     }
 }

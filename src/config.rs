@@ -656,6 +656,19 @@ pub fn data_dir() -> Option<PathBuf> {
 /// `/metrics` and `/healthz`: loopback only unless the config says otherwise.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_MODEL: &str = "models/demo/labelcast-demo-int8.onnx";
+
+/// The demo model quantised for ONNX Runtime's CPU provider (uint8
+/// activations, `models/quantize.py --target cpu`), which runs it as integer
+/// kernels; [`DEFAULT_MODEL`]'s symmetric int8 activations (TensorRT's
+/// layout) it runs in float.
+pub const DEFAULT_MODEL_CPU: &str = "models/demo/labelcast-demo-int8-cpu.onnx";
+
+/// The shipped demo model an engine runs fastest: the `--target cpu` file on
+/// the onnxruntime engine where it is installed, else [`DEFAULT_MODEL`].
+pub fn default_model(data: &Path, engine: EngineKind) -> PathBuf {
+    let cpu = data.join(DEFAULT_MODEL_CPU);
+    if engine == EngineKind::OnnxRuntime && cpu.is_file() { cpu } else { data.join(DEFAULT_MODEL) }
+}
 /// The shipped sample photos, relative to [`data_dir`].
 pub const DEFAULT_PHOTOS: &str = "calibration/images";
 /// The embedded broker's default address.
@@ -870,9 +883,16 @@ fn validate_homeassistant(raw: &RawHomeAssistant) -> Result<Option<HomeAssistant
 
 /// Checks the `[model]` section; an unset path means the shipped demo model.
 pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig, ConfigError> {
+    let engine = raw
+        .engine
+        .as_deref()
+        .map(EngineKind::parse)
+        .transpose()
+        .map_err(|m| ConfigError::new("model.engine", m))?
+        .unwrap_or(EngineKind::Tract);
     let path = match &raw.path {
         Some(path) => path.clone(),
-        None => data.map(|d| d.join(DEFAULT_MODEL)).ok_or_else(|| {
+        None => data.map(|d| default_model(d, engine)).ok_or_else(|| {
             ConfigError::new(
                 "model.path",
                 "not set, and the shipped demo model was not found (set LABELCAST_DATA_DIR or model.path)",
@@ -919,13 +939,6 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
         Some(n) if (1..=256).contains(&n) => n as usize,
         Some(n) => return Err(ConfigError::new("model.threads", format!("expected 1 to 256, got {n}"))),
     };
-    let engine = raw
-        .engine
-        .as_deref()
-        .map(EngineKind::parse)
-        .transpose()
-        .map_err(|m| ConfigError::new("model.engine", m))?
-        .unwrap_or(EngineKind::Tract);
     let int8 = raw
         .int8
         .as_deref()
@@ -1283,6 +1296,25 @@ mod tests {
     fn an_off_threshold_above_on_is_rejected() {
         let err = validate("[labels.overrides.cat]\non = 0.4\noff = 0.6\n").unwrap_err();
         assert_eq!(err.field, "labels.overrides.cat.off");
+    }
+
+    #[test]
+    fn the_onnx_runtime_engine_defaults_to_the_demo_model_quantised_for_its_cpu_provider() {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(data.path().join("models/demo")).unwrap();
+        std::fs::write(data.path().join(DEFAULT_MODEL), b"x").unwrap();
+        let raw = |engine: &str| RawModel { engine: Some(engine.into()), ..Default::default() };
+        // Without the -cpu file every engine gets the default one.
+        let ort = validate_model(&raw("onnxruntime"), Some(data.path())).unwrap();
+        assert_eq!(ort.path, data.path().join(DEFAULT_MODEL));
+        std::fs::write(data.path().join(DEFAULT_MODEL_CPU), b"x").unwrap();
+        let ort = validate_model(&raw("onnxruntime"), Some(data.path())).unwrap();
+        assert_eq!(ort.path, data.path().join(DEFAULT_MODEL_CPU));
+        let tract = validate_model(&raw("tract"), Some(data.path())).unwrap();
+        assert_eq!(tract.path, data.path().join(DEFAULT_MODEL));
+        // An explicit path is never replaced.
+        let mine = RawModel { path: Some(data.path().join(DEFAULT_MODEL)), ..raw("onnxruntime") };
+        assert_eq!(validate_model(&mine, Some(data.path())).unwrap().path, data.path().join(DEFAULT_MODEL));
     }
 
     #[test]

@@ -500,6 +500,11 @@ struct BenchArgs {
     /// FP32 model to compare with (default: the model's -fp32 sibling when it exists).
     #[arg(long)]
     fp32: Option<PathBuf>,
+    /// INT8 model with uint8 activations for the onnxruntime rows
+    /// (`models/quantize.py --target cpu`; default: the model's -int8-cpu
+    /// sibling when it exists).
+    #[arg(long)]
+    int8_cpu: Option<PathBuf>,
     /// Images or folders to run (default: the shipped photos).
     #[arg(long)]
     images: Vec<PathBuf>,
@@ -558,6 +563,14 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             name.map(|n| int8_model.with_file_name(n)).filter(|p| p.is_file() && *p != int8_model)
         }
     };
+    let int8_cpu_model = match args.int8_cpu {
+        Some(path) if path.is_file() => Some(path),
+        Some(path) => anyhow::bail!("--int8-cpu {} does not exist", path.display()),
+        None => {
+            let name = int8_model.file_name().map(|n| n.to_string_lossy().replace("-int8.", "-int8-cpu."));
+            name.map(|n| int8_model.with_file_name(n)).filter(|p| p.is_file() && *p != int8_model)
+        }
+    };
     let image_args = if args.images.is_empty() {
         vec![
             data.as_deref()
@@ -587,6 +600,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let plan = bench::BenchPlan {
         int8_model,
         fp32_model,
+        int8_cpu_model,
         images,
         threads: args.threads,
         engines,

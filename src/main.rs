@@ -559,7 +559,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Some(path) if path.is_file() => Some(path),
         Some(path) => anyhow::bail!("--fp32 {} does not exist", path.display()),
         None => {
-            let name = int8_model.file_name().map(|n| n.to_string_lossy().replace("-int8", "-fp32"));
+            // `m-int8.onnx` and `m-int8-cpu.onnx` both come from `m-fp32.onnx`.
+            let name = int8_model
+                .file_name()
+                .map(|n| n.to_string_lossy().replace("-int8-cpu.", "-fp32.").replace("-int8", "-fp32"));
             name.map(|n| int8_model.with_file_name(n)).filter(|p| p.is_file() && *p != int8_model)
         }
     };

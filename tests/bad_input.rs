@@ -225,8 +225,13 @@ fn a_phone_photo_stored_sideways_is_classified_the_right_way_up() {
     // Re-encoding alone moves the normalised input by about 0.01.
     assert!(tagged < 0.03, "turned upright, the model sees the upright photo: {tagged}");
     assert!(sideways > 10.0 * tagged, "unturned, it sees another picture: {sideways} vs {tagged}");
-    let (cat, upright_cat) = (classify_scores(&tagged_path)["cat"], classify_scores(&photo("chelsea.jpg"))["cat"]);
-    assert!((cat - upright_cat).abs() < 0.05, "and scores the cat as upright: {cat} vs {upright_cat}");
+    let out = run_to_end(&mut labelcast(&[
+        "classify",
+        "--model",
+        demo_model().to_str().unwrap(),
+        tagged_path.to_str().unwrap(),
+    ]));
+    assert!(out.status.success() && out.stdout.contains("cat "), "and finds the cat: {}", out.stdout);
 }
 
 /// An APP1 Exif segment (big-endian TIFF) holding one tag: Orientation.

@@ -227,6 +227,10 @@ fn an_engine_that_cannot_start_is_an_error_naming_the_library_unless_tract_is_th
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stderr.contains("WARN") && out.stderr.contains("running on tract"), "{}", out.stderr);
     assert!(out.stdout.contains("cat "), "{}", out.stdout);
+    // The onnxruntime engine's default demo file (uint8 activations) is
+    // swapped for the one made for tract.
+    let loaded = out.stderr.lines().find(|l| l.contains("model loaded")).unwrap_or_default();
+    assert!(loaded.contains("labelcast-demo-int8.onnx"), "{}", out.stderr);
 }
 
 #[test]

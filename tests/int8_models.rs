@@ -46,6 +46,11 @@ fn active(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Vec<Vec<String
     (labels, out)
 }
 
+/// Every label's score per photo, from `classify --json` output.
+fn all_scores(stdout: &str) -> Vec<std::collections::HashMap<String, f64>> {
+    stdout.lines().map(|line| scores_of(&serde_json::from_str(line).unwrap())).collect()
+}
+
 fn ort_library() -> Option<String> {
     std::env::var("ORT_DYLIB_PATH").ok().filter(|p| Path::new(p).is_file())
 }
@@ -80,6 +85,13 @@ fn the_old_weights_only_rewrite_gives_wrong_labels_and_the_self_check_catches_it
     assert!(out.status.success(), "{}", out.stderr);
     let right = vec![vec!["cat".to_string()], vec!["drink".to_string()]];
     assert_ne!(labels, right, "the old rewrite is wrong on this model");
+    let (_, native) = active(&model, &["--int8", "native"], &[]);
+    let off_by = all_scores(&out.stdout)
+        .iter()
+        .zip(all_scores(&native.stdout))
+        .flat_map(|(broken, right)| broken.iter().map(move |(label, s)| (s - right[label]).abs()).collect::<Vec<_>>())
+        .fold(0.0, f64::max);
+    assert!(off_by > 0.3, "far off the graph as quantised: {off_by}");
 
     let (labels, out) = active(&model, &[], &broken);
     assert!(out.status.success(), "{}", out.stderr);
@@ -91,6 +103,8 @@ fn the_old_weights_only_rewrite_gives_wrong_labels_and_the_self_check_catches_it
     );
     assert!(out.stderr.contains(model.file_name().unwrap().to_str().unwrap()), "naming the model: {}", out.stderr);
 
+    // The probe alone misses this breakage (0.11 off, under the tolerance):
+    // the refusal comes from the disagreement the run above cached.
     let (_, out) = active(&model, &["--int8-check", "error"], &broken);
     assert_eq!(out.status.code(), Some(78), "{}", out.stderr);
     assert!(out.stderr.contains("model.int8_check") && out.stderr.contains("differ"), "{}", out.stderr);

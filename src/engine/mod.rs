@@ -207,9 +207,21 @@ pub fn load(config: &ModelConfig) -> anyhow::Result<Box<dyn Engine>> {
                 error = %format!("{err:#}"),
                 "the configured engine cannot start; running on tract as model.fallback allows"
             );
-            Ok(Box::new(tract::TractEngine::load(config)?))
+            Ok(Box::new(tract::TractEngine::load(&tract_fallback(config))?))
         }
         (Err(err), _) => Err(err),
+    }
+}
+
+/// The config tract falls back with: the demo's `-int8-cpu` file (what the
+/// onnxruntime engine defaults to) is swapped for the demo file made for
+/// tract where it is beside it; any other model stays as configured.
+fn tract_fallback(config: &ModelConfig) -> ModelConfig {
+    let demo = config.path.with_file_name(Path::new(crate::config::DEFAULT_MODEL).file_name().unwrap_or_default());
+    if config.path.ends_with(crate::config::DEFAULT_MODEL_CPU) && demo.is_file() {
+        ModelConfig { path: demo, ..config.clone() }
+    } else {
+        config.clone()
     }
 }
 

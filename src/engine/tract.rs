@@ -8,8 +8,9 @@
 //!
 //! A rewritten INT8 graph (weights-only) is checked against the graph as
 //! quantised at load ([`super::selfcheck`]): both are built side by side,
-//! compared on a probe picture, and again on the first real frame in the
-//! background; on disagreement the engine runs the graph as quantised.
+//! compared on a probe picture, and again on the first real frame before
+//! its scores are returned; on disagreement the engine runs the graph as
+//! quantised.
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -29,8 +30,8 @@ use crate::config::{ConfigError, Int8Check, Int8Mode, ModelConfig, OutputKind};
 pub struct TractEngine {
     info: ModelInfo,
     plan: Plan,
-    /// The first real frame's comparison with the graph as quantised, while
-    /// it runs in the background.
+    /// The graph as quantised, waiting on its own thread for the first real
+    /// frame; [`Engine::infer`] compares on that frame before returning.
     frame_check: Option<FrameCheck>,
 }
 
@@ -264,10 +265,8 @@ impl TractEngine {
     /// are returned (to be used instead of the rewritten graph's).
     fn finish_frame_check(&mut self) -> Option<Vec<f32>> {
         let pending = self.frame_check.take()?;
-        let outcome = pending
-            .from_reference
-            .recv()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the reference thread ended")));
+        let outcome =
+            pending.from_reference.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the reference thread ended")));
         let ours = pending.ours.unwrap_or_default();
         match outcome {
             Ok((theirs, reference)) => {
@@ -427,7 +426,13 @@ impl Engine for TractEngine {
         // that turns out to be wrong is ever published (the probe picture
         // alone can miss one). Costs the first frame the longer of the two.
         let _ = sender.send(input.clone());
-        let scores = self.plan.run(input)?;
+        let scores = match self.plan.run(input) {
+            Ok(scores) => scores,
+            // The rewritten graph failed where the graph as quantised may
+            // not have: with nothing of ours to compare, the check counts it
+            // as a disagreement and the graph as quantised takes over.
+            Err(err) => return self.finish_frame_check().ok_or(err),
+        };
         if let Some(pending) = self.frame_check.as_mut() {
             pending.ours = Some(selfcheck::as_scores(scores.clone(), pending.output));
         }

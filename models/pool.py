@@ -168,10 +168,22 @@ def fetch(sources: list[Source], root: Path) -> None:
             continue
         target.mkdir(parents=True, exist_ok=True)
         if source.registry == "debian":
-            subprocess.run(["apt-get", "download", _debian_package_file(source.name, source.version)],
-                           cwd=downloads, check=True)
-            version = source.version.split(":")[-1]
-            deb = next(downloads.glob(f"{source.name}_*{version}*.deb"))
+            pinned = subprocess.run(["apt-get", "download", _debian_package_file(source.name, source.version)],
+                                    cwd=downloads)
+            if pinned.returncode == 0:
+                version = source.version.split(":")[-1]
+                deb = next(downloads.glob(f"{source.name}_*{version}*.deb"))
+            else:
+                # A Debian point release replaces a version and the archive
+                # drops the old one. The evaluation photos are checked by
+                # their SHA-256 whatever the version (eval_set.py), so the
+                # current one serves them if their bytes did not change; a
+                # training build from it may differ and says so here.
+                print(f"pool: {source.name} {source.version} is no longer in the package archive; taking the "
+                      "current version (evaluation photos are still checked by SHA-256; a training build from it "
+                      "may differ from the shipped model)", file=sys.stderr)
+                subprocess.run(["apt-get", "download", source.name], cwd=downloads, check=True)
+                deb = max(downloads.glob(f"{source.name}_*.deb"), key=lambda path: path.stat().st_mtime)
             subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
         else:
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(downloads),

@@ -224,30 +224,22 @@ impl Preprocessor {
         }
     }
 
-    /// Refuses a picture of more pixels than the limit.
-    fn check_pixels(&self, w: usize, h: usize) -> anyhow::Result<()> {
-        let pixels = w as u64 * h as u64;
-        if pixels > self.max_pixels {
-            bail!(
-                "the picture is {w}x{h} ({:.1} megapixels); frames above {:.1} megapixels are refused before decoding \
-                 (source.max_frame_megapixels)",
-                pixels as f64 / 1e6,
-                self.max_pixels as f64 / 1e6
-            );
-        }
-        Ok(())
-    }
-
     fn decode_whole_jpeg(&mut self, data: &[u8]) -> anyhow::Result<(u32, u32)> {
         #[cfg(feature = "turbojpeg")]
-        if let Some(turbo) = self.turbo.as_mut() {
+        if let Some(turbo) = self.turbo.as_mut()
+            && let Ok(header) = turbo.read_header(data)
+            && (1..=MAX_SIDE as usize).contains(&header.width)
+            && (1..=MAX_SIDE as usize).contains(&header.height)
+        {
+            // Too many pixels is final; a header libjpeg-turbo cannot read,
+            // a size out of range or data it cannot decode is left to
+            // zune-jpeg below, which says what is wrong.
+            check_pixels(header.width, header.height, self.max_pixels)?;
             let (width, height) = (self.width as usize, self.height as usize);
-            let max_pixels = self.max_pixels;
-            match decode_jpeg_scaled(turbo, data, width, height, max_pixels, &mut self.rgb) {
+            match decode_jpeg_scaled(turbo, data, (header.width, header.height), width, height, &mut self.rgb) {
                 Ok(size) => return Ok(size),
                 // TurboJPEG has no CMYK/YCCK to RGB conversion: zune-jpeg
                 // does, and says what is wrong with a really corrupt file.
-                Err(err) if format!("{err:#}").contains("megapixels") => return Err(err),
                 Err(err) => {
                     tracing::debug!(error = %format!("{err:#}"), "libjpeg-turbo could not decode; trying zune-jpeg")
                 }
@@ -267,7 +259,7 @@ impl Preprocessor {
         if w == 0 || h == 0 {
             bail!("JPEG claims {w}x{h} pixels");
         }
-        self.check_pixels(w, h)?;
+        check_pixels(w, h, self.max_pixels)?;
         let size = decoder.output_buffer_size().context("JPEG output size overflows")?;
         self.rgb.resize(size, 0);
         decoder.decode_into(&mut self.rgb).map_err(|err| anyhow::anyhow!("corrupt JPEG data: {err}"))?;
@@ -339,34 +331,37 @@ impl Preprocessor {
 const CAMERA_RANGE: yuv::YuvRange = yuv::YuvRange::Limited;
 const CAMERA_MATRIX: yuv::YuvStandardMatrix = yuv::YuvStandardMatrix::Bt601;
 
+/// Refuses a picture of more pixels than `max_pixels`, from its header,
+/// before anything is allocated for it.
+fn check_pixels(w: usize, h: usize, max_pixels: u64) -> anyhow::Result<()> {
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        bail!(
+            "the picture is {w}x{h} ({:.1} megapixels); frames above {:.1} megapixels are refused before decoding \
+             (source.max_frame_megapixels)",
+            pixels as f64 / 1e6,
+            max_pixels as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
 /// Decodes with libjpeg-turbo at the smallest power-of-two DCT scale whose
 /// result still covers `min_width` x `min_height` (the model input), into
-/// `rgb`; returns the decoded size. A 1280x720 frame for a 224x224 model
+/// `rgb`; returns the decoded size. `(w, h)` is the size its header gives,
+/// already checked against the limits. A 1280x720 frame for a 224x224 model
 /// decodes at 1/2 (640x360): a quarter of the pixels to reconstruct, with no
 /// loss the resize to 224 would not make anyway.
 #[cfg(feature = "turbojpeg")]
 fn decode_jpeg_scaled(
     turbo: &mut turbojpeg::Decompressor,
     data: &[u8],
+    (w, h): (usize, usize),
     min_width: usize,
     min_height: usize,
-    max_pixels: u64,
     rgb: &mut Vec<u8>,
 ) -> anyhow::Result<(u32, u32)> {
     use turbojpeg::ScalingFactor;
-    let header = turbo.read_header(data).map_err(|err| anyhow::anyhow!("corrupt JPEG header: {err}"))?;
-    let (w, h) = (header.width, header.height);
-    if w == 0 || h == 0 || w > MAX_SIDE as usize || h > MAX_SIDE as usize {
-        bail!("JPEG claims {w}x{h} pixels; expected 1 to {MAX_SIDE} on each side");
-    }
-    if w as u64 * h as u64 > max_pixels {
-        bail!(
-            "the picture is {w}x{h} ({:.1} megapixels); frames above {:.1} megapixels are refused before decoding \
-             (source.max_frame_megapixels)",
-            (w * h) as f64 / 1e6,
-            max_pixels as f64 / 1e6
-        );
-    }
     let factor = [ScalingFactor::ONE_EIGHTH, ScalingFactor::ONE_QUARTER, ScalingFactor::ONE_HALF]
         .into_iter()
         .find(|f| f.scale(w) >= min_width && f.scale(h) >= min_height)

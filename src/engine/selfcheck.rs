@@ -233,20 +233,16 @@ pub struct Verdict {
 impl VerdictCache {
     /// The cache entry for this model and rewrite under `dir`.
     pub fn new(dir: &std::path::Path, model: &[u8], mode: Int8Mode, repair: bool, fault: bool) -> Self {
-        use sha2::{Digest, Sha256};
-        let mut hash = Sha256::new();
-        hash.update(model);
-        for part in [
-            env!("CARGO_PKG_VERSION"),
-            env!("LABELCAST_TRACT_VERSION"),
-            mode.as_str(),
-            if repair { "repair" } else { "no-repair" },
-            if fault { "fault-drop-saturation" } else { "" },
-        ] {
-            hash.update([0]);
-            hash.update(part.as_bytes());
-        }
-        let key = format!("{:x}", hash.finalize());
+        let key = super::model_key(
+            model,
+            &[
+                env!("CARGO_PKG_VERSION"),
+                env!("LABELCAST_TRACT_VERSION"),
+                mode.as_str(),
+                if repair { "repair" } else { "no-repair" },
+                if fault { "fault-drop-saturation" } else { "" },
+            ],
+        );
         Self { file: dir.join("int8-checks").join(format!("{}.json", &key[..32])) }
     }
 
@@ -291,8 +287,15 @@ impl SelfCheck {
         self.lock().cached
     }
 
+    /// Caches the verdict as far as the check got (nothing before the probe).
+    pub fn save(&self, cache: Option<&VerdictCache>) {
+        if let (Some(cache), Some(verdict)) = (cache, self.verdict()) {
+            cache.store(&verdict);
+        }
+    }
+
     /// What to cache once the check is as far as it will get.
-    pub fn verdict(&self) -> Option<Verdict> {
+    fn verdict(&self) -> Option<Verdict> {
         let state = self.lock();
         Some(Verdict {
             agrees: !state.fell_back,

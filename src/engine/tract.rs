@@ -227,14 +227,10 @@ impl TractEngine {
                 disagree(path, config.int8_check, &selfcheck, difference, "a probe picture")?;
                 built.plan = reference;
                 mode = Some(Int8Mode::Native);
-                if let (Some(cache), Some(verdict)) = (&cache, selfcheck.verdict()) {
-                    cache.store(&verdict);
-                }
+                selfcheck.save(cache.as_ref());
             } else {
                 tracing::info!(model = %path.display(), difference, tolerance = selfcheck.tolerance, "weights-only INT8 agrees with the graph as quantised on the probe; checking the first frame too");
-                if let (Some(cache), Some(verdict)) = (&cache, selfcheck.verdict()) {
-                    cache.store(&verdict);
-                }
+                selfcheck.save(cache.as_ref());
                 frame_check = Some(FrameCheck::start(reference, selfcheck.clone(), output_kind, cache)?);
             }
             check = Some(selfcheck);
@@ -284,9 +280,7 @@ impl TractEngine {
                     tracing::info!(model = %self.info.path.display(), difference, "weights-only INT8 agrees with the graph as quantised on the first frame");
                     drop(reference);
                 }
-                if let (Some(cache), Some(verdict)) = (&pending.cache, pending.check.verdict()) {
-                    cache.store(&verdict);
-                }
+                pending.check.save(pending.cache.as_ref());
                 // The graph as quantised is gone (unless it took over): give its memory back.
                 crate::telemetry::release_freed_memory();
                 replacement

@@ -225,6 +225,21 @@ fn tract_fallback(config: &ModelConfig) -> ModelConfig {
     }
 }
 
+/// A cache key for what is built from a model file: the SHA-256 (hex) of
+/// the file's SHA-256 and of each part (versions, settings), each part
+/// followed by a zero byte so no two lists of parts run together.
+pub fn model_key(model: &[u8], parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut key = Sha256::new();
+    key.update(format!("{:x}", Sha256::digest(model)).as_bytes());
+    key.update([0]);
+    for part in parts {
+        key.update(part.as_bytes());
+        key.update([0]);
+    }
+    format!("{:x}", key.finalize())
+}
+
 /// Loads a model for `model-info`: label names are not required.
 pub fn inspect(path: &Path, config: &ModelConfig) -> anyhow::Result<Box<dyn Engine>> {
     let config = ModelConfig { path: path.to_path_buf(), ..config.clone() };

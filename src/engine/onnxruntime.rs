@@ -248,11 +248,9 @@ mod tensorrt {
 
     use std::path::Path;
 
+    use crate::config::{ModelConfig, TensorRtPrecision};
     use ort::ep::{CUDA, ExecutionProvider, TensorRT};
     use ort::session::builder::SessionBuilder;
-    use sha2::{Digest, Sha256};
-
-    use crate::config::{ModelConfig, TensorRtPrecision};
 
     pub fn check_built() -> anyhow::Result<()> {
         Ok(())
@@ -330,15 +328,8 @@ mod tensorrt {
 
     /// The cache folder name: every input that changes the built engine.
     pub fn cache_key(model: &[u8], ort: &str, tensorrt: &str, gpu: &str, precision: TensorRtPrecision) -> String {
-        let mut hash = Sha256::new();
-        hash.update(model);
-        let model_hash = hash.finalize();
-        let mut key = Sha256::new();
-        for part in [&format!("{model_hash:x}"), ort, tensorrt, gpu, precision.as_str()] {
-            key.update(part.as_bytes());
-            key.update([0]);
-        }
-        format!("{}-{:x}", precision.as_str(), key.finalize())[..5 + 32].to_string()
+        let key = crate::engine::model_key(model, &[ort, tensorrt, gpu, precision.as_str()]);
+        format!("{}-{}", precision.as_str(), &key[..32])
     }
 
     fn ort_version() -> String {

@@ -708,6 +708,12 @@ fn unit_interval(field: &str, value: f64) -> Result<f32, ConfigError> {
     }
 }
 
+/// An optional setting that names one of a fixed set of choices: `None`
+/// when unset, the field named in the error when it is not one of them.
+fn choice<T>(field: &str, raw: Option<&str>, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+    raw.map(parse).transpose().map_err(|m| ConfigError::new(field, m))
+}
+
 fn rgb_triplet(field: &str, raw: &Option<Vec<f32>>) -> Result<Option<[f32; 3]>, ConfigError> {
     match raw {
         None => Ok(None),
@@ -883,13 +889,7 @@ fn validate_homeassistant(raw: &RawHomeAssistant) -> Result<Option<HomeAssistant
 
 /// Checks the `[model]` section; an unset path means the shipped demo model.
 pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig, ConfigError> {
-    let engine = raw
-        .engine
-        .as_deref()
-        .map(EngineKind::parse)
-        .transpose()
-        .map_err(|m| ConfigError::new("model.engine", m))?
-        .unwrap_or(EngineKind::Tract);
+    let engine = choice("model.engine", raw.engine.as_deref(), EngineKind::parse)?.unwrap_or(EngineKind::Tract);
     let path = match &raw.path {
         Some(path) => path.clone(),
         None => data.map(|d| default_model(d, engine)).ok_or_else(|| {
@@ -906,24 +906,9 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
         labels: raw.labels.as_deref().map(validate_label_names).transpose()?,
         mean: rgb_triplet("model.mean", &raw.mean)?,
         std: rgb_triplet("model.std", &raw.std)?,
-        output: raw
-            .output
-            .as_deref()
-            .map(OutputKind::parse)
-            .transpose()
-            .map_err(|m| ConfigError::new("model.output", m))?,
-        resize: raw
-            .resize
-            .as_deref()
-            .map(ResizeMode::parse)
-            .transpose()
-            .map_err(|m| ConfigError::new("model.resize", m))?,
-        layout: raw
-            .layout
-            .as_deref()
-            .map(InputLayout::parse)
-            .transpose()
-            .map_err(|m| ConfigError::new("model.layout", m))?,
+        output: choice("model.output", raw.output.as_deref(), OutputKind::parse)?,
+        resize: choice("model.resize", raw.resize.as_deref(), ResizeMode::parse)?,
+        layout: choice("model.layout", raw.layout.as_deref(), InputLayout::parse)?,
         output_name: match raw.output_name.as_deref() {
             Some("") => return Err(ConfigError::new("model.output_name", "is empty; remove it or name an output")),
             other => other.map(str::to_string),
@@ -939,13 +924,7 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
         Some(n) if (1..=256).contains(&n) => n as usize,
         Some(n) => return Err(ConfigError::new("model.threads", format!("expected 1 to 256, got {n}"))),
     };
-    let int8 = raw
-        .int8
-        .as_deref()
-        .map(Int8Mode::parse)
-        .transpose()
-        .map_err(|m| ConfigError::new("model.int8", m))?
-        .unwrap_or_default();
+    let int8 = choice("model.int8", raw.int8.as_deref(), Int8Mode::parse)?.unwrap_or_default();
     let fallback = match raw.fallback.as_deref() {
         None | Some("none") => None,
         Some("tract") if engine != EngineKind::Tract => Some(EngineKind::Tract),
@@ -967,13 +946,7 @@ pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig
         fallback,
         onnxruntime_library: raw.onnxruntime_library.clone(),
         tensorrt: validate_tensorrt(&raw.tensorrt)?,
-        int8_check: raw
-            .int8_check
-            .as_deref()
-            .map(Int8Check::parse)
-            .transpose()
-            .map_err(|m| ConfigError::new("model.int8_check", m))?
-            .unwrap_or_default(),
+        int8_check: choice("model.int8_check", raw.int8_check.as_deref(), Int8Check::parse)?.unwrap_or_default(),
     })
 }
 

@@ -1,7 +1,7 @@
 //! The `labelcast` command line: subcommands, exit codes and printing
 //! errors. The work lives in the library; this file only glues it together.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -543,6 +543,13 @@ fn bench_row(row: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The file beside `model` whose name `rename` gives, if there is one and
+/// it is another file.
+fn sibling(model: &Path, rename: impl Fn(&str) -> String) -> Option<PathBuf> {
+    let name = rename(&model.file_name()?.to_string_lossy());
+    Some(model.with_file_name(name)).filter(|p| p.is_file() && p != model)
+}
+
 fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let data = config::data_dir();
     let int8_model = match args.model {
@@ -558,21 +565,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let fp32_model = match args.fp32 {
         Some(path) if path.is_file() => Some(path),
         Some(path) => anyhow::bail!("--fp32 {} does not exist", path.display()),
-        None => {
-            // `m-int8.onnx` and `m-int8-cpu.onnx` both come from `m-fp32.onnx`.
-            let name = int8_model
-                .file_name()
-                .map(|n| n.to_string_lossy().replace("-int8-cpu.", "-fp32.").replace("-int8", "-fp32"));
-            name.map(|n| int8_model.with_file_name(n)).filter(|p| p.is_file() && *p != int8_model)
-        }
+        // `m-int8.onnx` and `m-int8-cpu.onnx` both come from `m-fp32.onnx`.
+        None => sibling(&int8_model, |name| name.replace("-int8-cpu.", "-fp32.").replace("-int8", "-fp32")),
     };
     let int8_cpu_model = match args.int8_cpu {
         Some(path) if path.is_file() => Some(path),
         Some(path) => anyhow::bail!("--int8-cpu {} does not exist", path.display()),
-        None => {
-            let name = int8_model.file_name().map(|n| n.to_string_lossy().replace("-int8.", "-int8-cpu."));
-            name.map(|n| int8_model.with_file_name(n)).filter(|p| p.is_file() && *p != int8_model)
-        }
+        None => sibling(&int8_model, |name| name.replace("-int8.", "-int8-cpu.")),
     };
     let image_args = if args.images.is_empty() {
         vec![

@@ -114,28 +114,21 @@ def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float 
             # What most people run: QDQ, uint8 activations (Relu/Clip folded
             # into the pairs), int8 per-tensor weights, MinMax calibration.
             quantize_static(str(prepared), str(out), PhotoReader(input_name, tensors))
-        elif target == "cpu":
-            # ONNX Runtime's CPU provider runs QDQ convolutions and matrix
-            # products as integer kernels when activations are uint8 and
-            # weights int8 (U8S8; VNNI on x86, dot-product instructions on
-            # ARM), with Relu/Clip folded into the uint8 range; symmetric
-            # int8 activations (the TensorRT layout) fall back to float there.
-            quantize_static(
-                str(prepared), str(out), PhotoReader(input_name, tensors),
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.Percentile,
-                nodes_to_exclude=excluded,
-                extra_options={"WeightSymmetric": True, "CalibPercentile": 99.999},
-            )
         else:
+            # The targets differ only in the activations. TensorRT needs
+            # symmetric int8 ones. ONNX Runtime's CPU provider runs QDQ
+            # convolutions and matrix products as integer kernels when
+            # activations are uint8 and weights int8 (U8S8; VNNI on x86,
+            # dot-product instructions on ARM), with Relu/Clip folded into the
+            # uint8 range; symmetric int8 activations fall back to float there.
+            cpu = target == "cpu"
             quantize_static(
                 str(prepared), str(out), PhotoReader(input_name, tensors),
                 quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.Percentile,
                 nodes_to_exclude=excluded,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999},
+                extra_options={"ActivationSymmetric": not cpu, "WeightSymmetric": True, "CalibPercentile": 99.999},
             )
     quantized = onnx.load(str(out))
     set_metadata(quantized, labelcast_metadata(model))

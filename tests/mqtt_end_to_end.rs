@@ -181,6 +181,11 @@ fn an_unreachable_broker_at_start_does_not_stop_the_daemon() {
     assert!((2..=12).contains(&attempts), "backoff keeps attempts few ({attempts}):\n{log}");
     assert!(log.matches("MQTT broker unreachable").count() <= 2, "and the same failure is one line per 30 s:\n{log}");
     assert!(log.contains("broker away: dropping labels messages"), "{log}");
+    let warning = log.lines().find(|l| l.contains("MQTT broker unreachable")).unwrap_or_default();
+    assert!(
+        warning.contains(&format!("127.0.0.1:{port}")) && warning.contains("check mqtt.url"),
+        "the warning names the broker and what to check: {warning}"
+    );
     assert!(daemon.stop().success(), "{}", daemon.log());
 }
 

@@ -278,6 +278,7 @@ impl Sink {
         let driver = tokio::spawn(drive_connection(
             eventloop,
             DriverSettings {
+                broker: format!("{host}:{port}"),
                 min: config.reconnect_min,
                 max: config.reconnect_max,
                 client_id: config.client_id.clone(),
@@ -577,6 +578,8 @@ impl Publisher {
 
 /// What the connection driver needs besides its channels.
 struct DriverSettings {
+    /// `host:port`, for the log.
+    broker: String,
     min: Duration,
     max: Duration,
     client_id: String,
@@ -693,15 +696,18 @@ async fn drive_connection(
                 let message = match failure {
                     Failure::Refused => "MQTT broker refused the connection",
                     Failure::Closed => "MQTT connection closed by the broker; reconnecting",
-                    Failure::Unreachable => "MQTT broker unreachable",
+                    Failure::Unreachable => {
+                        "MQTT broker unreachable (TCP or TLS did not get through): check mqtt.url, that a broker \
+                         listens there, and the [mqtt.tls] settings if it uses TLS"
+                    }
                 };
                 let repeated = last_failure.as_deref() == Some(reason.as_str());
                 if !repeated {
                     // A new kind of failure: said now, and its repeats held back from now.
                     repeat_warning.reset(Instant::now());
-                    tracing::warn!(reason, retry_in_ms, "{message}");
+                    tracing::warn!(broker = %settings.broker, reason, retry_in_ms, "{message}");
                 } else if let Some(suppressed) = repeat_warning.check(Instant::now()) {
-                    tracing::warn!(reason, retry_in_ms, suppressed, "{message}");
+                    tracing::warn!(broker = %settings.broker, reason, retry_in_ms, suppressed, "{message}");
                 }
                 last_failure = Some(reason);
                 tokio::select! {

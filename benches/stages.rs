@@ -133,6 +133,8 @@ fn postprocessing(c: &mut Criterion) {
                     .map(|(i, (rule, &score))| LabelScore { name: rule.name.clone(), score, on: tracker.is_on(i) })
                     .collect(),
                 changed,
+                camera: None,
+                regions: Vec::new(),
             };
             black_box(payload::labels_json(&event).to_string())
         })

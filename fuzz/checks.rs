@@ -14,7 +14,7 @@ use labelcast::config::{
 };
 use labelcast::labels::{LabelEvent, LabelScore};
 use labelcast::preprocess::Preprocessor;
-use labelcast::publish::homeassistant::Discovery;
+use labelcast::publish::homeassistant::{Discovery, Entity};
 use labelcast::publish::payload::{Topics, labels_json};
 use labelcast::source::{Frame, PixelFormat};
 use serde_json::Value;
@@ -139,6 +139,8 @@ pub fn mqtt_payload(input: PayloadInput) {
             .map(|(name, score, on)| LabelScore { name: Arc::from(name.as_str()), score: *score, on: *on })
             .collect(),
         changed: Vec::new(),
+        camera: None,
+        regions: Vec::new(),
     };
     let payload = labels_json(&event).to_string();
     let parsed: Value = serde_json::from_str(&payload).expect("the labels payload is JSON");
@@ -148,9 +150,13 @@ pub fn mqtt_payload(input: PayloadInput) {
     }
 
     let ha = HomeAssistantConfig { prefix: "homeassistant".into(), birth_delay: Duration::ZERO };
-    let discovery = Discovery::new(&ha, &device, topics, input.model.clone(), 60);
+    let discovery = Discovery::new(&ha, &device, topics.clone(), input.model.clone(), 60);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let messages = discovery.messages(&refs);
+    let entities: Vec<Entity> = refs
+        .iter()
+        .map(|name| Entity { key: name.to_string(), name: name.to_string(), state_topic: topics.label(name) })
+        .collect();
+    let messages = discovery.messages(&entities);
     let distinct: std::collections::HashSet<&String> = messages.iter().map(|(topic, _)| topic).collect();
     assert_eq!(distinct.len(), messages.len(), "two entities share a discovery topic: {messages:?}");
     for (topic, config) in messages {
@@ -161,6 +167,10 @@ pub fn mqtt_payload(input: PayloadInput) {
     }
     for name in &refs {
         let topic = format!("homeassistant/binary_sensor/{device}_{name}/config");
-        assert_eq!(discovery.stale_label(&topic, &input.retained_config, &refs), None, "{name:?} would be cleared");
+        assert_eq!(
+            discovery.stale_label(&topic, &input.retained_config, &refs, &[]),
+            None,
+            "{name:?} would be cleared"
+        );
     }
 }

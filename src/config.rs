@@ -19,6 +19,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::source::SourceSpec;
+use crate::source::camera::{CameraConfig, GateConfig, validate_cameras};
 
 /// Exit status for a configuration the daemon cannot run with (`EX_CONFIG`).
 pub const EXIT_CONFIG: i32 = 78;
@@ -53,6 +54,9 @@ pub struct RawConfig {
     pub device_id: Option<String>,
     #[serde(default)]
     pub source: RawSource,
+    /// `[[camera]]` tables: several sources on one engine, with regions.
+    #[serde(default)]
+    pub camera: Vec<crate::source::camera::RawCamera>,
     #[serde(default)]
     pub model: RawModel,
     #[serde(default)]
@@ -90,6 +94,9 @@ pub struct RawSource {
     pub max_frame_megapixels: Option<f64>,
     pub reconnect_min: Option<String>,
     pub reconnect_max: Option<String>,
+    /// The single camera's motion and interval gate (as `[[camera]]`'s).
+    pub motion: Option<f64>,
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,7 +265,11 @@ fn located(text: &str, err: &toml::de::Error) -> String {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub device_id: String,
+    /// The first camera's source (the only one in a `[source]` config).
     pub source: SourceSpec,
+    /// Every camera, at least one: `[[camera]]` tables, or the `[source]`
+    /// section as one camera without an id.
+    pub cameras: Vec<CameraConfig>,
     /// Frames (photos) with more pixels are refused from their header,
     /// before decoding (`source.max_frame_megapixels`).
     pub max_frame_pixels: u64,
@@ -533,6 +544,11 @@ pub enum ResizeMode {
     Letterbox,
     /// Scale each axis independently.
     Stretch,
+    /// Cover the frame with as few overlapping windows of the input's
+    /// aspect ratio as it takes (two for 16:9 on a square input), classify
+    /// each, and keep each label's highest score: the whole frame is seen
+    /// at full resolution, at the cost of one inference per window.
+    Tiles,
 }
 
 impl ResizeMode {
@@ -541,7 +557,8 @@ impl ResizeMode {
             "center-crop" | "centre-crop" | "crop" => Ok(Self::CenterCrop),
             "letterbox" | "pad" => Ok(Self::Letterbox),
             "stretch" => Ok(Self::Stretch),
-            other => Err(format!("expected \"center-crop\", \"letterbox\" or \"stretch\", got {other:?}")),
+            "tiles" => Ok(Self::Tiles),
+            other => Err(format!("expected \"center-crop\", \"letterbox\", \"tiles\" or \"stretch\", got {other:?}")),
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -549,6 +566,7 @@ impl ResizeMode {
             Self::CenterCrop => "center-crop",
             Self::Letterbox => "letterbox",
             Self::Stretch => "stretch",
+            Self::Tiles => "tiles",
         }
     }
 }
@@ -748,25 +766,48 @@ impl Config {
         };
 
         let data = data_dir();
-        let source_uri = match &raw.source.uri {
-            Some(uri) => uri.clone(),
-            None => {
-                let dir = data.as_ref().ok_or_else(|| {
-                    ConfigError::new(
-                        "source.uri",
-                        "not set, and the shipped sample photos were not found (set LABELCAST_DATA_DIR or source.uri)",
-                    )
-                })?;
-                format!("file://{}?fps=2&loop=true", dir.join(DEFAULT_PHOTOS).display())
+        let exists = |field: &str, source: &SourceSpec| match source {
+            SourceSpec::File { path, .. } if !path.exists() => {
+                Err(ConfigError::new(field, format!("{} does not exist", path.display())))
             }
+            _ => Ok(()),
         };
-        let source = SourceSpec::parse(&source_uri).map_err(|msg| ConfigError::new("source.uri", msg))?;
-
-        if let SourceSpec::File { path, .. } = &source
-            && !path.exists()
-        {
-            return Err(ConfigError::new("source.uri", format!("{} does not exist", path.display())));
+        let cameras = validate_cameras(&raw.camera, exists)?;
+        if !cameras.is_empty() && (raw.source.motion.is_some() || raw.source.interval.is_some()) {
+            return Err(ConfigError::new(
+                "source.motion",
+                "with [[camera]] tables, set motion and interval in each camera (or region) instead",
+            ));
         }
+        if !cameras.is_empty() && raw.source.uri.is_some() {
+            return Err(ConfigError::new(
+                "source.uri",
+                "set together with [[camera]] tables: give each camera its own `source` and drop source.uri \
+                 (the [source] section's other settings still apply to every camera)",
+            ));
+        }
+        let (source, cameras) = if let Some(first) = cameras.first() {
+            (first.source.clone(), cameras)
+        } else {
+            let source_uri = match &raw.source.uri {
+                Some(uri) => uri.clone(),
+                None => {
+                    let dir = data.as_ref().ok_or_else(|| {
+                        ConfigError::new(
+                            "source.uri",
+                            "not set, and the shipped sample photos were not found (set LABELCAST_DATA_DIR or \
+                             source.uri)",
+                        )
+                    })?;
+                    format!("file://{}?fps=2&loop=true", dir.join(DEFAULT_PHOTOS).display())
+                }
+            };
+            let source = SourceSpec::parse(&source_uri).map_err(|msg| ConfigError::new("source.uri", msg))?;
+            exists("source.uri", &source)?;
+            let gate =
+                GateConfig::parse("source", raw.source.motion, raw.source.interval.as_deref(), GateConfig::default())?;
+            (source.clone(), vec![CameraConfig::single(source, gate)])
+        };
         let max_frame_pixels = validate_max_frame_pixels(&raw.source)?;
         let reconnect_min = duration("source.reconnect_min", &raw.source.reconnect_min, Duration::from_millis(250))?;
         let reconnect_max = duration("source.reconnect_max", &raw.source.reconnect_max, Duration::from_secs(10))?;
@@ -799,6 +840,7 @@ impl Config {
         Ok(Config {
             device_id,
             source,
+            cameras,
             max_frame_pixels,
             source_backoff: (reconnect_min, reconnect_max),
             model,

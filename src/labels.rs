@@ -138,6 +138,19 @@ pub struct LabelEvent {
     pub labels: Vec<LabelScore>,
     /// Indices into `labels` of those whose state changed on this frame.
     pub changed: Vec<usize>,
+    /// The camera's id; `None` for the single camera of a `[source]` config.
+    pub camera: Option<Arc<str>>,
+    /// The camera's regions classified on this frame, in config order; a
+    /// region that does not fit the frame is left out.
+    pub regions: Vec<RegionLabels>,
+}
+
+/// One region's part of an event: its labels as `LabelEvent::labels`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionLabels {
+    pub id: Arc<str>,
+    pub labels: Vec<LabelScore>,
+    pub changed: Vec<usize>,
 }
 
 #[cfg(test)]

@@ -320,6 +320,8 @@ fn classify(
                 .map(|(rule, &score)| LabelScore { name: rule.name.clone(), score, on: score >= rule.on })
                 .collect(),
             changed: Vec::new(),
+            camera: None,
+            regions: Vec::new(),
         };
         if json {
             println!("{}", payload::labels_json(&event));
@@ -482,12 +484,28 @@ fn check_config(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode>
             config::BrokerChoice::Embedded { listen } => format!("embedded broker on {listen}"),
         },
     };
+    let sources = match config.cameras.as_slice() {
+        [single] if single.id.is_none() => format!("source {}", single.source.describe()),
+        cameras => {
+            let each: Vec<String> = cameras
+                .iter()
+                .map(|c| {
+                    let regions = match c.regions.len() {
+                        0 => String::new(),
+                        1 => ", 1 region".to_string(),
+                        n => format!(", {n} regions"),
+                    };
+                    format!("{} = {}{regions}", c.name(), c.source.describe())
+                })
+                .collect();
+            format!("{} cameras: {}", cameras.len(), each.join("; "))
+        }
+    };
     println!(
-        "{}: OK (model {}, {} labels; source {}; output {output})",
+        "{}: OK (model {}, {} labels; {sources}; output {output})",
         path.display(),
         info.path.display(),
         info.metadata.labels.len(),
-        config.source.describe()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -45,6 +45,10 @@ pub struct Health {
     pub inference_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Current label states, for `/metrics`.
     labels: std::sync::OnceLock<Vec<(Arc<str>, AtomicBool)>>,
+    /// With several cameras, each camera's own marks (source state, capture
+    /// calls, last frame classified); this one then watches inference and
+    /// MQTT, and its hang check covers every camera's capture.
+    cameras: std::sync::OnceLock<Vec<Arc<Health>>>,
 }
 
 /// Whether frames are coming, as published on `<prefix>/source`.
@@ -106,9 +110,18 @@ impl Health {
                 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
             ]),
             labels: std::sync::OnceLock::new(),
+            cameras: std::sync::OnceLock::new(),
         }
     }
 
+    /// Each camera's own marks, when there are several; once.
+    pub fn set_cameras(&self, cameras: Vec<Arc<Health>>) {
+        let _ = self.cameras.set(cameras);
+    }
+    /// A frame from this camera was classified (its stall check).
+    pub fn mark_classified(&self) {
+        self.last_frame_at.store(self.stamp(Instant::now()), Ordering::Relaxed);
+    }
     /// The labels whose states `/metrics` reports, all OFF; once.
     pub fn set_labels(&self, names: impl IntoIterator<Item = Arc<str>>) {
         let _ = self.labels.set(names.into_iter().map(|n| (n, AtomicBool::new(false))).collect());
@@ -224,6 +237,7 @@ impl Health {
         };
         stuck("the frame source (camera read)", &self.capture_busy_since)
             .or_else(|| stuck("inference", &self.inference_busy_since))
+            .or_else(|| self.cameras.get()?.iter().find_map(|camera| camera.hang(now)))
     }
 
     /// `/healthz`: healthy while frames flow and the broker is connected or

@@ -28,6 +28,11 @@ pub struct Counters {
     pub frames_dropped: AtomicU64,
     /// Frames that could not be read, decoded or run.
     pub frames_failed: AtomicU64,
+    /// Frames a camera's `fps` cap let pass by unclassified.
+    pub frames_gated: AtomicU64,
+    /// Views (whole frames or regions) not classified because their motion
+    /// gate found them unchanged.
+    pub views_unchanged: AtomicU64,
     /// Reads that timed out, and times the source was reopened after going away.
     pub source_timeouts: AtomicU64,
     pub source_reconnects: AtomicU64,
@@ -87,6 +92,8 @@ impl Counters {
             "frames_captured": Self::get(&self.frames_captured),
             "frames_dropped": Self::get(&self.frames_dropped),
             "frames_failed": Self::get(&self.frames_failed),
+            "frames_gated": Self::get(&self.frames_gated),
+            "views_unchanged": Self::get(&self.views_unchanged),
             "source_reconnects": Self::get(&self.source_reconnects),
             "inferences": inferences,
             "inference_ms_mean": (mean_ms * 100.0).round() / 100.0,

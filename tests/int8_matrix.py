@@ -121,6 +121,12 @@ VARIANTS = [
 ENGINES = [("tract", "native"), ("tract", "weights-only"), ("onnxruntime", "native")]
 
 
+# One window per photo, the centre crop: the matrix compares engines on the
+# very input labelcast made, so the fitting must make one input per photo
+# (labelcast's default, `tiles`, makes two on the non-square photos).
+CENTRE_CROP: list[str] = []
+
+
 def run(cmd: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -129,8 +135,8 @@ def body_inputs(labelcast: Path, body: Path, work: Path) -> list[np.ndarray]:
     """The model inputs labelcast makes from the shipped photos for this body."""
     out = work / "inputs"
     out.mkdir(parents=True, exist_ok=True)
-    result = run([str(labelcast), "classify", "--model", str(body), "--dump-input", str(out), "--json",
-                  *map(str, PHOTOS)])
+    result = run([str(labelcast), "classify", *CENTRE_CROP, "--model", str(body), "--dump-input", str(out),
+                  "--json", *map(str, PHOTOS)])
     if result.returncode != 0:
         raise SystemExit(f"labelcast could not preprocess for {body}: {result.stderr}")
     model = onnx.load(str(body), load_external_data=False)
@@ -196,8 +202,8 @@ class Row:
 
 def classify(labelcast: Path, model: Path, engine: str, mode: str, env: dict, extra: list[str] = ()) -> tuple[
         subprocess.CompletedProcess, list[dict]]:
-    result = run([str(labelcast), "classify", "--json", "--model", str(model), "--engine", engine, "--int8", mode,
-                  *extra, *map(str, PHOTOS)], env=env)
+    result = run([str(labelcast), "classify", *CENTRE_CROP, "--json", "--model", str(model), "--engine", engine,
+                  "--int8", mode, *extra, *map(str, PHOTOS)], env=env)
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     return result, events
 
@@ -331,6 +337,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the demo body only")
     args = parser.parse_args()
     started = time.time()
+    args.work.mkdir(parents=True, exist_ok=True)
+    centre = args.work / "centre-crop.toml"
+    centre.write_text('[model]\nresize = "center-crop"\n')
+    CENTRE_CROP.extend(["-c", str(centre)])
     env = dict(os.environ)
     env.setdefault("ORT_DYLIB_PATH", str(sorted(Path(ort.__file__).parent.glob("capi/libonnxruntime.so*"))[0]))
     env["RUST_LOG"] = "warn"

@@ -11,6 +11,7 @@ use fast_image_resize as fr;
 
 use crate::config::ResizeMode;
 use crate::engine::Tensor;
+use crate::source::camera::PixelRect;
 use crate::source::{Frame, PixelFormat};
 
 pub mod jpeg;
@@ -23,6 +24,11 @@ const MAX_SIDE: u32 = 16384;
 /// cost 150 MB as RGB, which a 1 GB board can still hold once. A picture
 /// above it is refused from its header, before anything is allocated.
 pub const DEFAULT_MAX_FRAME_PIXELS: u64 = 50_000_000;
+
+/// The side of the grid [`Preprocessor::thumbnail`] makes.
+pub const THUMB_SIDE: usize = 32;
+/// Cells in that grid.
+pub const THUMB_CELLS: usize = THUMB_SIDE * THUMB_SIDE;
 
 /// Where preprocessing time went, for the per-stage figures.
 #[derive(Debug, Clone, Copy, Default)]
@@ -119,9 +125,89 @@ impl Preprocessor {
             .convert_to_rgb(frame)
             .with_context(|| format!("{} frame from {}", frame.format.as_str(), frame.origin()))?;
         let decoded = std::time::Instant::now();
-        self.fit(w, h)?;
+        self.fit(w, h, None)?;
         self.normalise(out);
         Ok(StageTimes { decode: decoded - began, fit_normalise: decoded.elapsed() })
+    }
+
+    /// Decodes (or converts) `frame` to RGB, kept for [`Preprocessor::fit_window`];
+    /// returns its size. Errors name the frame's origin.
+    pub fn decode(&mut self, frame: &Frame) -> anyhow::Result<(u32, u32)> {
+        self.convert_to_rgb(frame).with_context(|| format!("{} frame from {}", frame.format.as_str(), frame.origin()))
+    }
+
+    /// The windows a rectangle of a `w` x `h` frame (the whole frame when
+    /// `rect` is `None`) is classified through: the rectangle itself, or
+    /// with [`ResizeMode::Tiles`] the fewest windows of the model input's
+    /// aspect ratio that cover it, spread evenly along its long side so
+    /// neighbours overlap equally (a 1920x1080 frame on a square input: two
+    /// 1080x1080 windows at x = 0 and x = 840).
+    pub fn windows(&self, w: u32, h: u32, rect: Option<PixelRect>) -> Vec<PixelRect> {
+        let rect = rect.unwrap_or(PixelRect { x: 0.0, y: 0.0, width: w as f64, height: h as f64 });
+        if self.mode != ResizeMode::Tiles {
+            return vec![rect];
+        }
+        let target = self.width as f64 / self.height as f64;
+        let aspect = rect.width / rect.height;
+        // Within 2 % of the input's aspect ratio: one window (centre-cropped
+        // by at most 1 % a side).
+        if (aspect / target - 1.0).abs() <= 0.02 {
+            return vec![rect];
+        }
+        let (long, tile, wide) = if aspect > target {
+            (rect.width, rect.height * target, true)
+        } else {
+            (rect.height, rect.width / target, false)
+        };
+        let count = ((long / tile) - 0.02).ceil().max(1.0) as usize;
+        let step = if count > 1 { (long - tile) / (count - 1) as f64 } else { 0.0 };
+        (0..count)
+            .map(|i| {
+                let offset = step * i as f64;
+                if wide {
+                    PixelRect { x: rect.x + offset, y: rect.y, width: tile, height: rect.height }
+                } else {
+                    PixelRect { x: rect.x, y: rect.y + offset, width: rect.width, height: tile }
+                }
+            })
+            .collect()
+    }
+
+    /// A small grey picture of a rectangle of the last decoded `w` x `h`
+    /// frame, for telling whether it changed: the mean luma of each cell of
+    /// a [`THUMB_SIDE`] x [`THUMB_SIDE`] grid, from at most 8 x 8 samples per
+    /// cell (so a 1920x1080 frame costs about 65,000 reads, not 2 million).
+    pub fn thumbnail(&self, w: u32, h: u32, rect: PixelRect, out: &mut [u8; THUMB_CELLS]) {
+        let (w, h) = (w as usize, h as usize);
+        let cell_w = rect.width / THUMB_SIDE as f64;
+        let cell_h = rect.height / THUMB_SIDE as f64;
+        for cy in 0..THUMB_SIDE {
+            for cx in 0..THUMB_SIDE {
+                let x0 = rect.x + cx as f64 * cell_w;
+                let y0 = rect.y + cy as f64 * cell_h;
+                let (mut sum, mut count) = (0u32, 0u32);
+                for sy in 0..8 {
+                    let y = ((y0 + (sy as f64 + 0.5) * cell_h / 8.0) as usize).min(h - 1);
+                    for sx in 0..8 {
+                        let x = ((x0 + (sx as f64 + 0.5) * cell_w / 8.0) as usize).min(w - 1);
+                        let px = &self.rgb[(y * w + x) * 3..(y * w + x) * 3 + 3];
+                        // BT.601 luma, integer weights summing to 256.
+                        sum += (77 * u32::from(px[0]) + 150 * u32::from(px[1]) + 29 * u32::from(px[2])) >> 8;
+                        count += 1;
+                    }
+                }
+                out[cy * THUMB_SIDE + cx] = (sum / count.max(1)) as u8;
+            }
+        }
+    }
+
+    /// Fills `out` from a rectangle of the last decoded `w` x `h` frame (the
+    /// whole frame when `window` is `None`), fitted by the resize mode as a
+    /// whole frame would be: a region is classified as if it were the picture.
+    pub fn fit_window(&mut self, w: u32, h: u32, window: Option<PixelRect>, out: &mut Tensor) -> anyhow::Result<()> {
+        self.fit(w, h, window)?;
+        self.normalise(out);
+        Ok(())
     }
 
     /// Only the decode or pixel-format conversion to RGB (what differs
@@ -269,35 +355,40 @@ impl Preprocessor {
         Ok((w as u32, h as u32))
     }
 
-    /// Resizes `self.rgb` (w x h) into `self.fitted` (the model's size).
-    fn fit(&mut self, w: u32, h: u32) -> anyhow::Result<()> {
+    /// Resizes `self.rgb` (w x h), or the `window` of it, into
+    /// `self.fitted` (the model's size).
+    fn fit(&mut self, w: u32, h: u32, window: Option<PixelRect>) -> anyhow::Result<()> {
         let (dw, dh) = (self.width, self.height);
         // Typed (U8x3) calls, not the pixel-type-dispatching `resize`: that
         // one compiles every pixel type's SIMD kernels into the binary.
         let src =
             fr::images::TypedImageRef::<fr::pixels::U8x3>::from_buffer(w, h, &self.rgb).context("RGB buffer size")?;
+        let window = window.unwrap_or(PixelRect { x: 0.0, y: 0.0, width: w as f64, height: h as f64 });
         let bilinear = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
         match self.mode {
-            ResizeMode::Stretch | ResizeMode::CenterCrop => {
-                let options = if self.mode == ResizeMode::CenterCrop {
+            ResizeMode::Stretch | ResizeMode::CenterCrop | ResizeMode::Tiles => {
+                // A tile already has the input's aspect ratio (up to 2 %):
+                // centre-cropping it only trims rounding.
+                let options = if self.mode != ResizeMode::Stretch {
                     // The largest centred box with the destination's aspect ratio.
-                    let (sw, sh) = (w as f64, h as f64);
+                    let (sw, sh) = (window.width, window.height);
                     let target = dw as f64 / dh as f64;
                     let (cw, ch) = if sw / sh > target { (sh * target, sh) } else { (sw, sw / target) };
-                    bilinear.crop((sw - cw) / 2.0, (sh - ch) / 2.0, cw, ch)
+                    bilinear.crop(window.x + (sw - cw) / 2.0, window.y + (sh - ch) / 2.0, cw, ch)
                 } else {
-                    bilinear
+                    bilinear.crop(window.x, window.y, window.width, window.height)
                 };
                 let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(dw, dh, &mut self.fitted)?;
                 self.resizer.resize_typed(&src, &mut dst, &options)?;
             }
             ResizeMode::Letterbox => {
-                let scale = (dw as f64 / w as f64).min(dh as f64 / h as f64);
-                let rw = ((w as f64 * scale).round() as u32).clamp(1, dw);
-                let rh = ((h as f64 * scale).round() as u32).clamp(1, dh);
+                let scale = (dw as f64 / window.width).min(dh as f64 / window.height);
+                let rw = ((window.width * scale).round() as u32).clamp(1, dw);
+                let rh = ((window.height * scale).round() as u32).clamp(1, dh);
                 self.letterboxed.resize((rw * rh * 3) as usize, 0);
                 let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(rw, rh, &mut self.letterboxed)?;
-                self.resizer.resize_typed(&src, &mut dst, &bilinear)?;
+                let options = bilinear.crop(window.x, window.y, window.width, window.height);
+                self.resizer.resize_typed(&src, &mut dst, &options)?;
                 for pixel in self.fitted.chunks_exact_mut(3) {
                     pixel.copy_from_slice(&self.pad);
                 }
@@ -503,6 +594,55 @@ mod tests {
         assert!(t.data[32..].iter().all(|v| *v < 64.0), "blue plane {:?}", &t.data[32..]);
         let red_mean: f32 = t.data[..16].iter().sum::<f32>() / 16.0;
         assert!(red_mean < 16.0, "mostly no red: {red_mean}");
+    }
+
+    #[test]
+    fn a_region_is_fitted_as_the_same_pixels_cut_out_as_a_frame_of_their_own() {
+        let (w, h) = (96, 64);
+        let rgb = gradient(w, h);
+        let whole = frame(PixelFormat::Rgb8, w, h, w as usize * 3, rgb.clone());
+        // The right half, 48x64, cut out by hand.
+        let half: Vec<u8> = rgb.chunks_exact(w as usize * 3).flat_map(|row| row[48 * 3..].to_vec()).collect();
+        let cut = frame(PixelFormat::Rgb8, 48, 64, 48 * 3, half);
+        for mode in [ResizeMode::CenterCrop, ResizeMode::Letterbox, ResizeMode::Stretch] {
+            let mut pre = identity(16, mode);
+            let mut by_region = pre.new_tensor();
+            let (fw, fh) = pre.decode(&whole).unwrap();
+            let window = PixelRect { x: 48.0, y: 0.0, width: 48.0, height: 64.0 };
+            pre.fit_window(fw, fh, Some(window), &mut by_region).unwrap();
+            let mut by_cut = pre.new_tensor();
+            pre.run(&cut, &mut by_cut).unwrap();
+            let diffs: Vec<f32> = by_region.data.iter().zip(&by_cut.data).map(|(a, b)| (a - b).abs()).collect();
+            let worst = diffs.iter().copied().fold(0.0, f32::max);
+            let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+            // Bilinear taps at the cut edge read the neighbouring pixels in
+            // the whole frame and clamp in the cut-out: a few levels (of 255)
+            // there, none inside.
+            assert!(worst < 12.0 && mean < 1.5, "{mode:?}: region and cut-out differ by {worst} (mean {mean})");
+            let mut whole_tensor = pre.new_tensor();
+            pre.run(&whole, &mut whole_tensor).unwrap();
+            assert_ne!(whole_tensor.data, by_region.data, "{mode:?}: the region must not be the whole frame");
+        }
+    }
+
+    #[test]
+    fn tiles_cover_a_wide_or_tall_frame_with_the_fewest_overlapping_windows_of_the_input_aspect() {
+        let pre = identity(224, ResizeMode::Tiles);
+        let at = |x: f64, y: f64, width: f64, height: f64| PixelRect { x, y, width, height };
+        assert_eq!(pre.windows(1920, 1080, None), [at(0.0, 0.0, 1080.0, 1080.0), at(840.0, 0.0, 1080.0, 1080.0)]);
+        assert_eq!(pre.windows(480, 640, None), [at(0.0, 0.0, 480.0, 480.0), at(0.0, 160.0, 480.0, 480.0)]);
+        assert_eq!(pre.windows(3000, 1000, None).len(), 3, "3:1 takes three squares, no overlap");
+        assert_eq!(pre.windows(3100, 1000, None).len(), 4);
+        assert_eq!(pre.windows(500, 500, None), [at(0.0, 0.0, 500.0, 500.0)]);
+        assert_eq!(pre.windows(505, 500, None).len(), 1, "within 2 %: one window");
+        // A region is tiled within itself.
+        let region = at(100.0, 50.0, 400.0, 200.0);
+        assert_eq!(
+            pre.windows(1920, 1080, Some(region)),
+            [at(100.0, 50.0, 200.0, 200.0), at(300.0, 50.0, 200.0, 200.0)]
+        );
+        // Other modes: one window, the rectangle itself.
+        assert_eq!(identity(224, ResizeMode::Letterbox).windows(1920, 1080, None).len(), 1);
     }
 
     #[test]

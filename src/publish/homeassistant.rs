@@ -58,11 +58,25 @@ pub fn check_entity_ids(labels: &[impl AsRef<str>], field: &str) -> Result<(), C
     Ok(())
 }
 
-/// Everything the discovery payloads need to know about this daemon.
+/// One binary_sensor: what keys its ids, what Home Assistant shows as its
+/// name, and where its `ON` / `OFF` is published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    pub key: String,
+    pub name: String,
+    pub state_topic: String,
+}
+
+/// Everything the discovery payloads need to know about this daemon (the
+/// hub device), or about one of its cameras (a device of its own, linked to
+/// the hub by `via_device`).
 #[derive(Debug, Clone)]
 pub struct Discovery {
     pub prefix: String,
     pub device_id: String,
+    /// `Some`: this is a camera's device.
+    pub camera: Option<String>,
+    /// The daemon's topics (availability, stats).
     pub topics: Topics,
     /// What the device block shows as the model, e.g. `labelcast-demo v1`.
     pub model: String,
@@ -79,7 +93,28 @@ impl Discovery {
         model: String,
         expire_after_s: u64,
     ) -> Self {
-        Self { prefix: config.prefix.clone(), device_id: device_id.to_string(), topics, model, expire_after_s }
+        Self {
+            prefix: config.prefix.clone(),
+            device_id: device_id.to_string(),
+            camera: None,
+            topics,
+            model,
+            expire_after_s,
+        }
+    }
+
+    /// The discovery of one camera's device, under this hub.
+    pub fn for_camera(&self, camera: &str) -> Self {
+        Self { camera: Some(camera.to_string()), ..self.clone() }
+    }
+
+    /// What this device's ids start with: `<device_id>` for the hub,
+    /// `<device_id>_<camera>` for a camera.
+    fn object_prefix(&self) -> String {
+        match &self.camera {
+            None => self.device_id.clone(),
+            Some(camera) => format!("{}_{camera}", self.device_id),
+        }
     }
 
     /// Where Home Assistant announces itself.
@@ -92,26 +127,35 @@ impl Discovery {
         format!("{}/binary_sensor/+/config", self.prefix)
     }
 
-    fn device_identifier(&self) -> String {
+    fn hub_identifier(&self) -> String {
         format!("labelcast_{}", self.device_id)
     }
 
+    fn device_identifier(&self) -> String {
+        format!("labelcast_{}", self.object_prefix())
+    }
+
     fn unique_id(&self, entity: &str) -> String {
-        format!("labelcast_{}_{}", self.device_id, object_id(entity))
+        format!("labelcast_{}_{}", self.object_prefix(), object_id(entity))
     }
 
     fn config_topic(&self, component: &str, entity: &str) -> String {
-        format!("{}/{component}/{}_{}/config", self.prefix, self.device_id, object_id(entity))
+        format!("{}/{component}/{}_{}/config", self.prefix, self.object_prefix(), object_id(entity))
     }
 
     fn device(&self) -> Value {
-        json!({
+        let mut device = json!({
             "identifiers": [self.device_identifier()],
             "name": format!("labelcast {}", self.device_id),
             "model": self.model,
             "manufacturer": "labelcast",
             "sw_version": env!("CARGO_PKG_VERSION"),
-        })
+        });
+        if let Some(camera) = &self.camera {
+            device["name"] = json!(format!("labelcast {} {camera}", self.device_id));
+            device["via_device"] = json!(self.hub_identifier());
+        }
+        device
     }
 
     fn common(&self, entity: &str) -> serde_json::Map<String, Value> {
@@ -127,16 +171,20 @@ impl Discovery {
         map
     }
 
-    /// The retained config messages for these labels and the two sensors.
-    pub fn messages(&self, labels: &[&str]) -> Vec<(String, String)> {
+    /// The retained config messages for these label entities, and on the
+    /// hub the two diagnostic sensors.
+    pub fn messages(&self, entities: &[Entity]) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for label in labels {
-            let mut config = self.common(label);
-            config.insert("name".into(), json!(label));
-            config.insert("state_topic".into(), json!(self.topics.label(label)));
+        for entity in entities {
+            let mut config = self.common(&entity.key);
+            config.insert("name".into(), json!(entity.name));
+            config.insert("state_topic".into(), json!(entity.state_topic));
             config.insert("payload_on".into(), json!("ON"));
             config.insert("payload_off".into(), json!("OFF"));
-            out.push((self.config_topic("binary_sensor", label), Value::Object(config).to_string()));
+            out.push((self.config_topic("binary_sensor", &entity.key), Value::Object(config).to_string()));
+        }
+        if self.camera.is_some() {
+            return out;
         }
         for (entity, name, field, unit, extra) in [
             ("fps", "Frames per second", "fps_recent", "fps", json!({})),
@@ -157,22 +205,38 @@ impl Discovery {
         out
     }
 
-    /// For a retained binary_sensor config the broker replayed: the label it
-    /// belongs to if it is this device's and not among `labels` (so it must
-    /// be cleared), else `None`.
-    pub fn stale_label(&self, topic: &str, payload: &[u8], labels: &[&str]) -> Option<String> {
-        if payload.is_empty() || !topic.starts_with(&format!("{}/binary_sensor/{}_", self.prefix, self.device_id)) {
+    /// For a retained binary_sensor config the broker replayed: the entity
+    /// it belongs to if it is this device's and its key is not among `keys`,
+    /// or (on the hub) it belongs to a camera device of this hub whose id is
+    /// not among `cameras`; so it must be cleared. Else `None`.
+    pub fn stale_label(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        keys: &[impl AsRef<str>],
+        cameras: &[&str],
+    ) -> Option<String> {
+        if payload.is_empty() || !topic.starts_with(&format!("{}/binary_sensor/{}_", self.prefix, self.object_prefix()))
+        {
             return None;
         }
         let config: Value = serde_json::from_slice(payload).ok()?;
-        let ours = config["device"]["identifiers"]
-            .as_array()
-            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(&self.device_identifier())));
+        let identifiers = config["device"]["identifiers"].as_array()?;
+        let has = |id: &str| identifiers.iter().any(|x| x.as_str() == Some(id));
         let unique_id = config["unique_id"].as_str()?;
-        if !ours || labels.iter().any(|label| self.unique_id(label) == unique_id) {
-            return None;
+        let name = || Some(config["name"].as_str().unwrap_or(unique_id).to_string());
+        if has(&self.device_identifier()) {
+            if keys.iter().any(|key| self.unique_id(key.as_ref()) == unique_id) {
+                return None;
+            }
+            return name();
         }
-        Some(config["name"].as_str().unwrap_or(unique_id).to_string())
+        let camera_of_this_hub =
+            self.camera.is_none() && config["device"]["via_device"].as_str() == Some(&self.hub_identifier());
+        if camera_of_this_hub && !cameras.iter().any(|camera| has(&self.for_camera(camera).device_identifier())) {
+            return name();
+        }
+        None
     }
 }
 
@@ -184,10 +248,17 @@ mod tests {
         Discovery {
             prefix: "homeassistant".into(),
             device_id: "kitchen".into(),
+            camera: None,
             topics: Topics::new("labelcast/kitchen"),
             model: "labelcast-demo v1".into(),
             expire_after_s: 90,
         }
+    }
+
+    /// Whole-frame label entities, as the MQTT sink makes them.
+    fn labels(names: &[&str]) -> Vec<Entity> {
+        let topics = Topics::new("labelcast/kitchen");
+        names.iter().map(|n| Entity { key: n.to_string(), name: n.to_string(), state_topic: topics.label(n) }).collect()
     }
 
     /// The keys Home Assistant's MQTT discovery documentation requires or
@@ -239,7 +310,7 @@ mod tests {
 
     #[test]
     fn every_label_gets_a_retained_binary_sensor_config_under_one_device() {
-        let messages = discovery().messages(&["cat", "coffee cup"]);
+        let messages = discovery().messages(&labels(&["cat", "coffee cup"]));
         assert_eq!(messages.len(), 4);
         let (topic, body) = &messages[0];
         assert_eq!(topic, "homeassistant/binary_sensor/kitchen_cat/config");
@@ -256,7 +327,7 @@ mod tests {
 
     #[test]
     fn fps_and_inference_time_are_diagnostic_sensors_on_the_stats_topic() {
-        let messages = discovery().messages(&[]);
+        let messages = discovery().messages(&labels(&[]));
         let topics: Vec<&str> = messages.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(
             topics,
@@ -273,23 +344,23 @@ mod tests {
     #[test]
     fn a_retained_config_of_a_removed_label_of_this_device_is_stale_and_others_are_not() {
         let d = discovery();
-        let old = d.messages(&["dog"]);
+        let old = d.messages(&labels(&["dog"]));
         let (topic, body) = &old[0];
-        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"]), Some("dog".to_string()));
-        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat", "dog"]), None, "still configured");
-        assert_eq!(d.stale_label(topic, b"", &["cat"]), None, "already cleared");
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"], &[]), Some("dog".to_string()));
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat", "dog"], &[]), None, "still configured");
+        assert_eq!(d.stale_label(topic, b"", &["cat"], &[]), None, "already cleared");
         // Another labelcast whose device id starts the same way.
         let other = Discovery { device_id: "kitchen_2".into(), ..discovery() };
-        let (topic, body) = &other.messages(&["dog"])[0];
+        let (topic, body) = &other.messages(&labels(&["dog"]))[0];
         assert!(topic.starts_with("homeassistant/binary_sensor/kitchen_"));
-        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"]), None, "not this device's entity");
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"], &[]), None, "not this device's entity");
     }
 
     #[test]
     fn labels_in_any_script_get_distinct_stable_entity_ids_and_keep_their_names() {
         let d = discovery();
-        let labels = ["猫", "狗", "鳥", "café", "traffic light"];
-        let messages = d.messages(&labels);
+        let names = ["猫", "狗", "鳥", "café", "traffic light"];
+        let messages = d.messages(&labels(&names));
         let topics: std::collections::HashSet<&String> = messages.iter().map(|(t, _)| t).collect();
         assert_eq!(topics.len(), messages.len(), "{messages:?}");
         assert_eq!(object_id("traffic light"), "traffic_light", "ASCII names keep their ids");
@@ -298,8 +369,35 @@ mod tests {
         let config: Value = serde_json::from_str(&messages[0].1).unwrap();
         assert_eq!(config["name"], "猫");
         assert_eq!(config["state_topic"], "labelcast/kitchen/label/猫");
-        check_entity_ids(&labels, "model.labels").unwrap();
+        check_entity_ids(&names, "model.labels").unwrap();
         let err = check_entity_ids(&["a b", "a_b"], "model.labels").unwrap_err();
         assert!(err.message.contains("homeassistant.discovery = false"), "{err}");
+    }
+
+    #[test]
+    fn a_camera_is_a_device_of_its_own_via_the_hub_and_a_removed_camera_is_stale_on_the_hub() {
+        let hub = discovery();
+        let porch = hub.for_camera("porch");
+        let topics = Topics::new("labelcast/kitchen/porch");
+        let entities = [
+            Entity { key: "cat".into(), name: "cat".into(), state_topic: topics.label("cat") },
+            Entity { key: "door_cat".into(), name: "door cat".into(), state_topic: topics.child("door").label("cat") },
+        ];
+        let messages = porch.messages(&entities);
+        assert_eq!(messages.len(), 2, "no diagnostic sensors on a camera");
+        assert_eq!(messages[1].0, "homeassistant/binary_sensor/kitchen_porch_door_cat/config");
+        let config: Value = serde_json::from_str(&messages[1].1).unwrap();
+        assert_valid_entity(&config, "binary_sensor");
+        assert_eq!(config["device"]["identifiers"][0], "labelcast_kitchen_porch");
+        assert_eq!(config["device"]["via_device"], "labelcast_kitchen");
+        assert_eq!(config["unique_id"], "labelcast_kitchen_porch_door_cat");
+        assert_eq!(config["state_topic"], "labelcast/kitchen/porch/door/label/cat");
+        assert_eq!(config["availability_topic"], "labelcast/kitchen/available");
+        let (topic, body) = &messages[1];
+        // The camera still configured, its region gone: the camera clears it.
+        assert_eq!(porch.stale_label(topic, body.as_bytes(), &["cat"], &[]), Some("door cat".into()));
+        assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], &["porch"]), None);
+        // The camera gone: the hub clears it.
+        assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], &["garden"]), Some("door cat".into()));
     }
 }

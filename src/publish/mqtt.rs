@@ -31,11 +31,11 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::homeassistant::Discovery;
+use super::homeassistant::{Discovery, Entity};
 use super::payload::{self, Topics};
 use crate::config::{BrokerChoice, MqttConfig, TlsConfig};
 use crate::engine::ModelInfo;
-use crate::labels::{LabelEvent, LabelRule};
+use crate::labels::{LabelEvent, LabelRule, LabelScore};
 use crate::service::{Health, SourceState};
 use crate::telemetry::{Counters, RateLimit};
 
@@ -241,15 +241,55 @@ pub struct Sink {
     pub config: MqttConfig,
     pub rules: Vec<LabelRule>,
     pub model: ModelFacts,
+    /// Every camera, at least one, in config order.
+    pub cameras: Vec<SinkCamera>,
     pub counters: Arc<Counters>,
     pub health: Arc<Health>,
+}
+
+/// A camera as the sink publishes it.
+pub struct SinkCamera {
+    /// `None`: the single camera of a `[source]` config, whose topics sit
+    /// right under the prefix as they always did.
+    pub id: Option<Arc<str>>,
+    pub regions: Vec<Arc<str>>,
+    /// Where its source state is read.
+    pub health: Arc<Health>,
+}
+
+/// One set of label states with its own topics: a camera's whole frame or
+/// one of its regions.
+struct View {
+    topics: Topics,
+    /// What Home Assistant's entity for a label of this view is keyed and
+    /// named by (the label alone for a whole frame, `<region> <label>` for
+    /// a region).
+    region: Option<Arc<str>>,
+    states: Vec<(Arc<str>, bool)>,
+}
+
+/// A camera's topics, source state and views.
+struct CameraTopics {
+    id: Option<Arc<str>>,
+    topics: Topics,
+    /// The whole frame first, then each region in config order.
+    views: Vec<View>,
+    discovery: Option<Discovery>,
+    health: Arc<Health>,
+    /// What its `source` topic says (or will say once the interval allows).
+    source_state: SourceState,
+    /// When its `source` topic was last published, and when it is next due
+    /// (a source that flaps is published at most once a second).
+    source_published: Option<Instant>,
+    source_due: Option<Instant>,
+    events_seen: u64,
 }
 
 impl Sink {
     /// Runs until `events` closes (the pipeline stopped), then publishes
     /// `offline` and disconnects cleanly.
     pub async fn run(self, mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
-        let Sink { device_id, config, rules, model, counters, health } = self;
+        let Sink { device_id, config, rules, model, cameras, counters, health } = self;
         // The embedded broker, when chosen, was started before the sink and
         // listens on its address.
         let (host, port) = match &config.broker {
@@ -301,22 +341,46 @@ impl Sink {
             .homeassistant
             .as_ref()
             .map(|ha| Discovery::new(ha, &device_id, topics.clone(), model.name.clone(), expire_after_s));
+        let states = || rules.iter().map(|r| (r.name.clone(), false)).collect::<Vec<_>>();
+        let cameras = cameras
+            .into_iter()
+            .map(|camera| {
+                let camera_topics = match &camera.id {
+                    None => topics.clone(),
+                    Some(id) => topics.child(id),
+                };
+                let mut views = vec![View { topics: camera_topics.clone(), region: None, states: states() }];
+                views.extend(camera.regions.iter().map(|region| View {
+                    topics: camera_topics.child(region),
+                    region: Some(region.clone()),
+                    states: states(),
+                }));
+                CameraTopics {
+                    discovery: camera.id.as_ref().and_then(|id| discovery.as_ref().map(|hub| hub.for_camera(id))),
+                    id: camera.id,
+                    topics: camera_topics,
+                    views,
+                    source_state: camera.health.source_report(Instant::now()),
+                    health: camera.health,
+                    source_published: None,
+                    source_due: None,
+                    events_seen: 0,
+                }
+            })
+            .collect();
         let birth_delay = config.homeassistant.as_ref().map(|ha| ha.birth_delay).unwrap_or_default();
         let mut publisher = Publisher {
             client: client.clone(),
             topics,
             qos: qos(config.qos),
             publish_every: config.publish_every,
-            states: rules.iter().map(|r| (r.name.clone(), false)).collect(),
+            cameras,
             counters: counters.clone(),
             started: Instant::now(),
             fps_window: (Instant::now(), 0),
-            events_seen: 0,
             connected: false,
             drop_warning: RateLimit::new(Duration::from_secs(30)),
             discovery,
-            source_state: health.source_report(Instant::now()),
-            source_published: None,
             outbox: outbox.clone(),
         };
         let mut source_rx = health.watch_source_state();
@@ -350,16 +414,13 @@ impl Sink {
                 }
                 Ok(()) = source_rx.changed() => {
                     source_rx.borrow_and_update();
-                    source_due = publisher.update_source(health.source_report(Instant::now()));
+                    source_due = publisher.update_sources();
                 }
                 _ = source_tick.tick() => {
-                    if source_due.is_none() {
-                        source_due = publisher.update_source(health.source_report(Instant::now()));
-                    }
+                    source_due = publisher.update_sources();
                 }
                 _ = tokio::time::sleep_until(source_due.unwrap_or_else(tokio::time::Instant::now)), if source_due.is_some() => {
-                    source_due = None;
-                    publisher.publish_source();
+                    source_due = publisher.publish_due_sources();
                 }
                 Some(message) = incoming_rx.recv() => {
                     if publisher.on_message(&message) {
@@ -381,7 +442,7 @@ impl Sink {
         }
 
         if publisher.connected {
-            publisher.publish_source();
+            publisher.publish_sources();
             publisher.publish_stats();
             publisher.send(publisher.topics.available(), true, "offline".into(), Kind::Other);
             // Wait (bounded) for the broker to acknowledge what is in flight:
@@ -411,22 +472,19 @@ impl Sink {
 
 struct Publisher {
     client: AsyncClient,
+    /// The daemon's own topics: availability and stats.
     topics: Topics,
     qos: QoS,
     publish_every: u32,
-    states: Vec<(Arc<str>, bool)>,
+    cameras: Vec<CameraTopics>,
     counters: Arc<Counters>,
     started: Instant,
     /// Start and inference count of the current frames-per-second window.
     fps_window: (Instant, u64),
-    events_seen: u64,
     connected: bool,
     drop_warning: RateLimit,
+    /// The hub device's discovery (and the single camera's entities).
     discovery: Option<Discovery>,
-    /// What the `source` topic says (or will say once the interval allows).
-    source_state: SourceState,
-    /// When the `source` topic was last published.
-    source_published: Option<Instant>,
     outbox: SharedOutbox,
 }
 
@@ -443,16 +501,45 @@ impl Publisher {
         self.announce();
     }
 
+    /// The entities each camera's discovery announces: (key, display name,
+    /// state topic), over its views.
+    fn entities(camera: &CameraTopics) -> Vec<Entity> {
+        camera
+            .views
+            .iter()
+            .flat_map(|view| {
+                view.states.iter().map(move |(name, _)| match &view.region {
+                    None => {
+                        Entity { key: name.to_string(), name: name.to_string(), state_topic: view.topics.label(name) }
+                    }
+                    Some(region) => Entity {
+                        key: format!("{region}_{name}"),
+                        name: format!("{region} {name}"),
+                        state_topic: view.topics.label(name),
+                    },
+                })
+            })
+            .collect()
+    }
+
     /// Discovery (when on), availability, every label state and stats.
     fn announce(&mut self) {
-        if let Some(discovery) = &self.discovery {
-            let labels: Vec<&str> = self.states.iter().map(|(name, _)| name.as_ref()).collect();
-            for (topic, body) in discovery.messages(&labels) {
+        if let Some(hub) = &self.discovery {
+            // The single camera of a `[source]` config is the hub device's;
+            // `[[camera]]` cameras are devices of their own, via the hub.
+            let single: Vec<Entity> = self.cameras.iter().filter(|c| c.id.is_none()).flat_map(Self::entities).collect();
+            let mut messages = hub.messages(&single);
+            for camera in &self.cameras {
+                if let Some(discovery) = &camera.discovery {
+                    messages.extend(discovery.messages(&Self::entities(camera)));
+                }
+            }
+            for (topic, body) in messages {
                 self.send(topic, true, body, Kind::Other);
             }
         }
         self.send(self.topics.available(), true, "online".into(), Kind::Other);
-        self.publish_source();
+        self.publish_sources();
         self.publish_states();
         self.publish_stats();
     }
@@ -460,66 +547,128 @@ impl Publisher {
     /// Handles a message from a subscription; true when Home Assistant
     /// announced it is online (discovery is then re-sent after a delay).
     fn on_message(&mut self, message: &rumqttc::Publish) -> bool {
-        let Some(discovery) = &self.discovery else { return false };
-        if message.topic == discovery.status_topic() {
+        let Some(hub) = &self.discovery else { return false };
+        if message.topic == hub.status_topic() {
             return message.payload.as_ref() == b"online";
         }
         if message.retain {
-            let labels: Vec<&str> = self.states.iter().map(|(name, _)| name.as_ref()).collect();
-            if let Some(stale) = discovery.stale_label(&message.topic, &message.payload, &labels) {
-                tracing::info!(label = %stale, topic = %message.topic, "removing the Home Assistant entity of a label no longer configured");
+            let single: Vec<String> =
+                self.cameras.iter().filter(|c| c.id.is_none()).flat_map(Self::entities).map(|e| e.key).collect();
+            let camera_ids: Vec<&str> = self.cameras.iter().filter_map(|c| c.id.as_deref()).collect();
+            let mut stale = hub.stale_label(&message.topic, &message.payload, &single, &camera_ids);
+            for camera in &self.cameras {
+                if let Some(discovery) = &camera.discovery {
+                    let keys: Vec<String> = Self::entities(camera).into_iter().map(|e| e.key).collect();
+                    stale = stale.or_else(|| discovery.stale_label(&message.topic, &message.payload, &keys, &[]));
+                }
+            }
+            if let Some(stale) = stale {
+                tracing::info!(entity = %stale, topic = %message.topic, "removing the Home Assistant entity of a label, region or camera no longer configured");
                 self.send(message.topic.clone(), true, String::new(), Kind::Other);
             }
         }
         false
     }
 
-    /// Takes a new source state; returns when to publish it if it cannot be
-    /// now (a source that flaps is published at most once a second).
-    fn update_source(&mut self, state: SourceState) -> Option<tokio::time::Instant> {
-        if state == self.source_state {
-            return None;
+    /// Reads every camera's source state; publishes the changed ones now,
+    /// or once a second has passed since its last. Returns when the next
+    /// held-back one is due.
+    fn update_sources(&mut self) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        for index in 0..self.cameras.len() {
+            let camera = &mut self.cameras[index];
+            let state = camera.health.source_report(now);
+            if state == camera.source_state {
+                continue;
+            }
+            camera.source_state = state;
+            match camera.source_published.map(|at| at.elapsed()) {
+                Some(since) if since < SOURCE_PUBLISH_INTERVAL => {
+                    camera.source_due = Some(now + (SOURCE_PUBLISH_INTERVAL - since));
+                }
+                _ => self.publish_source(index),
+            }
         }
-        self.source_state = state;
-        match self.source_published.map(|at| at.elapsed()) {
-            Some(since) if since < SOURCE_PUBLISH_INTERVAL => {
-                Some(tokio::time::Instant::now() + (SOURCE_PUBLISH_INTERVAL - since))
+        self.next_source_due()
+    }
+
+    /// Publishes the held-back source states that are due.
+    fn publish_due_sources(&mut self) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        for index in 0..self.cameras.len() {
+            if self.cameras[index].source_due.is_some_and(|due| due <= now) {
+                self.publish_source(index);
             }
-            _ => {
-                self.publish_source();
-                None
-            }
+        }
+        self.next_source_due()
+    }
+
+    fn next_source_due(&self) -> Option<tokio::time::Instant> {
+        self.cameras.iter().filter_map(|c| c.source_due).min().map(tokio::time::Instant::from_std)
+    }
+
+    fn publish_sources(&mut self) {
+        for index in 0..self.cameras.len() {
+            self.publish_source(index);
         }
     }
 
-    fn publish_source(&mut self) {
+    fn publish_source(&mut self, index: usize) {
         if self.connected {
-            self.send(self.topics.source(), true, self.source_state.as_str().into(), Kind::Other);
-            self.source_published = Some(Instant::now());
+            let camera = &self.cameras[index];
+            self.send(camera.topics.source(), true, camera.source_state.as_str().into(), Kind::Other);
+            let camera = &mut self.cameras[index];
+            camera.source_published = Some(Instant::now());
+            camera.source_due = None;
         }
     }
 
     fn publish_states(&self) {
         if self.connected {
-            for (name, on) in &self.states {
-                self.send(self.topics.label(name), true, payload::on_off(*on).into(), Kind::Other);
+            for view in self.cameras.iter().flat_map(|c| &c.views) {
+                for (name, on) in &view.states {
+                    self.send(view.topics.label(name), true, payload::on_off(*on).into(), Kind::Other);
+                }
             }
         }
     }
 
     fn on_event(&mut self, event: &LabelEvent) {
-        for &index in &event.changed {
-            let label = &event.labels[index];
-            self.states[index].1 = label.on;
-            if self.connected {
-                self.send(self.topics.label(&label.name), true, payload::on_off(label.on).into(), Kind::Other);
+        let Some(index) = self.cameras.iter().position(|c| c.id == event.camera) else {
+            tracing::warn!(
+                camera = event.camera.as_deref(),
+                "labels for a camera the MQTT sink does not know; dropped"
+            );
+            return;
+        };
+        let mut changes: Vec<(String, bool)> = Vec::new();
+        {
+            let camera = &mut self.cameras[index];
+            let mut record = |view: &mut View, labels: &[LabelScore], changed: &[usize]| {
+                for &i in changed {
+                    view.states[i].1 = labels[i].on;
+                    changes.push((view.topics.label(&labels[i].name), labels[i].on));
+                }
+            };
+            record(&mut camera.views[0], &event.labels, &event.changed);
+            for region in &event.regions {
+                if let Some(view) = camera.views.iter_mut().find(|v| v.region.as_ref() == Some(&region.id)) {
+                    record(view, &region.labels, &region.changed);
+                }
             }
         }
-        let due = self.events_seen.is_multiple_of(u64::from(self.publish_every));
-        self.events_seen += 1;
+        if self.connected {
+            for (topic, on) in changes {
+                self.send(topic, true, payload::on_off(on).into(), Kind::Other);
+            }
+        }
+        let camera = &mut self.cameras[index];
+        let due = camera.events_seen.is_multiple_of(u64::from(self.publish_every));
+        camera.events_seen += 1;
         if !due {
             return;
         }
+        let labels_topic = camera.topics.labels();
         if !self.connected {
             Counters::inc(&self.counters.labels_dropped);
             if let Some(suppressed) = self.drop_warning.check(Instant::now()) {
@@ -534,7 +683,7 @@ impl Publisher {
         let began = Instant::now();
         let body = payload::labels_json(event).to_string();
         // Counted as published when the broker acknowledges it (the driver).
-        if self.send(self.topics.labels(), false, body, Kind::Labels) {
+        if self.send(labels_topic, false, body, Kind::Labels) {
             Counters::add(&self.counters.publish_us_total, began.elapsed().as_micros() as u64);
         } else {
             Counters::inc(&self.counters.labels_dropped);

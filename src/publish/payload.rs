@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
-use crate::labels::LabelEvent;
+use crate::labels::{LabelEvent, LabelScore};
 
 /// Topics under the configured prefix (`labelcast/<device_id>` by default).
 #[derive(Debug, Clone)]
@@ -16,6 +16,10 @@ pub struct Topics {
 impl Topics {
     pub fn new(prefix: &str) -> Self {
         Self { prefix: prefix.trim_end_matches('/').to_string() }
+    }
+    /// The topics of a camera or region one level down: `<prefix>/<id>/...`.
+    pub fn child(&self, id: &str) -> Self {
+        Self { prefix: format!("{}/{id}", self.prefix) }
     }
     /// `online` / `offline`, retained; `offline` is also the Last Will.
     pub fn available(&self) -> String {
@@ -53,16 +57,23 @@ pub fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-/// The `labels` payload.
-pub fn labels_json(event: &LabelEvent) -> Value {
-    let mut labels = Map::new();
+/// `{"active": [...], "labels": {name: {score, state}}}` for one set of scores.
+fn scored(labels: &[LabelScore]) -> (Vec<String>, Map<String, Value>) {
+    let mut map = Map::new();
     let mut active = Vec::new();
-    for label in &event.labels {
-        labels.insert(label.name.to_string(), json!({ "score": round_score(label.score), "state": on_off(label.on) }));
+    for label in labels {
+        map.insert(label.name.to_string(), json!({ "score": round_score(label.score), "state": on_off(label.on) }));
         if label.on {
             active.push(label.name.to_string());
         }
     }
+    (active, map)
+}
+
+/// The `labels` payload: the whole frame's labels, and with regions, a
+/// `regions` object carrying each region's `active` and `labels` alike.
+pub fn labels_json(event: &LabelEvent) -> Value {
+    let (active, labels) = scored(&event.labels);
     let mut payload = json!({
         "timestamp": rfc3339(event.timestamp),
         "sequence": event.sequence,
@@ -75,13 +86,27 @@ pub fn labels_json(event: &LabelEvent) -> Value {
     if let Some(origin) = &event.origin {
         payload["origin"] = Value::String(origin.to_string());
     }
+    if let Some(camera) = &event.camera {
+        payload["camera"] = Value::String(camera.to_string());
+    }
+    if !event.regions.is_empty() {
+        let regions: Map<String, Value> = event
+            .regions
+            .iter()
+            .map(|region| {
+                let (active, labels) = scored(&region.labels);
+                (region.id.to_string(), json!({ "active": active, "labels": labels }))
+            })
+            .collect();
+        payload["regions"] = Value::Object(regions);
+    }
     payload
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::labels::LabelScore;
+    use crate::labels::RegionLabels;
     use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
@@ -98,6 +123,8 @@ mod tests {
                 LabelScore { name: "dog".into(), score: 0.012_34, on: false },
             ],
             changed: vec![0],
+            camera: None,
+            regions: Vec::new(),
         };
         let v = labels_json(&event);
         assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123Z");
@@ -108,6 +135,31 @@ mod tests {
         assert_eq!(v["labels"]["dog"]["state"], "OFF");
         assert_eq!(v["active"], json!(["cat"]));
         assert_eq!(v["origin"], "/photos/chelsea.jpg");
+    }
+
+    #[test]
+    fn a_cameras_labels_payload_names_the_camera_and_carries_each_regions_labels() {
+        let event = LabelEvent {
+            sequence: 1,
+            timestamp: UNIX_EPOCH,
+            origin: None,
+            model: "demo".into(),
+            inference_ms: 1.0,
+            frame_ms: 2.0,
+            labels: vec![LabelScore { name: "cat".into(), score: 0.4, on: false }],
+            changed: Vec::new(),
+            camera: Some("porch".into()),
+            regions: vec![RegionLabels {
+                id: "door".into(),
+                labels: vec![LabelScore { name: "cat".into(), score: 0.9, on: true }],
+                changed: vec![0],
+            }],
+        };
+        let v = labels_json(&event);
+        assert_eq!(v["camera"], "porch");
+        assert_eq!(v["active"], json!([]));
+        assert_eq!(v["regions"]["door"]["active"], json!(["cat"]));
+        assert_eq!(v["regions"]["door"]["labels"]["cat"]["score"], 0.9);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! captured; decoding and resizing happen in `preprocess`, so a camera thread
 //! stays cheap and a slow model drops stale frames instead of decoding them.
 
+pub mod camera;
 mod file;
 #[cfg(feature = "gstreamer")]
 pub mod gst;

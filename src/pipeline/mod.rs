@@ -1,16 +1,19 @@
-//! Wires source -> preprocess -> engine -> labels -> sink, and owns threads
-//! and shutdown.
+//! Wires cameras -> preprocess -> engine -> labels -> sink, and owns
+//! threads and shutdown.
 //!
-//! Capture, preprocessing and inference each get an OS thread (they block:
-//! on a device, on the CPU), joined by [`Slot`]s that hold one item each.
-//! A live source overwrites a frame not yet taken, so a slow model skips
-//! stale frames instead of queueing them; a file source waits instead, since
-//! its frames are not going stale. Preprocessing (JPEG decode, resize,
-//! normalise) of the next frame overlaps inference of the current one, so
-//! throughput is set by inference alone; on a live source it starts just
-//! before inference will be free, so the frame is as fresh as without the
-//! overlap. Label events go to the sink (an async task) through a bounded
-//! channel with `try_send`: inference never waits on the network.
+//! Each camera gets a capture thread and a preprocess thread (they block: on
+//! a device, on the CPU); one inference thread runs the one engine for every
+//! camera and region. Capture and preprocess are joined by a [`Slot`]
+//! holding one frame: a live source overwrites a frame not yet taken, so a
+//! slow model skips stale frames instead of queueing them; a file source
+//! waits instead, since its frames are not going stale. Preprocessing
+//! (decode, the motion gate, crop, resize, normalise) of a camera's next
+//! frame overlaps inference, and hands over through [`lanes::Lanes`], one
+//! place per camera taken in turn, so every camera is served once per
+//! round whatever its frame rate. With one camera, preparation starts just
+//! before inference will be free ([`Pacing`]), so the frame is as fresh as
+//! without the overlap. Label events go to the sink (an async task) through
+//! a bounded channel with `try_send`: inference never waits on the network.
 //!
 //! Shutdown is ordered: stop capture, let inference finish the frame in
 //! flight, close the event channel, and let the sink publish `offline` and
@@ -25,12 +28,19 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+mod gate;
+mod lanes;
+pub use gate::DEFAULT_MOTION_INTERVAL;
+use gate::Gate;
+use lanes::{CloseLaneOnDrop, Lanes};
+
 use crate::config::{Config, OutputConfig, OutputKind};
 use crate::engine::{self, Engine, ModelInfo, Tensor};
-use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker};
+use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker, RegionLabels};
 use crate::preprocess::Preprocessor;
 use crate::publish;
 use crate::service::{self, Health, Notifier, SourceState};
+use crate::source::camera::{CameraConfig, PixelRect};
 use crate::source::{self, Frame, FrameSource, SourceError};
 use crate::telemetry::{Counters, RateLimit};
 
@@ -139,9 +149,27 @@ impl FrameClassifier {
         &self.tensor
     }
 
+    /// Scores for the whole frame: one inference, or with `tiles` one per
+    /// window and each label's highest score ([`Preprocessor::windows`]).
     pub fn classify(&mut self, frame: &Frame) -> Result<Classified, ClassifyError> {
-        let preprocess = self.preprocessor.run_timed(frame, &mut self.tensor).map_err(ClassifyError::BadFrame)?;
-        let (scores, inference) = self.scorer.score(&self.tensor).map_err(ClassifyError::Engine)?;
+        let began = Instant::now();
+        let (w, h) = self.preprocessor.decode(frame).map_err(ClassifyError::BadFrame)?;
+        let decode = began.elapsed();
+        let mut preprocess = crate::preprocess::StageTimes { decode, ..Default::default() };
+        let mut inference = Duration::ZERO;
+        let mut combined: Option<Vec<f32>> = None;
+        for window in self.preprocessor.windows(w, h, None) {
+            let fitting = Instant::now();
+            self.preprocessor.fit_window(w, h, Some(window), &mut self.tensor).map_err(ClassifyError::BadFrame)?;
+            preprocess.fit_normalise += fitting.elapsed();
+            let (scores, took) = self.scorer.score(&self.tensor).map_err(ClassifyError::Engine)?;
+            inference += took;
+            combined = Some(match combined {
+                None => scores,
+                Some(best) => best.into_iter().zip(scores).map(|(a, b)| a.max(b)).collect(),
+            });
+        }
+        let scores = combined.ok_or_else(|| ClassifyError::BadFrame(anyhow::anyhow!("no window to classify")))?;
         Ok(Classified { scores, inference, preprocess })
     }
 }
@@ -269,7 +297,16 @@ impl StopSignal {
     }
 }
 
-/// Runs the daemon until `shutdown` completes or a finite source ends.
+/// What the pipeline keeps about each camera while wiring it.
+struct CameraPlan {
+    config: CameraConfig,
+    /// This camera's source state and capture marks: the daemon's own
+    /// [`Health`] when there is one camera, a camera's own with several.
+    health: Arc<Health>,
+    first_source: Option<Box<dyn FrameSource>>,
+}
+
+/// Runs the daemon until `shutdown` completes or every finite source ends.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
@@ -294,19 +331,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     crate::telemetry::release_freed_memory();
-    // A camera that is not plugged in yet is waited for; anything else
-    // wrong with the source (no such folder, not a camera) stops here.
-    let first_source = match source::open_limited(&config.source, config.max_frame_pixels) {
-        Ok(source) => {
-            tracing::info!(source = %source.describe(), device_id = %config.device_id, "source opened");
-            Some(source)
-        }
-        Err(SourceError::Disconnected(reason)) if config.source.is_live() => {
-            tracing::warn!(source = %config.source.describe(), reason, "source not available yet; will keep trying");
-            None
-        }
-        Err(err) => return Err(anyhow::Error::new(err).context("opening the frame source")),
-    };
+    let several = config.cameras.len() > 1;
+    let mut plans = Vec::with_capacity(config.cameras.len());
+    for camera in &config.cameras {
+        // A camera that is not plugged in yet is waited for; anything else
+        // wrong with the source (no such folder, not a camera) stops here.
+        let first_source = match source::open_limited(&camera.source, config.max_frame_pixels) {
+            Ok(source) => {
+                tracing::info!(camera = camera.name(), source = %source.describe(), device_id = %config.device_id, "source opened");
+                Some(source)
+            }
+            Err(SourceError::Disconnected(reason)) if camera.source.is_live() => {
+                tracing::warn!(camera = camera.name(), source = %camera.source.describe(), reason, "source not available yet; will keep trying");
+                None
+            }
+            Err(err) => {
+                return Err(anyhow::Error::new(err).context(format!("opening the frame source of {}", camera.name())));
+            }
+        };
+        let health = if several { Arc::new(Health::new(config.service.stall_timeout)) } else { health.clone() };
+        plans.push(CameraPlan { config: camera.clone(), health, first_source });
+    }
+    if several {
+        health.set_cameras(plans.iter().map(|plan| plan.health.clone()).collect());
+    }
 
     // Room for a burst while a sink catches up; beyond it events are dropped and counted.
     let (events_tx, events_rx) = mpsc::channel::<LabelEvent>(64);
@@ -317,6 +365,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 config: (**mqtt).clone(),
                 rules: rules.clone(),
                 model: publish::mqtt::ModelFacts::new(engine.info()),
+                cameras: plans
+                    .iter()
+                    .map(|plan| publish::mqtt::SinkCamera {
+                        id: plan.config.id.clone(),
+                        regions: plan.config.regions.iter().map(|r| r.id.clone()).collect(),
+                        health: plan.health.clone(),
+                    })
+                    .collect(),
                 counters: counters.clone(),
                 health: health.clone(),
             };
@@ -325,55 +381,87 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         OutputConfig::Stdout => tokio::spawn(publish::stdout::run(events_rx)),
     };
 
-    let frames = Arc::new(FrameSlot::default());
-    let prepared = Arc::new(Slot::<PreparedFrame>::default());
     let stop = Arc::new(StopSignal::default());
     if let Some(listen) = config.service.http_listen {
         let exporter = crate::http::Exporter {
             health: health.clone(),
             counters: counters.clone(),
-            source: config.source.describe(),
+            source: config.cameras.iter().map(|c| c.source.describe()).collect::<Vec<_>>().join(", "),
             engine: engine.info().engine.to_string(),
             selfcheck: engine.info().selfcheck.clone(),
         };
         crate::http::start(listen, exporter).await;
     }
-    let supervisor = Supervisor::new(config.source.clone(), first_source, counters.clone(), health.clone())
-        .with_max_frame_pixels(config.max_frame_pixels)
-        .with_backoff(config.source_backoff.0, config.source_backoff.1);
-    let capture = spawn_capture(supervisor, frames.clone(), stop.clone(), counters.clone(), health.clone())?;
     let scorer = Scorer::new(engine);
-    let pacing = Arc::new(Pacing::default());
-    let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
-    let preprocess = spawn_preprocess(
-        preprocessor_for(scorer.info()).with_max_pixels(config.max_frame_pixels),
-        config.source.is_live(),
-        frames.clone(),
-        prepared.clone(),
-        returned_tensors,
-        pacing.clone(),
-        counters.clone(),
-    )?;
+    let prepared = Arc::new(Lanes::<PreparedFrame>::new(plans.len()));
+    let mut frame_slots = Vec::with_capacity(plans.len());
+    let mut captures = Vec::with_capacity(plans.len());
+    let mut preprocessors = Vec::with_capacity(plans.len());
+    let mut returns = Vec::with_capacity(plans.len());
+    let mut served = Vec::with_capacity(plans.len());
+    // One camera: preparing the next frame is timed to end as inference
+    // frees up. Several: inference serves the cameras in turn, so each
+    // prepares as soon as its last frame was taken.
+    let pacing = (!several).then(|| Arc::new(Pacing::default()));
+    for (index, plan) in plans.into_iter().enumerate() {
+        let CameraPlan { config: camera, health: camera_health, first_source } = plan;
+        let frames = Arc::new(FrameSlot::default());
+        let supervisor = Supervisor::new(camera.source.clone(), first_source, counters.clone(), camera_health.clone())
+            .with_max_frame_pixels(config.max_frame_pixels)
+            .with_backoff(config.source_backoff.0, config.source_backoff.1)
+            .with_camera(camera.id.clone());
+        captures.push(spawn_capture(
+            camera.name(),
+            supervisor,
+            camera.min_interval,
+            frames.clone(),
+            stop.clone(),
+            counters.clone(),
+            camera_health.clone(),
+        )?);
+        let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
+        preprocessors.push(spawn_preprocess(
+            preprocessor_for(scorer.info()).with_max_pixels(config.max_frame_pixels),
+            &camera,
+            index,
+            frames.clone(),
+            prepared.clone(),
+            returned_tensors,
+            pacing.clone(),
+            counters.clone(),
+            [health.clone(), camera_health.clone()],
+        )?);
+        frame_slots.push(frames);
+        returns.push(tensors_back);
+        served.push(ServedCamera {
+            id: camera.id.clone(),
+            regions: camera.regions.iter().map(|r| r.id.clone()).collect(),
+            health: camera_health,
+        });
+    }
     let inference = spawn_inference(
         scorer,
         rules,
         config.labels.min_hold,
+        served,
         prepared.clone(),
-        tensors_back,
+        returns,
         pacing,
         events_tx,
         counters.clone(),
         health.clone(),
     )?;
 
-    // The inference thread ends by itself when a finite source runs out;
-    // watch it from async code without blocking the runtime.
+    // The inference thread ends by itself when every finite source has run
+    // out; watch it from async code without blocking the runtime.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let inference_watch = std::thread::Builder::new().name("inference-watch".into()).spawn(move || {
         let result = inference.join();
         let _ = done_tx.send(());
-        // Ends once its slots close: at once on shutdown, already when a source ran out.
-        let _ = preprocess.join();
+        // They end once their slots close: at once on shutdown, already when a source ran out.
+        for preprocess in preprocessors {
+            let _ = preprocess.join();
+        }
         result
     })?;
 
@@ -383,12 +471,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     Notifier::stopping();
     stop.stop();
-    frames.close(true);
-    prepared.close(true);
+    for frames in &frame_slots {
+        frames.close(true);
+    }
+    prepared.close_all();
     // A capture call that hangs (a wedged camera driver) must not hold the
     // shutdown hostage: give it a moment, then leave it behind.
-    if !join_within("capture", capture, Duration::from_secs(2)).await? {
-        tracing::warn!("the capture thread is stuck in the source; exiting without it");
+    for capture in captures {
+        if !join_within("capture", capture, Duration::from_secs(2)).await? {
+            tracing::warn!("a capture thread is stuck in its source; exiting without it");
+        }
     }
     if tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || inference_watch.join()))
         .await
@@ -461,6 +553,8 @@ pub struct Supervisor {
     back_info: RateLimit,
     counters: Arc<Counters>,
     health: Arc<Health>,
+    /// The camera's id in its log lines (`None`: the only camera).
+    camera: Option<Arc<str>>,
 }
 
 /// See [`Supervisor`]'s `stable_after`.
@@ -500,7 +594,14 @@ impl Supervisor {
             back_info: RateLimit::new(Duration::from_secs(10)),
             counters,
             health,
+            camera: None,
         }
+    }
+
+    /// Names the camera in log lines, when there are several.
+    pub fn with_camera(mut self, camera: Option<Arc<str>>) -> Self {
+        self.camera = camera;
+        self
     }
 
     /// Refuses pictures of more pixels where the source decodes them itself.
@@ -533,14 +634,14 @@ impl Supervisor {
             }
             Ok(None) if self.spec.is_live() => self.lost("the live stream ended".into()),
             Ok(None) => {
-                tracing::info!(source = %source.describe(), "source reached its end");
+                tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), "source reached its end");
                 self.health.set_source_state(SourceState::Ended);
                 Step::Ended
             }
             Err(SourceError::Skipped { origin, reason }) => {
                 Counters::inc(&self.counters.frames_failed);
                 if let Some(suppressed) = SKIP_WARNING.check(Instant::now()) {
-                    tracing::warn!(origin, reason, suppressed, "frame skipped");
+                    tracing::warn!(camera = self.camera.as_deref(), origin, reason, suppressed, "frame skipped");
                 }
                 Step::Nothing
             }
@@ -555,7 +656,7 @@ impl Supervisor {
             }
             Err(SourceError::Disconnected(reason)) => self.lost(reason),
             Err(SourceError::Fatal(message)) => {
-                tracing::error!(source = %source.describe(), error = message, "source failed; no more frames");
+                tracing::error!(camera = self.camera.as_deref(), source = %source.describe(), error = message, "source failed; no more frames");
                 self.health.set_source_state(SourceState::Ended);
                 Step::Ended
             }
@@ -582,7 +683,7 @@ impl Supervisor {
                 Step::Retry(delay) => delay.as_millis() as u64,
                 _ => 0,
             };
-            tracing::warn!(source = %described, reason, retry_ms, suppressed, "source lost; reopening");
+            tracing::warn!(camera = self.camera.as_deref(), source = %described, reason, retry_ms, suppressed, "source lost; reopening");
         }
         self.health.set_source_state(SourceState::Reconnecting);
         step
@@ -594,10 +695,10 @@ impl Supervisor {
                 if self.opened_before {
                     Counters::inc(&self.counters.source_reconnects);
                     if let Some(suppressed) = self.back_info.check(Instant::now()) {
-                        tracing::info!(source = %source.describe(), suppressed, "source back");
+                        tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), suppressed, "source back");
                     }
                 } else {
-                    tracing::info!(source = %source.describe(), "source opened");
+                    tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), "source opened");
                 }
                 self.opened_before = true;
                 self.source = Some(source);
@@ -607,14 +708,14 @@ impl Supervisor {
                 Step::Nothing
             }
             Err(SourceError::Fatal(message)) if !self.opened_before => {
-                tracing::error!(source = %self.spec.describe(), error = message, "cannot open the source");
+                tracing::error!(camera = self.camera.as_deref(), source = %self.spec.describe(), error = message, "cannot open the source");
                 self.health.set_source_state(SourceState::Ended);
                 Step::Ended
             }
             Err(err) => {
                 let delay = self.backoff.next_delay();
                 if let Some(suppressed) = REOPEN_WARNING.check(Instant::now()) {
-                    tracing::warn!(source = %self.spec.describe(), error = %err, retry_ms = delay.as_millis() as u64, suppressed, "source still away");
+                    tracing::warn!(camera = self.camera.as_deref(), source = %self.spec.describe(), error = %err, retry_ms = delay.as_millis() as u64, suppressed, "source still away");
                 }
                 Step::Retry(delay)
             }
@@ -625,15 +726,20 @@ impl Supervisor {
 static REOPEN_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
 
 fn spawn_capture(
+    camera: &str,
     mut supervisor: Supervisor,
+    min_interval: Option<Duration>,
     slot: Arc<FrameSlot>,
     stop: Arc<StopSignal>,
     counters: Arc<Counters>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let live = supervisor.is_live();
-    let thread = std::thread::Builder::new().name("capture".into()).spawn(move || {
+    let camera_name = camera.to_string();
+    let thread = std::thread::Builder::new().name(format!("capture-{camera}")).spawn(move || {
         let mut next_due = Instant::now();
+        // When this camera's `fps` cap next lets a frame through.
+        let mut next_accepted = Instant::now();
         while !stop.is_stopped() {
             if let Some(interval) = supervisor.frame_interval() {
                 let now = Instant::now();
@@ -649,7 +755,18 @@ fn spawn_capture(
             match step {
                 Step::Frame(frame) => {
                     Counters::inc(&counters.frames_captured);
-                    tracing::trace!(sequence = frame.sequence, origin = frame.origin(), "frame captured");
+                    tracing::trace!(camera = %camera_name, sequence = frame.sequence, origin = frame.origin(), "frame captured");
+                    // A camera is still read at its own rate (its driver
+                    // would otherwise hand over old buffers); the cap
+                    // decides which frames go on.
+                    if let Some(min) = min_interval {
+                        let now = Instant::now();
+                        if now < next_accepted {
+                            Counters::inc(&counters.frames_gated);
+                            continue;
+                        }
+                        next_accepted = (next_accepted + min).max(now);
+                    }
                     if live {
                         if slot.put_latest(frame) {
                             Counters::inc(&counters.frames_dropped);
@@ -684,10 +801,24 @@ fn spawn_capture(
 /// A frame turned into the model's input, with what its label event says
 /// about the frame. The raw frame itself is already dropped.
 struct PreparedFrame {
-    tensor: Tensor,
+    /// Every window's input, in view order; may hold spare tensors past the
+    /// last view's range.
+    tensors: Vec<Tensor>,
+    /// Per view (the whole frame, then each region in config order).
+    views: Vec<ViewInput>,
     sequence: u64,
     captured_at: SystemTime,
     origin: Option<Arc<str>>,
+}
+
+/// What the preprocess thread made of one view of a frame.
+enum ViewInput {
+    /// Its windows' range in `tensors` (one window, or several with `tiles`).
+    Windows(std::ops::Range<usize>),
+    /// A region that does not fit this frame: left out.
+    Unfit,
+    /// Its gate found nothing new: its last labels stand.
+    Unchanged,
 }
 
 /// When the preprocess thread should start on a live source's next frame:
@@ -721,65 +852,130 @@ impl Pacing {
     }
 }
 
-/// Closes a slot when its producer thread ends, also by a panic, so the
-/// consumer sees the end instead of waiting forever.
-struct CloseOnDrop<T>(Arc<Slot<T>>);
-
-impl<T> Drop for CloseOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.close(false);
-    }
-}
-
 /// Decodes and normalises the next frame while inference runs on the one
 /// before, so a frame costs the longer of the two rather than their sum.
 /// One frame ahead, no more: it waits until inference has taken the last
 /// one. On a live source it also waits until just before inference will be
 /// free ([`Pacing`]), so the frame it takes is as fresh as without overlap.
+#[allow(clippy::too_many_arguments)]
 fn spawn_preprocess(
     mut preprocessor: Preprocessor,
-    live: bool,
+    camera: &CameraConfig,
+    lane: usize,
     frames: Arc<FrameSlot>,
-    prepared: Arc<Slot<PreparedFrame>>,
-    returned_tensors: std::sync::mpsc::Receiver<Tensor>,
-    pacing: Arc<Pacing>,
+    prepared: Arc<Lanes<PreparedFrame>>,
+    returned_tensors: std::sync::mpsc::Receiver<Vec<Tensor>>,
+    pacing: Option<Arc<Pacing>>,
     counters: Arc<Counters>,
+    seen: [Arc<Health>; 2],
 ) -> anyhow::Result<JoinHandle<()>> {
-    let thread = std::thread::Builder::new().name("preprocess".into()).spawn(move || {
-        let prepared = CloseOnDrop(prepared);
+    let live = camera.source.is_live();
+    let regions = camera.regions.clone();
+    let camera_name = camera.name().to_string();
+    let mut gates: Vec<Gate> =
+        std::iter::once(camera.gate).chain(regions.iter().map(|r| r.gate)).map(Gate::new).collect();
+    let thread = std::thread::Builder::new().name(format!("prepare-{camera_name}")).spawn(move || {
+        let _closer = CloseLaneOnDrop(prepared.clone(), lane);
         let mut preprocess_us = 0;
-        let mut spare: Option<Tensor> = None;
-        while prepared.0.wait_empty() {
-            if live {
+        let mut spare: Option<Vec<Tensor>> = None;
+        // A region that does not fit is said once, not once per frame.
+        let mut refused = vec![false; regions.len()];
+        let mut thumb = Box::new([0u8; crate::preprocess::THUMB_CELLS]);
+        while prepared.wait_empty(lane) {
+            if live && let Some(pacing) = &pacing {
                 let lead = pacing.lead(preprocess_us);
-                if !lead.is_zero() && prepared.0.wait_closed(lead) {
+                if !lead.is_zero() && prepared.wait_closed(lane, lead) {
                     break;
                 }
             }
             let Some(frame) = frames.take() else { break };
-            // Two tensors take turns: one being filled here, one in inference.
-            let mut tensor =
-                spare.take().or_else(|| returned_tensors.try_recv().ok()).unwrap_or_else(|| preprocessor.new_tensor());
-            match preprocessor.run_timed(&frame, &mut tensor) {
-                Ok(times) => {
-                    Counters::add(&counters.decode_us_total, times.decode.as_micros() as u64);
-                    Counters::add(&counters.fit_normalise_us_total, times.fit_normalise.as_micros() as u64);
-                    preprocess_us = running_mean(preprocess_us, times.decode + times.fit_normalise);
+            // Two sets of tensors take turns: one being filled here, one in inference.
+            let mut tensors = spare.take().or_else(|| returned_tensors.try_recv().ok()).unwrap_or_default();
+            let began = Instant::now();
+            let decoded = preprocessor.decode(&frame).and_then(|(w, h)| {
+                let decode = began.elapsed();
+                let now = Instant::now();
+                let whole = PixelRect { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
+                // Each view's rectangle, or why it is not classified.
+                let mut windows: Vec<Result<Vec<PixelRect>, ViewInput>> = Vec::with_capacity(1 + regions.len());
+                for (view, gate) in gates.iter_mut().enumerate() {
+                    let rect = match view.checked_sub(1).map(|j| (j, regions[j].rect.resolve(w, h))) {
+                        None => whole,
+                        Some((_, Ok(rect))) => rect,
+                        Some((j, Err(message))) => {
+                            if !std::mem::replace(&mut refused[j], true) {
+                                tracing::error!(
+                                    camera = %camera_name,
+                                    region = %regions[j].id,
+                                    "{}.rect: {message}; this region is not classified until the config is fixed",
+                                    regions[j].field
+                                );
+                            }
+                            windows.push(Err(ViewInput::Unfit));
+                            continue;
+                        }
+                    };
+                    if gate.is_active() {
+                        preprocessor.thumbnail(w, h, rect, &mut thumb);
+                        if !gate.admit(&thumb, now) {
+                            Counters::inc(&counters.views_unchanged);
+                            windows.push(Err(ViewInput::Unchanged));
+                            continue;
+                        }
+                    }
+                    windows.push(Ok(preprocessor.windows(w, h, Some(rect))));
+                }
+                let needed: usize = windows.iter().flatten().map(Vec::len).sum();
+                while tensors.len() < needed {
+                    tensors.push(preprocessor.new_tensor());
+                }
+                let mut views = Vec::with_capacity(windows.len());
+                let mut next = 0;
+                for view in windows {
+                    views.push(match view {
+                        Err(input) => input,
+                        Ok(rects) => {
+                            let start = next;
+                            for rect in rects {
+                                preprocessor.fit_window(w, h, Some(rect), &mut tensors[next])?;
+                                next += 1;
+                            }
+                            ViewInput::Windows(start..next)
+                        }
+                    });
+                }
+                Ok((decode, views, needed))
+            });
+            match decoded {
+                Ok((_, _, 0)) => {
+                    // Nothing changed anywhere in the picture: the camera is
+                    // alive and watched, there is just nothing to classify.
+                    spare = Some(tensors);
+                    for health in &seen {
+                        health.mark_classified();
+                    }
+                }
+                Ok((decode, views, _)) => {
+                    let fit = began.elapsed() - decode;
+                    Counters::add(&counters.decode_us_total, decode.as_micros() as u64);
+                    Counters::add(&counters.fit_normalise_us_total, fit.as_micros() as u64);
+                    preprocess_us = running_mean(preprocess_us, decode + fit);
                     let item = PreparedFrame {
-                        tensor,
+                        tensors,
+                        views,
                         sequence: frame.sequence,
                         captured_at: frame.captured_at,
                         origin: frame.origin,
                     };
-                    if !prepared.0.put_wait(item) {
+                    if !prepared.put_wait(lane, item) {
                         break;
                     }
                 }
                 Err(err) => {
-                    spare = Some(tensor);
+                    spare = Some(tensors);
                     Counters::inc(&counters.frames_failed);
                     if let Some(suppressed) = FAIL_WARNING.check(Instant::now()) {
-                        tracing::warn!(error = %format!("{err:#}"), suppressed, "frame skipped");
+                        tracing::warn!(camera = %camera_name, error = %format!("{err:#}"), suppressed, "frame skipped");
                     }
                 }
             }
@@ -788,69 +984,142 @@ fn spawn_preprocess(
     Ok(thread)
 }
 
+/// What the inference thread knows of each camera.
+struct ServedCamera {
+    id: Option<Arc<str>>,
+    regions: Vec<Arc<str>>,
+    health: Arc<Health>,
+}
+
+/// Runs the one engine for every camera and region, in turn ([`Lanes`]),
+/// and tracks each one's label states on its own.
 #[allow(clippy::too_many_arguments)]
 fn spawn_inference(
     mut scorer: Scorer,
     rules: Vec<LabelRule>,
     min_hold: Duration,
-    prepared: Arc<Slot<PreparedFrame>>,
-    returned_tensors: std::sync::mpsc::Sender<Tensor>,
-    pacing: Arc<Pacing>,
+    cameras: Vec<ServedCamera>,
+    prepared: Arc<Lanes<PreparedFrame>>,
+    returned_tensors: Vec<std::sync::mpsc::Sender<Vec<Tensor>>>,
+    pacing: Option<Arc<Pacing>>,
     events: mpsc::Sender<LabelEvent>,
     counters: Arc<Counters>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    health.set_labels(rules.iter().map(|r| r.name.clone()));
+    // `/metrics` reports label states for the one camera's whole frame.
+    if cameras.len() == 1 && cameras[0].regions.is_empty() {
+        health.set_labels(rules.iter().map(|r| r.name.clone()));
+    }
     let model_name: Arc<str> = Arc::from(scorer.info().metadata.name.as_str());
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
-        let mut tracker = LabelTracker::new(rules, min_hold);
-        while let Some(PreparedFrame { tensor, sequence, captured_at, origin }) = prepared.take() {
+        // One tracker per camera and view (the whole frame, then each region).
+        let mut trackers: Vec<Vec<LabelTracker>> = cameras
+            .iter()
+            .map(|camera| (0..=camera.regions.len()).map(|_| LabelTracker::new(rules.clone(), min_hold)).collect())
+            .collect();
+        // Each view's labels as last classified: they stand for a view its
+        // gate found unchanged.
+        let mut last: Vec<Vec<Option<Vec<LabelScore>>>> =
+            cameras.iter().map(|camera| vec![None; 1 + camera.regions.len()]).collect();
+        while let Some((lane, item)) = prepared.take_next() {
+            let PreparedFrame { tensors, views: ranges, sequence, captured_at, origin } = item;
+            let camera = &cameras[lane];
             let shown_origin = source::describe_origin(origin.as_deref());
-            health.inference_started();
-            let scored = scorer.score(&tensor);
-            health.inference_finished(scored.is_ok());
-            // The preprocess thread fills it again with the frame after next.
-            let _ = returned_tensors.send(tensor);
-            let (scores, elapsed) = match scored {
-                Ok(scored) => scored,
-                Err(err) => {
-                    Counters::inc(&counters.frames_failed);
-                    tracing::error!(error = %format!("{err:#}"), origin = shown_origin, "inference failed");
-                    continue;
+            let mut views: Vec<Option<(Vec<LabelScore>, Vec<usize>)>> = Vec::with_capacity(ranges.len());
+            let mut elapsed_total = Duration::ZERO;
+            let mut failed = false;
+            'views: for (view, input) in ranges.into_iter().enumerate() {
+                let range = match input {
+                    ViewInput::Windows(range) => range,
+                    ViewInput::Unfit => {
+                        views.push(None);
+                        continue;
+                    }
+                    ViewInput::Unchanged => {
+                        views.push(last[lane][view].clone().map(|labels| (labels, Vec::new())));
+                        continue;
+                    }
+                };
+                // With tiles, each label's highest score over the windows.
+                let mut combined: Option<Vec<f32>> = None;
+                for tensor in &tensors[range] {
+                    health.inference_started();
+                    let scored = scorer.score(tensor);
+                    health.inference_finished(scored.is_ok());
+                    let (scores, elapsed) = match scored {
+                        Ok(scored) => scored,
+                        Err(err) => {
+                            Counters::inc(&counters.frames_failed);
+                            tracing::error!(error = %format!("{err:#}"), origin = shown_origin, "inference failed");
+                            failed = true;
+                            break 'views;
+                        }
+                    };
+                    elapsed_total += elapsed;
+                    Counters::inc(&counters.inferences);
+                    Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
+                    health.inference_seconds.observe(elapsed.as_secs_f64());
+                    combined = Some(match combined {
+                        None => scores,
+                        Some(best) => best.into_iter().zip(scores).map(|(a, b)| a.max(b)).collect(),
+                    });
                 }
-            };
-            pacing.record_inference(elapsed);
-            Counters::inc(&counters.inferences);
-            Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
+                let Some(scores) = combined else {
+                    views.push(None);
+                    continue;
+                };
+                let tracker = &mut trackers[lane][view];
+                let changed = tracker.update(&scores, Instant::now());
+                let labels: Vec<LabelScore> = tracker
+                    .rules()
+                    .iter()
+                    .zip(&scores)
+                    .enumerate()
+                    .map(|(i, (rule, &score))| LabelScore { name: rule.name.clone(), score, on: tracker.is_on(i) })
+                    .collect();
+                let region = view.checked_sub(1).map(|j| &*camera.regions[j]);
+                for &i in &changed {
+                    if view == 0 {
+                        health.set_label(i, labels[i].on);
+                    }
+                    Counters::inc(&counters.state_changes);
+                    tracing::info!(camera = camera.id.as_deref(), region, label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = shown_origin, "label changed");
+                }
+                last[lane][view] = Some(labels.clone());
+                views.push(Some((labels, changed)));
+            }
+            // The preprocess thread fills them again with the frame after next.
+            let _ = returned_tensors[lane].send(tensors);
+            if failed {
+                continue;
+            }
+            camera.health.mark_classified();
+            if let Some(pacing) = &pacing {
+                pacing.record_inference(elapsed_total);
+            }
             if health.mark_ready() {
-                let ms = elapsed.as_secs_f64() * 1e3;
+                let ms = elapsed_total.as_secs_f64() * 1e3;
                 tracing::info!(inference_ms = ms, "first frame classified: ready");
                 Notifier::ready(&format!("ready; first frame classified in {ms:.0} ms"));
             }
-            let changed = tracker.update(&scores, Instant::now());
-            let labels: Vec<LabelScore> = tracker
-                .rules()
-                .iter()
-                .zip(&scores)
-                .enumerate()
-                .map(|(i, (rule, &score))| LabelScore { name: rule.name.clone(), score, on: tracker.is_on(i) })
+            tracing::trace!(camera = camera.id.as_deref(), sequence, inference_ms = elapsed_total.as_secs_f64() * 1e3, "frame classified");
+            let mut views = views.into_iter();
+            let Some(Some((labels, changed))) = views.next() else { continue };
+            let regions = views
+                .zip(&camera.regions)
+                .filter_map(|(view, id)| view.map(|(labels, changed)| RegionLabels { id: id.clone(), labels, changed }))
                 .collect();
-            health.inference_seconds.observe(elapsed.as_secs_f64());
-            for &i in &changed {
-                health.set_label(i, labels[i].on);
-                Counters::inc(&counters.state_changes);
-                tracing::info!(label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = shown_origin, "label changed");
-            }
-            tracing::trace!(sequence, inference_ms = elapsed.as_secs_f64() * 1e3, "frame classified");
             let event = LabelEvent {
                 sequence,
                 timestamp: SystemTime::now(),
                 origin,
                 model: model_name.clone(),
-                inference_ms: elapsed.as_secs_f64() * 1e3,
+                inference_ms: elapsed_total.as_secs_f64() * 1e3,
                 frame_ms: captured_at.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e3),
                 labels,
                 changed,
+                camera: camera.id.clone(),
+                regions,
             };
             match events.try_send(event) {
                 Ok(()) => {}
@@ -944,18 +1213,21 @@ mod tests {
     #[test]
     fn the_preprocess_thread_prepares_one_frame_ahead_in_order_and_skips_a_bad_frame() {
         let frames = Arc::new(FrameSlot::default());
-        let prepared = Arc::new(Slot::<PreparedFrame>::default());
+        let prepared = Arc::new(Lanes::<PreparedFrame>::new(1));
         let counters = Arc::new(Counters::default());
         let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
         let preprocessor = Preprocessor::new(2, 2, [0.5; 3], [0.25; 3], crate::config::ResizeMode::Stretch);
+        let camera = CameraConfig::single(crate::source::SourceSpec::parse("file:///").unwrap(), Default::default());
         let thread = spawn_preprocess(
             preprocessor,
-            false,
+            &camera,
+            0,
             frames.clone(),
             prepared.clone(),
             returned_tensors,
-            Arc::new(Pacing::default()),
+            Some(Arc::new(Pacing::default())),
             counters.clone(),
+            [Arc::new(Health::new(Duration::from_secs(30))), Arc::new(Health::new(Duration::from_secs(30)))],
         )
         .unwrap();
         let writer = {
@@ -982,13 +1254,14 @@ mod tests {
         assert!(!writer.is_finished(), "and capture waits");
 
         let mut received = Vec::new();
-        while let Some(item) = prepared.take() {
+        while let Some((_, item)) = prepared.take_next() {
             // mean 0.5, std 0.25: a grey of 128 normalises to (128/255 - 0.5) / 0.25.
             let expected = (128.0 / 255.0 - 0.5) / 0.25;
-            assert!(item.tensor.data.iter().all(|v| (v - expected).abs() < 1e-5), "{:?}", item.tensor.data);
+            let tensor = &item.tensors[0];
+            assert!(tensor.data.iter().all(|v| (v - expected).abs() < 1e-5), "{:?}", tensor.data);
             received.push(item.sequence);
             // As inference does; after the last frame the thread may be gone.
-            let _ = tensors_back.send(item.tensor);
+            let _ = tensors_back.send(item.tensors);
         }
         writer.join().unwrap();
         thread.join().unwrap();

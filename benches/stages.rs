@@ -132,7 +132,10 @@ fn postprocessing(c: &mut Criterion) {
                     .enumerate()
                     .map(|(i, (rule, &score))| LabelScore { name: rule.name.clone(), score, on: tracker.is_on(i) })
                     .collect(),
-                changed,
+                changed: changed
+                    .iter()
+                    .map(|&i| LabelScore { name: rules[i].name.clone(), score: scores[i], on: tracker.is_on(i) })
+                    .collect(),
                 camera: None,
                 regions: Vec::new(),
             };

@@ -150,18 +150,14 @@ impl BenchPlan {
                 if let Some(fp32) = &self.fp32_model {
                     rows.push(row(fp32, "fp32", engine, Int8Mode::Native, threads));
                 }
-                match engine {
-                    EngineKind::Tract => {
-                        rows.push(row(&self.int8_model, "int8", engine, Int8Mode::Native, threads));
-                        rows.push(row(&self.int8_model, "int8", engine, Int8Mode::WeightsOnly, threads));
-                    }
-                    EngineKind::OnnxRuntime => {
-                        rows.push(row(&self.int8_model, "int8", engine, Int8Mode::Native, threads));
-                        if let Some(cpu) = &self.int8_cpu_model {
-                            rows.push(row(cpu, "int8-cpu", engine, Int8Mode::Native, threads));
-                        }
-                    }
-                    _ => rows.push(row(&self.int8_model, "int8", engine, Int8Mode::Native, threads)),
+                let backend = crate::engine::registry::backend(engine);
+                for &mode in backend.bench_int8_modes {
+                    rows.push(row(&self.int8_model, "int8", engine, mode, threads));
+                }
+                if backend.bench_cpu_file
+                    && let Some(cpu) = &self.int8_cpu_model
+                {
+                    rows.push(row(cpu, "int8-cpu", engine, Int8Mode::Native, threads));
                 }
             }
         }

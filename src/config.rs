@@ -136,6 +136,12 @@ pub struct RawLabels {
     pub threshold: Option<f64>,
     pub hysteresis: Option<f64>,
     pub min_hold: Option<String>,
+    /// The labels that get a retained topic and a Home Assistant entity.
+    pub publish: Option<Vec<String>>,
+    /// The `labels` JSON carries the ON labels and at most this many others...
+    pub top_k: Option<i64>,
+    /// ... scoring at least this.
+    pub floor: Option<f64>,
     #[serde(default)]
     pub overrides: BTreeMap<String, RawLabelOverride>,
 }
@@ -359,20 +365,12 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
+    /// The kind a name means ([`crate::engine::registry`] holds the names).
     pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "tract" => Ok(Self::Tract),
-            "onnxruntime" | "ort" => Ok(Self::OnnxRuntime),
-            "tensorrt" | "trt" => Ok(Self::TensorRt),
-            other => Err(format!("expected \"tract\", \"onnxruntime\" or \"tensorrt\", got {other:?}")),
-        }
+        crate::engine::registry::by_name(text).map(|backend| backend.kind)
     }
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tract => "tract",
-            Self::OnnxRuntime => "onnxruntime",
-            Self::TensorRt => "tensorrt",
-        }
+        crate::engine::registry::backend(self).name()
     }
 }
 
@@ -581,6 +579,14 @@ pub struct LabelPolicy {
     /// A label keeps a new state at least this long before it may change again.
     pub min_hold: Duration,
     pub overrides: BTreeMap<String, LabelOverride>,
+    /// `labels.publish`: the labels with a retained topic and an entity;
+    /// `None`: every label of a model with few ([`crate::labels::FEW_LABELS`]).
+    pub publish: Option<Vec<String>>,
+    /// `labels.top_k` / `labels.floor`: what the `labels` JSON carries
+    /// besides the ON labels; `None`: every label of a model with few,
+    /// else the 20 highest scoring at least 0.05.
+    pub top_k: Option<usize>,
+    pub floor: Option<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -591,7 +597,15 @@ pub struct LabelOverride {
 
 impl Default for LabelPolicy {
     fn default() -> Self {
-        Self { threshold: 0.5, hysteresis: 0.1, min_hold: Duration::from_secs(1), overrides: BTreeMap::new() }
+        Self {
+            threshold: 0.5,
+            hysteresis: 0.1,
+            min_hold: Duration::from_secs(1),
+            overrides: BTreeMap::new(),
+            publish: None,
+            top_k: None,
+            floor: None,
+        }
     }
 }
 
@@ -850,6 +864,22 @@ impl Config {
         })
     }
 
+    /// The distinct models the cameras use, each with the cameras (indices
+    /// into `cameras`) that use it: `[model]` for the cameras without a
+    /// `model` of their own first, then each other file in the order the
+    /// cameras name it. One engine is loaded per entry.
+    pub fn models(&self) -> Vec<(ModelConfig, Vec<usize>)> {
+        let mut groups: Vec<(ModelConfig, Vec<usize>)> = Vec::new();
+        for (index, camera) in self.cameras.iter().enumerate() {
+            let path = camera.model.as_ref().unwrap_or(&self.model.path);
+            match groups.iter_mut().find(|(model, _)| &model.path == path) {
+                Some((_, cameras)) => cameras.push(index),
+                None => groups.push((ModelConfig { path: path.clone(), ..self.model.clone() }, vec![index])),
+            }
+        }
+        groups
+    }
+
     /// Reads `path` (if any), applies the overrides and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
         let mut raw = match path {
@@ -1104,7 +1134,13 @@ pub fn validate_labels(raw: &RawLabels) -> Result<LabelPolicy, ConfigError> {
         }
         overrides.insert(name.clone(), LabelOverride { on, off });
     }
-    Ok(LabelPolicy { threshold, hysteresis, min_hold, overrides })
+    let top_k = match raw.top_k {
+        None => None,
+        Some(k) if (1..=100_000).contains(&k) => Some(k as usize),
+        Some(k) => return Err(ConfigError::new("labels.top_k", format!("expected 1 to 100000 labels, got {k}"))),
+    };
+    let floor = raw.floor.map(|v| unit_interval("labels.floor", v)).transpose()?;
+    Ok(LabelPolicy { threshold, hysteresis, min_hold, overrides, publish: raw.publish.clone(), top_k, floor })
 }
 
 /// Parses `mqtt://host[:port]` (also `tcp://`) and `mqtts://host[:port]`

@@ -156,7 +156,9 @@ impl Collector for Exporter {
 
 /// Binds and serves in the background. A port already taken is logged as
 /// an error and the daemon goes on without the endpoint: labels matter more.
-pub async fn start(listen: SocketAddr, exporter: Exporter) {
+/// Serves until `shutdown` turns true (the pipeline stopped), then closes
+/// the listener, so a second `pipeline::run` in the process can bind again.
+pub async fn start(listen: SocketAddr, exporter: Exporter, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -168,7 +170,11 @@ pub async fn start(listen: SocketAddr, exporter: Exporter) {
     let exporter = Arc::new(exporter);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.wait_for(|stopped| *stopped) => return,
+            };
+            let Ok((stream, _)) = accepted else { continue };
             let exporter = exporter.clone();
             tokio::spawn(async move {
                 if let Err(err) = tokio::time::timeout(Duration::from_secs(5), serve(stream, &exporter)).await {

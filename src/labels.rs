@@ -11,6 +11,20 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::{ConfigError, LabelPolicy, OutputKind};
 use crate::engine::ModelMetadata;
 
+/// Up to this many labels, a model's every label gets a retained topic, a
+/// Home Assistant entity and a place in every `labels` JSON. Above it (an
+/// ML-Decoder head over OpenImages' 9,605 classes), only the labels
+/// `labels.publish` lists get topics and entities, and the JSON carries the
+/// ON labels and the highest scores (`labels.top_k`, `labels.floor`):
+/// 9,605 retained topics and entities would swamp a broker and Home
+/// Assistant, and a 400 KB JSON per frame the network.
+pub const FEW_LABELS: usize = 64;
+
+/// What the `labels` JSON carries on a model with more than [`FEW_LABELS`]
+/// labels unless the config says otherwise.
+pub const DEFAULT_TOP_K: usize = 20;
+pub const DEFAULT_FLOOR: f32 = 0.05;
+
 /// The thresholds for one label.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelRule {
@@ -19,20 +33,139 @@ pub struct LabelRule {
     pub on: f32,
     /// ...and OFF only below this one (`off <= on`).
     pub off: f32,
+    /// It has a retained topic and a Home Assistant entity.
+    pub publish: bool,
+    /// It is tracked and reported for this view at all (a camera's or
+    /// region's `labels` list leaves the others out).
+    pub listed: bool,
+}
+
+/// A camera's or region's own label settings: which labels it is about
+/// (`None`: all) and on-thresholds of its own.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ViewLabels {
+    pub only: Option<Vec<String>>,
+    pub thresholds: std::collections::BTreeMap<String, f32>,
+}
+
+/// The rules of one view (a camera's whole frame or a region): the model's
+/// rules with the view's thresholds (`off` = `on - hysteresis`) and its
+/// list applied. `field` names the view in errors (`camera[0].region[1]`).
+pub fn view_rules(
+    base: &[LabelRule],
+    view: &ViewLabels,
+    hysteresis: f32,
+    field: &str,
+) -> Result<Vec<LabelRule>, ConfigError> {
+    let names: Vec<String> = base.iter().map(|r| r.name.to_string()).collect();
+    let unknown = |part: &str, name: &str| {
+        ConfigError::new(
+            format!("{field}.{part}"),
+            format!("the model has no label {name:?}; its labels are: {}", some_names(&names)),
+        )
+    };
+    if let Some(name) = view.only.iter().flatten().find(|n| !names.contains(n)) {
+        return Err(unknown("labels", name));
+    }
+    if let Some(name) = view.thresholds.keys().find(|n| !names.contains(n)) {
+        return Err(unknown("thresholds", name));
+    }
+    Ok(base
+        .iter()
+        .map(|rule| {
+            let listed = view.only.as_ref().is_none_or(|only| only.iter().any(|n| **n == *rule.name));
+            let mut rule = LabelRule { listed, publish: rule.publish && listed, ..rule.clone() };
+            if let Some(&on) = view.thresholds.get(&*rule.name) {
+                rule.on = on;
+                rule.off = (on - hysteresis).max(0.0);
+            }
+            rule
+        })
+        .collect())
+}
+
+/// A list of names for a message: all of them when few, else the first
+/// ones and how many there are.
+pub fn some_names(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    if names.len() <= SHOWN {
+        names.join(", ")
+    } else {
+        format!("{}, ... ({} in all)", names[..SHOWN].join(", "), names.len())
+    }
+}
+
+/// Which labels a `labels` JSON carries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reporting {
+    /// `None`: every label.
+    pub top_k: Option<usize>,
+    pub floor: f32,
+}
+
+impl Reporting {
+    /// Every label of a model with few, unless the config set `top_k` or
+    /// `floor`; else the ON labels and the highest scores.
+    pub fn new(policy: &LabelPolicy, label_count: usize) -> Self {
+        if label_count <= FEW_LABELS && policy.top_k.is_none() && policy.floor.is_none() {
+            return Self { top_k: None, floor: 0.0 };
+        }
+        Self { top_k: Some(policy.top_k.unwrap_or(DEFAULT_TOP_K)), floor: policy.floor.unwrap_or(DEFAULT_FLOOR) }
+    }
+
+    /// The indices to report, in model order: every ON label, and of the
+    /// others the `top_k` highest scoring at least `floor`.
+    pub fn select(&self, scores: &[f32], on: impl Fn(usize) -> bool) -> Vec<usize> {
+        self.select_listed(scores, on, |_| true)
+    }
+
+    /// [`Reporting::select`] among the labels `listed` keeps.
+    pub fn select_listed(
+        &self,
+        scores: &[f32],
+        on: impl Fn(usize) -> bool,
+        listed: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        let Some(top_k) = self.top_k else { return (0..scores.len()).filter(|&i| listed(i)).collect() };
+        let mut candidates: Vec<usize> =
+            (0..scores.len()).filter(|&i| listed(i) && !on(i) && scores[i] >= self.floor).collect();
+        if candidates.len() > top_k {
+            // Highest first; the k-th splits, so this is linear in the labels.
+            candidates.select_nth_unstable_by(top_k - 1, |&a, &b| scores[b].total_cmp(&scores[a]));
+            candidates.truncate(top_k);
+        }
+        let mut chosen: Vec<usize> = (0..scores.len()).filter(|&i| listed(i) && on(i)).chain(candidates).collect();
+        chosen.sort_unstable();
+        chosen
+    }
 }
 
 /// Combines the config's policy with the model's default thresholds:
 /// a config override wins, then the model's per-label default, then the
 /// config's general threshold; `off` defaults to `on - hysteresis`.
 pub fn resolve_rules(policy: &LabelPolicy, metadata: &ModelMetadata) -> Result<Vec<LabelRule>, ConfigError> {
+    let known: std::collections::HashSet<&str> = metadata.labels.iter().map(String::as_str).collect();
     for name in policy.overrides.keys() {
-        if !metadata.labels.iter().any(|l| l == name) {
+        if !known.contains(name.as_str()) {
             return Err(ConfigError::new(
                 format!("labels.overrides.{name}"),
-                format!("the model has no label {name:?}; its labels are: {}", metadata.labels.join(", ")),
+                format!("the model has no label {name:?}; its labels are: {}", some_names(&metadata.labels)),
             ));
         }
     }
+    let published: Option<std::collections::HashSet<&str>> = match &policy.publish {
+        None => None,
+        Some(list) => {
+            if let Some(name) = list.iter().find(|name| !known.contains(name.as_str())) {
+                return Err(ConfigError::new(
+                    "labels.publish",
+                    format!("the model has no label {name:?}; its labels are: {}", some_names(&metadata.labels)),
+                ));
+            }
+            Some(list.iter().map(String::as_str).collect())
+        }
+    };
+    let few = metadata.labels.len() <= FEW_LABELS;
     metadata
         .labels
         .iter()
@@ -46,7 +179,8 @@ pub fn resolve_rules(policy: &LabelPolicy, metadata: &ModelMetadata) -> Result<V
                     format!("{off} is above the on-threshold {on}"),
                 ));
             }
-            Ok(LabelRule { name: Arc::from(name.as_str()), on, off })
+            let publish = published.as_ref().map_or(few, |list| list.contains(name.as_str()));
+            Ok(LabelRule { name: Arc::from(name.as_str()), on, off, publish, listed: true })
         })
         .collect()
 }
@@ -104,6 +238,9 @@ impl LabelTracker {
     pub fn update(&mut self, scores: &[f32], now: Instant) -> Vec<usize> {
         let mut changed = Vec::new();
         for (index, ((rule, state), &score)) in self.rules.iter().zip(&mut self.states).zip(scores).enumerate() {
+            if !rule.listed {
+                continue;
+            }
             let held_long_enough = state.changed_at.is_none_or(|at| now.saturating_duration_since(at) >= self.min_hold);
             let wants = if state.on { score >= rule.off } else { score >= rule.on };
             if wants != state.on && held_long_enough {
@@ -135,9 +272,11 @@ pub struct LabelEvent {
     pub inference_ms: f64,
     /// From capture to scores: waiting, decode, preprocess and inference.
     pub frame_ms: f64,
+    /// The labels to report ([`Reporting`]): every label of a model with
+    /// few, else the ON ones and the highest scores.
     pub labels: Vec<LabelScore>,
-    /// Indices into `labels` of those whose state changed on this frame.
-    pub changed: Vec<usize>,
+    /// The labels whose state changed on this frame (reported or not).
+    pub changed: Vec<LabelScore>,
     /// The camera's id; `None` for the single camera of a `[source]` config.
     pub camera: Option<Arc<str>>,
     /// The camera's regions classified on this frame, in config order; a
@@ -150,7 +289,7 @@ pub struct LabelEvent {
 pub struct RegionLabels {
     pub id: Arc<str>,
     pub labels: Vec<LabelScore>,
-    pub changed: Vec<usize>,
+    pub changed: Vec<LabelScore>,
 }
 
 #[cfg(test)]
@@ -179,7 +318,7 @@ mod tests {
     }
 
     fn rule(on: f32, off: f32) -> LabelRule {
-        LabelRule { name: "cat".into(), on, off }
+        LabelRule { name: "cat".into(), on, off, publish: true, listed: true }
     }
 
     #[test]
@@ -248,8 +387,67 @@ mod tests {
 
     #[test]
     fn above_threshold_lists_only_labels_at_or_over_their_on_threshold() {
-        let rules = vec![rule(0.5, 0.4), LabelRule { name: "dog".into(), on: 0.9, off: 0.8 }];
+        let rules =
+            vec![rule(0.5, 0.4), LabelRule { name: "dog".into(), on: 0.9, off: 0.8, publish: true, listed: true }];
         let hits: Vec<_> = above_threshold(&rules, &[0.5, 0.89]).map(|(r, s)| (r.name.to_string(), s)).collect();
         assert_eq!(hits, [("cat".to_string(), 0.5)]);
+    }
+
+    #[test]
+    fn a_model_with_thousands_of_labels_reports_the_on_labels_and_the_highest_scores_and_publishes_the_listed() {
+        let names: Vec<String> = (0..9605).map(|i| format!("class_{i:04}")).collect();
+        let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
+        let meta = metadata(&names_ref, &[]);
+        let rules = resolve_rules(&LabelPolicy::default(), &meta).unwrap();
+        assert!(rules.iter().all(|r| !r.publish), "no topics for 9605 labels unless listed");
+        let policy = LabelPolicy { publish: Some(vec!["class_0007".into()]), ..LabelPolicy::default() };
+        let rules = resolve_rules(&policy, &meta).unwrap();
+        assert_eq!(rules.iter().filter(|r| r.publish).map(|r| &*r.name).collect::<Vec<_>>(), ["class_0007"]);
+        let wrong = LabelPolicy { publish: Some(vec!["class_9999".into()]), ..LabelPolicy::default() };
+        let err = resolve_rules(&wrong, &meta).unwrap_err();
+        assert_eq!(err.field, "labels.publish");
+        assert!(err.message.contains("(9605 in all)") && err.message.len() < 600, "{err}");
+
+        let reporting = Reporting::new(&LabelPolicy::default(), names.len());
+        let mut scores = vec![0.01f32; 9605];
+        for (i, s) in [(10, 0.9), (20, 0.3), (30, 0.2), (40, 0.06)] {
+            scores[i] = s;
+        }
+        scores[100..130].fill(0.1);
+        let chosen = reporting.select(&scores, |i| i == 5000);
+        assert_eq!(chosen.len(), 21, "the ON label and the top 20");
+        assert!(chosen.contains(&5000) && chosen.contains(&10) && chosen.contains(&20) && chosen.contains(&30));
+        assert!(!chosen.contains(&40), "0.06 is not among the 20 highest");
+        assert!(chosen.windows(2).all(|w| w[0] < w[1]), "model order");
+        // A model with few labels reports them all.
+        assert_eq!(Reporting::new(&LabelPolicy::default(), 12).select(&[0.0; 12], |_| false).len(), 12);
+    }
+
+    #[test]
+    fn a_region_tracks_only_its_listed_labels_with_its_own_thresholds() {
+        let base = resolve_rules(&LabelPolicy::default(), &metadata(&["cat", "dog", "car"], &[])).unwrap();
+        let view = ViewLabels {
+            only: Some(vec!["car".into(), "dog".into()]),
+            thresholds: [("car".to_string(), 0.8)].into_iter().collect(),
+        };
+        let rules = view_rules(&base, &view, 0.1, "camera[0].region[0]").unwrap();
+        assert_eq!(rules.iter().map(|r| r.listed).collect::<Vec<_>>(), [false, true, true]);
+        assert!(!rules[0].publish && rules[2].publish);
+        assert!((rules[2].on - 0.8).abs() < 1e-6 && (rules[2].off - 0.7).abs() < 1e-6);
+        let mut tracker = LabelTracker::new(rules, Duration::ZERO);
+        let now = Instant::now();
+        // cat scores 0.99 but is not this region's: never ON; car needs 0.8 here.
+        assert_eq!(tracker.update(&[0.99, 0.1, 0.75], now), Vec::<usize>::new());
+        assert_eq!(tracker.update(&[0.99, 0.1, 0.85], now), vec![2]);
+        let reporting = Reporting { top_k: None, floor: 0.0 };
+        assert_eq!(
+            reporting.select_listed(&[0.99, 0.1, 0.85], |i| tracker.is_on(i), |i| tracker.rules()[i].listed),
+            [1, 2]
+        );
+        let wrong = ViewLabels { only: Some(vec!["bus".into()]), ..ViewLabels::default() };
+        assert_eq!(
+            view_rules(&base, &wrong, 0.1, "camera[0].region[0]").unwrap_err().field,
+            "camera[0].region[0].labels"
+        );
     }
 }

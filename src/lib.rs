@@ -5,7 +5,8 @@
 //!  (V4L2 camera,     (decode, fit,           (tract or ONNX       (sigmoid, thresholds,  (MQTT with retained
 //!   files, test        normalise, NCHW)        Runtime; INT8 QDQ    hysteresis, hold)      state, or stdout)
 //!   pattern)                                   or FP32 ONNX)
-//!                      pipeline.rs wires the stages, owns threads and shutdown
+//!        pipeline/ wires the stages for every camera, owns threads and shutdown;
+//!        classify.rs is one frame's way through them without threads
 //! ```
 //!
 //! Each module owns one stage; the types that cross a boundary are the
@@ -14,7 +15,9 @@
 //! TOML file and command-line flags into a checked [`config::Config`] before
 //! anything starts.
 
+pub mod backoff;
 pub mod bench;
+pub mod classify;
 pub mod config;
 pub mod engine;
 pub mod http;

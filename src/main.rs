@@ -8,10 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+use labelcast::classify::FrameClassifier;
 use labelcast::config::{self, Config, EXIT_CONFIG, Overrides, RawConfig};
 use labelcast::engine;
 use labelcast::labels::{self, LabelEvent, LabelScore};
-use labelcast::pipeline::FrameClassifier;
 use labelcast::publish::payload;
 use labelcast::{bench, pipeline, source, telemetry};
 
@@ -282,6 +282,7 @@ fn classify(
     let max_pixels = config::validate_max_frame_pixels(&raw.source)?;
     let engine = engine::load(&model_config)?;
     let rules = labels::resolve_rules(&policy, &engine.info().metadata)?;
+    let reporting = labels::Reporting::new(&policy, rules.len());
     let mut classifier = FrameClassifier::new(engine).with_max_frame_pixels(max_pixels);
     let model_name: std::sync::Arc<str> = classifier.info().metadata.name.as_str().into();
     let mut failures = 0;
@@ -314,10 +315,10 @@ fn classify(
             model: model_name.clone(),
             inference_ms,
             frame_ms,
-            labels: rules
-                .iter()
-                .zip(&scores)
-                .map(|(rule, &score)| LabelScore { name: rule.name.clone(), score, on: score >= rule.on })
+            labels: reporting
+                .select(&scores, |i| scores[i] >= rules[i].on)
+                .into_iter()
+                .map(|i| LabelScore { name: rules[i].name.clone(), score: scores[i], on: scores[i] >= rules[i].on })
                 .collect(),
             changed: Vec::new(),
             camera: None,
@@ -448,11 +449,13 @@ fn model_info(path: &std::path::Path, engine_args: &EngineArgs, json_out: bool) 
     if meta.labels.is_empty() {
         println!("labels       none in the model: give them in the config (model.labels) or a sidecar .toml");
     } else {
-        println!("labels       {} from {}: {}", meta.labels.len(), meta.labels_from, meta.labels.join(", "));
+        // A list of thousands (OpenImages' 9,605) is shown by its first
+        // names; `--json` carries every one.
+        println!("labels       {} from {}: {}", meta.labels.len(), meta.labels_from, labels::some_names(&meta.labels));
     }
     if !meta.thresholds.is_empty() {
         let t: Vec<String> = meta.thresholds.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("thresholds   {}", t.join(", "));
+        println!("thresholds   {}", labels::some_names(&t));
     }
     println!("preprocess   {}, mean {:?}, std {:?}", meta.resize.as_str(), meta.mean, meta.std);
     println!(
@@ -476,7 +479,11 @@ fn probe(source: Option<&str>, frames: u32) -> anyhow::Result<ExitCode> {
 fn check_config(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(&path), &overrides)?;
     let prepared = pipeline::prepare(&config).with_context(|| format!("config file {}", path.display()))?;
-    let info = prepared.engine.info();
+    let info = prepared.first().context("no model")?.engine.info();
+    let more_models = match prepared.len() {
+        1 => String::new(),
+        n => format!(" and {} more", n - 1),
+    };
     let output = match &config.output {
         config::OutputConfig::Stdout => "stdout".to_string(),
         config::OutputConfig::Mqtt(m) => match &m.broker {
@@ -502,7 +509,7 @@ fn check_config(path: PathBuf, overrides: Overrides) -> anyhow::Result<ExitCode>
         }
     };
     println!(
-        "{}: OK (model {}, {} labels; {sources}; output {output})",
+        "{}: OK (model {}{more_models}, {} labels; {sources}; output {output})",
         path.display(),
         info.path.display(),
         info.metadata.labels.len(),
@@ -602,12 +609,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let images = bench::collect_images(&image_args)?;
     let engines = if args.engines.is_empty() {
-        let mut all = Vec::new();
-        if cfg!(feature = "onnxruntime") {
-            all.push(config::EngineKind::OnnxRuntime);
-        }
-        all.push(config::EngineKind::Tract);
-        all
+        engine::registry::bench_defaults()
     } else {
         args.engines
             .iter()

@@ -334,7 +334,9 @@ pub fn status_line(counters: &Counters, since: Instant, inferences_before: u64, 
 /// Starts the watchdog thread when systemd asked for one (`WATCHDOG_USEC`),
 /// and refreshes STATUS= every few seconds either way. It runs until the
 /// process exits.
-pub fn spawn_watchdog(health: Arc<Health>, counters: Arc<Counters>) -> std::io::Result<()> {
+/// `stop` ends the thread within one tick (at most 5 s), so a second
+/// `pipeline::run` in the same process does not find the first's watchdog.
+pub fn spawn_watchdog(health: Arc<Health>, counters: Arc<Counters>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
     let watchdog = sd_notify::watchdog_enabled();
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return Ok(());
@@ -350,6 +352,9 @@ pub fn spawn_watchdog(health: Arc<Health>, counters: Arc<Counters>) -> std::io::
         let mut last_status = Instant::now();
         loop {
             std::thread::sleep(tick);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             let now = Instant::now();
             match health.hang(now) {
                 None => {

@@ -138,7 +138,11 @@ fn a_hundred_reopen_cycles_leave_descriptors_threads_and_memory_flat() {
     let port = metrics_port(&daemon);
     let pid = daemon.pid();
     let reconnects = || metric(&http_get(port, "/metrics").1, "labelcast_source_reconnects_total") as u64;
-    wait_until(WAIT, || reconnects() >= 20).unwrap_or_else(|_| panic!("{}", daemon.log()));
+    // Past the start's one-time growth (the INT8 first-frame check ends and
+    // its memory is handed back; the first stats and discovery go out): it
+    // moved the first figure by 7 MB on some runs, not the reopens.
+    wait_until(WAIT, || reconnects() >= 50).unwrap_or_else(|_| panic!("{}", daemon.log()));
+    std::thread::sleep(Duration::from_secs(1));
     let (fds_before, threads_before, rss_before) = (open_fds(pid), threads(pid), rss_kib(pid));
     let start_count = reconnects();
     wait_until(Duration::from_secs(120), || reconnects() >= start_count + 100)

@@ -15,8 +15,11 @@
 //! points it at the onnxruntime wheel's; under CI it must). TensorRT needs a
 //! Jetson: those tests are `#[ignore]`d; the README gives the command.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::onnx::*;
 use labelcast::config::{ConfigError, EngineKind, Int8Mode, MetadataOverrides, ModelConfig};
 use labelcast::engine::{self, Engine, Tensor};
 use prost::Message;
@@ -190,51 +193,6 @@ fn an_attention_quantised_model_is_wrong_in_plain_tract_and_right_after_the_repa
 
 const W: [[f32; 3]; 2] = [[1.0, 2.0, 3.0], [-1.0, 0.0, 1.0]];
 const B: [f32; 2] = [0.5, -0.5];
-
-fn value_info(name: &str, elem_type: i32, dims: &[i64]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{Dimension, dimension::Value};
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type,
-                shape: Some(pb::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn float_tensor(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
-    pb::TensorProto {
-        name: name.into(),
-        dims: dims.to_vec(),
-        data_type: 1,
-        float_data: data.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, inputs: &[&str], outputs: &[&str], attributes: Vec<pb::AttributeProto>) -> pb::NodeProto {
-    pb::NodeProto {
-        op_type: op.into(),
-        name: format!("{op}_{}", outputs[0]),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        attribute: attributes,
-        ..Default::default()
-    }
-}
-
-fn int_attribute(name: &str, value: i64) -> pb::AttributeProto {
-    pb::AttributeProto { name: name.into(), r#type: 2, i: value, ..Default::default() }
-}
 
 /// image [1,3,4,4] -> GlobalAveragePool -> Flatten -> Gemm(W, B) -> scores [1,2];
 /// optionally with the input's shape, type or layout changed, QDQ around the

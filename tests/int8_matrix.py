@@ -123,7 +123,9 @@ ENGINES = [("tract", "native"), ("tract", "weights-only"), ("onnxruntime", "nati
 
 # One window per photo, the centre crop: the matrix compares engines on the
 # very input labelcast made, so the fitting must make one input per photo
-# (labelcast's default, `tiles`, makes two on the non-square photos).
+# (labelcast's default, `tiles`, makes two on the non-square photos). And
+# every label's score in the JSON, also for the bodies with more than 64
+# labels (whose JSON otherwise carries the ON labels and the top 20).
 CENTRE_CROP: list[str] = []
 
 
@@ -339,7 +341,7 @@ def main() -> None:
     started = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     centre = args.work / "centre-crop.toml"
-    centre.write_text('[model]\nresize = "center-crop"\n')
+    centre.write_text('[model]\nresize = "center-crop"\n[labels]\ntop_k = 100000\nfloor = 0.0\n')
     CENTRE_CROP.extend(["-c", str(centre)])
     env = dict(os.environ)
     env.setdefault("ORT_DYLIB_PATH", str(sorted(Path(ort.__file__).parent.glob("capi/libonnxruntime.so*"))[0]))

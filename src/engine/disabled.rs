@@ -3,24 +3,13 @@
 //! "rebuild with this feature" instead of an unknown-engine error.
 
 use super::{Engine, ModelInfo, Tensor};
-use crate::config::{ConfigError, ModelConfig};
+use crate::config::ModelConfig;
 
 pub enum OrtEngine {}
 
 impl OrtEngine {
     pub fn load(config: &ModelConfig, _require_labels: bool) -> anyhow::Result<OrtEngine> {
-        let feature = match config.engine {
-            crate::config::EngineKind::TensorRt => "tensorrt",
-            _ => "onnxruntime",
-        };
-        Err(ConfigError::new(
-            "model.engine",
-            format!(
-                "{:?} is not in this build: rebuild with `cargo build --release --features {feature}`, or use engine = \"tract\"",
-                config.engine.as_str()
-            ),
-        )
-        .into())
+        Err(super::registry::not_built(super::registry::backend(config.engine)).into())
     }
 }
 
@@ -36,7 +25,7 @@ impl Engine for OrtEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::EngineKind;
+    use crate::config::{ConfigError, EngineKind};
 
     #[test]
     fn asking_for_onnxruntime_or_tensorrt_in_a_build_without_them_names_the_feature_to_enable() {

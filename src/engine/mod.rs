@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod onnx_graph;
 pub mod prepare;
 pub mod qdq;
+pub mod registry;
 pub mod selfcheck;
 pub mod tract;
 
@@ -193,12 +194,10 @@ impl ModelInfo {
 /// start and `model.fallback = "tract"` is set, logs why and runs on tract;
 /// otherwise the error says what to fix.
 pub fn load(config: &ModelConfig) -> anyhow::Result<Box<dyn Engine>> {
-    let attempt: anyhow::Result<Box<dyn Engine>> = match config.engine {
-        EngineKind::Tract => return Ok(Box::new(tract::TractEngine::load(config)?)),
-        EngineKind::OnnxRuntime | EngineKind::TensorRt => {
-            onnxruntime::OrtEngine::load(config, true).map(|e| Box::new(e) as Box<dyn Engine>)
-        }
-    };
+    if config.engine == EngineKind::Tract {
+        return registry::backend(EngineKind::Tract).load(config);
+    }
+    let attempt = registry::backend(config.engine).load(config);
     match (attempt, config.fallback) {
         (Ok(engine), _) => Ok(engine),
         (Err(err), Some(EngineKind::Tract)) if !is_model_problem(&err) => {

@@ -20,8 +20,8 @@
 //! disconnect.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,270 +30,80 @@ use tokio::sync::mpsc;
 
 mod gate;
 mod lanes;
+mod slot;
 pub use gate::DEFAULT_MOTION_INTERVAL;
 use gate::Gate;
 use lanes::{CloseLaneOnDrop, Lanes};
+use slot::StopSignal;
+pub use slot::{FrameSlot, Slot};
 
-use crate::config::{Config, OutputConfig, OutputKind};
-use crate::engine::{self, Engine, ModelInfo, Tensor};
+use crate::classify::preprocessor_for;
+pub use crate::classify::{Classified, ClassifyError, FrameClassifier, Scorer};
+use crate::source::supervisor::Step;
+pub use crate::source::supervisor::Supervisor;
+
+use crate::config::Config;
+use crate::engine::{self, Engine, Tensor};
 use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker, RegionLabels};
 use crate::preprocess::Preprocessor;
 use crate::publish;
-use crate::service::{self, Health, Notifier, SourceState};
+use crate::service::{self, Health, Notifier};
 use crate::source::camera::{CameraConfig, PixelRect};
-use crate::source::{self, Frame, FrameSource, SourceError};
+use crate::source::{self, FrameSource, SourceError};
 use crate::telemetry::{Counters, RateLimit};
 
-/// The model and label rules a config yields, loaded and cross-checked.
+/// A model and its label rules, loaded and cross-checked, with the cameras
+/// (indices into `Config::cameras`) it serves.
 pub struct Prepared {
     pub engine: Box<dyn Engine>,
     pub rules: Vec<LabelRule>,
+    pub cameras: Vec<usize>,
+    /// Per camera in `cameras`, per view (its whole frame, then each
+    /// region): the rules with that view's own labels and thresholds.
+    pub views: Vec<Vec<Vec<LabelRule>>>,
 }
 
-/// Loads the model and checks it against the config (label count, label
-/// overrides). `check-config` stops here; `run` goes on.
-pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
-    let engine = engine::load(&config.model)?;
-    let rules = labels::resolve_rules(&config.labels, &engine.info().metadata)?;
-    if let OutputConfig::Mqtt(mqtt) = &config.output
-        && mqtt.homeassistant.is_some()
-    {
-        // Each label becomes an entity: two must not share an id.
-        let names: Vec<&str> = rules.iter().map(|r| r.name.as_ref()).collect();
-        publish::homeassistant::check_entity_ids(&names, "model.labels")?;
-    }
-    Ok(Prepared { engine, rules })
-}
-
-/// The engine and what turns its raw outputs into scores: the part of a
-/// frame's journey after preprocessing.
-pub struct Scorer {
-    engine: Box<dyn Engine>,
-    output: OutputKind,
-}
-
-impl Scorer {
-    pub fn new(engine: Box<dyn Engine>) -> Self {
-        let output = engine.info().metadata.output;
-        Self { engine, output }
-    }
-
-    pub fn info(&self) -> &ModelInfo {
-        self.engine.info()
-    }
-
-    /// Scores in [0, 1], one per label, and how long the engine took.
-    pub fn score(&mut self, tensor: &Tensor) -> anyhow::Result<(Vec<f32>, Duration)> {
-        let began = Instant::now();
-        let mut scores = self.engine.infer(tensor)?;
-        let inference = began.elapsed();
-        labels::to_scores(&mut scores, self.output);
-        Ok((scores, inference))
-    }
-}
-
-fn preprocessor_for(info: &ModelInfo) -> Preprocessor {
-    let meta = &info.metadata;
-    Preprocessor::new(info.input_width(), info.input_height(), meta.mean, meta.std, meta.resize)
-}
-
-/// One frame through preprocessing and the engine, every buffer reused:
-/// what `labelcast classify` does (the daemon runs the two halves on two
-/// threads).
-pub struct FrameClassifier {
-    scorer: Scorer,
-    preprocessor: Preprocessor,
-    tensor: Tensor,
-}
-
-/// Scores in [0, 1], one per label, and where the time went.
-pub struct Classified {
-    pub scores: Vec<f32>,
-    pub inference: Duration,
-    pub preprocess: crate::preprocess::StageTimes,
-}
-
-/// Why a frame produced no scores; the daemon skips the first kind quietly
-/// (rate-limited WARN) and reports the second as an ERROR.
-#[derive(Debug, thiserror::Error)]
-pub enum ClassifyError {
-    /// The frame itself is unusable (corrupt JPEG, wrong size...).
-    #[error("{0:#}")]
-    BadFrame(anyhow::Error),
-    /// The engine failed on a well-formed input.
-    #[error("inference failed: {0:#}")]
-    Engine(anyhow::Error),
-}
-
-impl FrameClassifier {
-    pub fn new(engine: Box<dyn Engine>) -> Self {
-        let scorer = Scorer::new(engine);
-        let preprocessor = preprocessor_for(scorer.info());
-        let tensor = preprocessor.new_tensor();
-        Self { scorer, preprocessor, tensor }
-    }
-
-    pub fn info(&self) -> &ModelInfo {
-        self.scorer.info()
-    }
-
-    /// Refuses frames of more than `max_pixels` pixels before decoding them.
-    pub fn with_max_frame_pixels(mut self, max_pixels: u64) -> Self {
-        self.preprocessor = self.preprocessor.with_max_pixels(max_pixels);
-        self
-    }
-
-    /// The input tensor of the last frame classified (NCHW float), as the
-    /// engine received it.
-    pub fn last_input(&self) -> &Tensor {
-        &self.tensor
-    }
-
-    /// Scores for the whole frame: one inference, or with `tiles` one per
-    /// window and each label's highest score ([`Preprocessor::windows`]).
-    pub fn classify(&mut self, frame: &Frame) -> Result<Classified, ClassifyError> {
-        let began = Instant::now();
-        let (w, h) = self.preprocessor.decode(frame).map_err(ClassifyError::BadFrame)?;
-        let decode = began.elapsed();
-        let mut preprocess = crate::preprocess::StageTimes { decode, ..Default::default() };
-        let mut inference = Duration::ZERO;
-        let mut combined: Option<Vec<f32>> = None;
-        for window in self.preprocessor.windows(w, h, None) {
-            let fitting = Instant::now();
-            self.preprocessor.fit_window(w, h, Some(window), &mut self.tensor).map_err(ClassifyError::BadFrame)?;
-            preprocess.fit_normalise += fitting.elapsed();
-            let (scores, took) = self.scorer.score(&self.tensor).map_err(ClassifyError::Engine)?;
-            inference += took;
-            combined = Some(match combined {
-                None => scores,
-                Some(best) => best.into_iter().zip(scores).map(|(a, b)| a.max(b)).collect(),
-            });
+/// Loads every distinct model the cameras use ([`Config::models`]: one
+/// for most configs) and checks each against the config (label count,
+/// label overrides). `check-config` stops here; `run` goes on.
+pub fn prepare(config: &Config) -> anyhow::Result<Vec<Prepared>> {
+    let mut prepared = Vec::new();
+    for (model, cameras) in config.models() {
+        let engine = engine::load(&model)?;
+        let rules = labels::resolve_rules(&config.labels, &engine.info().metadata)?;
+        config.output.check_rules(&rules)?;
+        if config.labels.publish.is_none() && rules.len() > labels::FEW_LABELS {
+            tracing::warn!(
+                model = %model.path.display(),
+                labels = rules.len(),
+                "the model has more than {} labels: none gets a retained topic or a Home Assistant entity unless \
+                 listed in labels.publish; the labels JSON carries the ON labels and the highest scores \
+                 (labels.top_k, labels.floor)",
+                labels::FEW_LABELS
+            );
         }
-        let scores = combined.ok_or_else(|| ClassifyError::BadFrame(anyhow::anyhow!("no window to classify")))?;
-        Ok(Classified { scores, inference, preprocess })
+        let hysteresis = config.labels.hysteresis;
+        let views = cameras
+            .iter()
+            .map(|&index| {
+                let camera = &config.cameras[index];
+                std::iter::once(labels::view_rules(&rules, &camera.labels, hysteresis, &camera.field))
+                    .chain(camera.regions.iter().map(|r| labels::view_rules(&rules, &r.labels, hysteresis, &r.field)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        prepared.push(Prepared { engine, rules, cameras, views });
     }
+    Ok(prepared)
 }
 
-/// Room for one item between two pipeline threads: raw frames between
-/// capture and preprocessing, prepared tensors between preprocessing and
-/// inference.
-pub struct Slot<T> {
-    state: Mutex<SlotState<T>>,
-    changed: Condvar,
-}
+/// Stops the watchdog and the HTTP server when `run` returns, by any path.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>, tokio::sync::watch::Sender<bool>);
 
-/// The slot between the capture thread and the preprocess thread.
-pub type FrameSlot = Slot<Frame>;
-
-struct SlotState<T> {
-    item: Option<T>,
-    closed: bool,
-}
-
-impl<T> Default for Slot<T> {
-    fn default() -> Self {
-        Self { state: Mutex::new(SlotState { item: None, closed: false }), changed: Condvar::new() }
-    }
-}
-
-impl<T> Slot<T> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState<T>> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn wait<'a>(&self, state: std::sync::MutexGuard<'a, SlotState<T>>) -> std::sync::MutexGuard<'a, SlotState<T>> {
-        self.changed.wait(state).unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Puts an item, replacing one not yet taken; returns true if it replaced one.
-    pub fn put_latest(&self, item: T) -> bool {
-        let replaced = self.lock().item.replace(item).is_some();
-        self.changed.notify_all();
-        replaced
-    }
-
-    /// Puts an item, first waiting until the previous one was taken; false if
-    /// the slot closed meanwhile.
-    pub fn put_wait(&self, item: T) -> bool {
-        let mut state = self.wait_empty_locked();
-        if state.closed {
-            return false;
-        }
-        state.item = Some(item);
-        self.changed.notify_all();
-        true
-    }
-
-    /// Waits until the slot is empty (its item was taken); false if the slot
-    /// closed meanwhile.
-    pub fn wait_empty(&self) -> bool {
-        !self.wait_empty_locked().closed
-    }
-
-    fn wait_empty_locked(&self) -> std::sync::MutexGuard<'_, SlotState<T>> {
-        let mut state = self.lock();
-        while state.item.is_some() && !state.closed {
-            state = self.wait(state);
-        }
-        state
-    }
-
-    /// Sleeps up to `duration`; true if the slot closed meanwhile.
-    pub fn wait_closed(&self, duration: Duration) -> bool {
-        let state = self.lock();
-        let (state, _) =
-            self.changed.wait_timeout_while(state, duration, |s| !s.closed).unwrap_or_else(|p| p.into_inner());
-        state.closed
-    }
-
-    /// The next item; `None` once the slot is closed and empty.
-    pub fn take(&self) -> Option<T> {
-        let mut state = self.lock();
-        loop {
-            if let Some(item) = state.item.take() {
-                self.changed.notify_all();
-                return Some(item);
-            }
-            if state.closed {
-                return None;
-            }
-            state = self.wait(state);
-        }
-    }
-
-    /// No more items. With `discard`, an item not yet taken is dropped (a
-    /// shutdown); without, it is still delivered (a finite source ended).
-    pub fn close(&self, discard: bool) {
-        let mut state = self.lock();
-        state.closed = true;
-        if discard {
-            state.item = None;
-        }
-        self.changed.notify_all();
-    }
-}
-
-/// A stop flag that sleeping threads can wait on.
-#[derive(Default)]
-struct StopSignal {
-    stopped: Mutex<bool>,
-    changed: Condvar,
-}
-
-impl StopSignal {
-    fn stop(&self) {
-        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.changed.notify_all();
-    }
-    fn is_stopped(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    /// Sleeps up to `duration`; true if stopped meanwhile.
-    fn sleep(&self, duration: Duration) -> bool {
-        let guard = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) =
-            self.changed.wait_timeout_while(guard, duration, |stopped| !*stopped).unwrap_or_else(|p| p.into_inner());
-        *guard
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.1.send(true);
     }
 }
 
@@ -313,17 +123,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let health = Arc::new(Health::new(config.service.stall_timeout));
     // The embedded broker's address is part of the config: a port another
     // program holds is exit 78, found before seconds go into the model.
-    if let OutputConfig::Mqtt(mqtt) = &config.output
-        && let crate::config::BrokerChoice::Embedded { listen } = mqtt.broker
-    {
-        publish::broker::start_embedded(listen)?;
-    }
-    service::spawn_watchdog(health.clone(), counters.clone()).context("starting the watchdog thread")?;
+    config.output.start_before_model()?;
+    // Every task this run starts ends with it: the watchdog and the HTTP
+    // server on these, the sink when the event channel closes, the threads
+    // by their slots. (The embedded broker, rumqttd, has no way to stop: it
+    // lives until the process ends.)
+    let watchdog_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tasks_stop, tasks_stopped) = tokio::sync::watch::channel(false);
+    let _stop_tasks = StopOnDrop(watchdog_stop.clone(), tasks_stop);
+    service::spawn_watchdog(health.clone(), counters.clone(), watchdog_stop).context("starting the watchdog thread")?;
     let prepare_config = config.clone();
     // A SIGTERM while the model loads stops the daemon then, not after.
     tokio::pin!(shutdown);
     let loading = tokio::task::spawn_blocking(move || prepare(&prepare_config));
-    let Prepared { engine, rules } = tokio::select! {
+    let models: Vec<Prepared> = tokio::select! {
         loaded = loading => loaded.context("model loading thread")??,
         _ = &mut shutdown => {
             tracing::info!("shutdown requested while the model was loading; stopping");
@@ -350,36 +163,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         };
         let health = if several { Arc::new(Health::new(config.service.stall_timeout)) } else { health.clone() };
-        plans.push(CameraPlan { config: camera.clone(), health, first_source });
+        plans.push(Some(CameraPlan { config: camera.clone(), health, first_source }));
     }
     if several {
-        health.set_cameras(plans.iter().map(|plan| plan.health.clone()).collect());
+        health.set_cameras(plans.iter().flatten().map(|plan| plan.health.clone()).collect());
+    }
+    // Each camera's views' rules (its model's, with its own labels and
+    // thresholds) go to the sink with it.
+    let mut rules_of = vec![Vec::new(); plans.len()];
+    for model in &models {
+        for (&camera, views) in model.cameras.iter().zip(&model.views) {
+            rules_of[camera] = views.clone();
+        }
     }
 
     // Room for a burst while a sink catches up; beyond it events are dropped and counted.
     let (events_tx, events_rx) = mpsc::channel::<LabelEvent>(64);
-    let sink = match &config.output {
-        OutputConfig::Mqtt(mqtt) => {
-            let sink = publish::mqtt::Sink {
-                device_id: config.device_id.clone(),
-                config: (**mqtt).clone(),
-                rules: rules.clone(),
-                model: publish::mqtt::ModelFacts::new(engine.info()),
-                cameras: plans
-                    .iter()
-                    .map(|plan| publish::mqtt::SinkCamera {
-                        id: plan.config.id.clone(),
-                        regions: plan.config.regions.iter().map(|r| r.id.clone()).collect(),
-                        health: plan.health.clone(),
-                    })
-                    .collect(),
-                counters: counters.clone(),
-                health: health.clone(),
-            };
-            tokio::spawn(sink.run(events_rx))
-        }
-        OutputConfig::Stdout => tokio::spawn(publish::stdout::run(events_rx)),
-    };
+    let first = models.first().context("no model to run")?.engine.info();
+    let sink = config.output.build(publish::SinkContext {
+        device_id: &config.device_id,
+        model: first,
+        cameras: plans
+            .iter()
+            .flatten()
+            .zip(rules_of)
+            .map(|(plan, rules)| publish::mqtt::SinkCamera {
+                id: plan.config.id.clone(),
+                regions: plan.config.regions.iter().map(|r| r.id.clone()).collect(),
+                health: plan.health.clone(),
+                rules,
+            })
+            .collect(),
+        counters: counters.clone(),
+        health: health.clone(),
+    });
+    let sink = tokio::spawn(sink.run(events_rx));
 
     let stop = Arc::new(StopSignal::default());
     if let Some(listen) = config.service.http_listen {
@@ -387,82 +205,96 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             health: health.clone(),
             counters: counters.clone(),
             source: config.cameras.iter().map(|c| c.source.describe()).collect::<Vec<_>>().join(", "),
-            engine: engine.info().engine.to_string(),
-            selfcheck: engine.info().selfcheck.clone(),
+            engine: first.engine.to_string(),
+            selfcheck: first.selfcheck.clone(),
         };
-        crate::http::start(listen, exporter).await;
+        crate::http::start(listen, exporter, tasks_stopped.clone()).await;
     }
-    let scorer = Scorer::new(engine);
-    let prepared = Arc::new(Lanes::<PreparedFrame>::new(plans.len()));
     let mut frame_slots = Vec::with_capacity(plans.len());
     let mut captures = Vec::with_capacity(plans.len());
     let mut preprocessors = Vec::with_capacity(plans.len());
-    let mut returns = Vec::with_capacity(plans.len());
-    let mut served = Vec::with_capacity(plans.len());
-    // One camera: preparing the next frame is timed to end as inference
-    // frees up. Several: inference serves the cameras in turn, so each
-    // prepares as soon as its last frame was taken.
-    let pacing = (!several).then(|| Arc::new(Pacing::default()));
-    for (index, plan) in plans.into_iter().enumerate() {
-        let CameraPlan { config: camera, health: camera_health, first_source } = plan;
-        let frames = Arc::new(FrameSlot::default());
-        let supervisor = Supervisor::new(camera.source.clone(), first_source, counters.clone(), camera_health.clone())
-            .with_max_frame_pixels(config.max_frame_pixels)
-            .with_backoff(config.source_backoff.0, config.source_backoff.1)
-            .with_camera(camera.id.clone());
-        captures.push(spawn_capture(
-            camera.name(),
-            supervisor,
-            camera.min_interval,
-            frames.clone(),
-            stop.clone(),
-            counters.clone(),
-            camera_health.clone(),
-        )?);
-        let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
-        preprocessors.push(spawn_preprocess(
-            preprocessor_for(scorer.info()).with_max_pixels(config.max_frame_pixels),
-            &camera,
-            index,
-            frames.clone(),
+    let mut all_lanes = Vec::with_capacity(models.len());
+    let mut inferences = Vec::with_capacity(models.len());
+    // One engine per distinct model, each with its own inference thread
+    // serving its cameras in turn.
+    for Prepared { engine, rules, cameras, views } in models {
+        let scorer = Scorer::new(engine);
+        let prepared = Arc::new(Lanes::<PreparedFrame>::new(cameras.len()));
+        let mut returns = Vec::with_capacity(cameras.len());
+        let mut served = Vec::with_capacity(cameras.len());
+        // One camera on this engine: preparing the next frame is timed to end
+        // as inference frees up. Several: inference serves them in turn, so
+        // each prepares as soon as its last frame was taken.
+        let pacing = (cameras.len() == 1).then(|| Arc::new(Pacing::default()));
+        for (lane, (&index, views)) in cameras.iter().zip(views).enumerate() {
+            let CameraPlan { config: camera, health: camera_health, first_source } =
+                plans[index].take().context("a camera on two models")?;
+            let frames = Arc::new(FrameSlot::default());
+            let supervisor =
+                Supervisor::new(camera.source.clone(), first_source, counters.clone(), camera_health.clone())
+                    .with_max_frame_pixels(config.max_frame_pixels)
+                    .with_backoff(config.source_backoff.0, config.source_backoff.1)
+                    .with_camera(camera.id.clone());
+            captures.push(spawn_capture(
+                camera.name(),
+                supervisor,
+                camera.min_interval,
+                frames.clone(),
+                stop.clone(),
+                counters.clone(),
+                camera_health.clone(),
+            )?);
+            let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
+            preprocessors.push(spawn_preprocess(
+                preprocessor_for(scorer.info()).with_max_pixels(config.max_frame_pixels),
+                &camera,
+                lane,
+                frames.clone(),
+                prepared.clone(),
+                returned_tensors,
+                pacing.clone(),
+                counters.clone(),
+                [health.clone(), camera_health.clone()],
+            )?);
+            frame_slots.push(frames);
+            returns.push(tensors_back);
+            served.push(ServedCamera {
+                id: camera.id.clone(),
+                regions: camera.regions.iter().map(|r| r.id.clone()).collect(),
+                health: camera_health,
+                views,
+            });
+        }
+        let reporting = labels::Reporting::new(&config.labels, rules.len());
+        inferences.push(spawn_inference(
+            scorer,
+            rules,
+            config.labels.min_hold,
+            reporting,
+            served,
             prepared.clone(),
-            returned_tensors,
-            pacing.clone(),
+            returns,
+            pacing,
+            events_tx.clone(),
             counters.clone(),
-            [health.clone(), camera_health.clone()],
+            health.clone(),
         )?);
-        frame_slots.push(frames);
-        returns.push(tensors_back);
-        served.push(ServedCamera {
-            id: camera.id.clone(),
-            regions: camera.regions.iter().map(|r| r.id.clone()).collect(),
-            health: camera_health,
-        });
+        all_lanes.push(prepared);
     }
-    let inference = spawn_inference(
-        scorer,
-        rules,
-        config.labels.min_hold,
-        served,
-        prepared.clone(),
-        returns,
-        pacing,
-        events_tx,
-        counters.clone(),
-        health.clone(),
-    )?;
+    // The sink ends when the inference threads' senders are gone.
+    drop(events_tx);
 
     // The inference thread ends by itself when every finite source has run
     // out; watch it from async code without blocking the runtime.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let inference_watch = std::thread::Builder::new().name("inference-watch".into()).spawn(move || {
-        let result = inference.join();
+        let results: Vec<_> = inferences.into_iter().map(|inference| inference.join()).collect();
         let _ = done_tx.send(());
         // They end once their slots close: at once on shutdown, already when a source ran out.
         for preprocess in preprocessors {
             let _ = preprocess.join();
         }
-        result
+        results
     })?;
 
     tokio::select! {
@@ -474,7 +306,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     for frames in &frame_slots {
         frames.close(true);
     }
-    prepared.close_all();
+    for lanes in &all_lanes {
+        lanes.close_all();
+    }
     // A capture call that hangs (a wedged camera driver) must not hold the
     // shutdown hostage: give it a moment, then leave it behind.
     for capture in captures {
@@ -494,14 +328,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         Ok(Err(err)) => return Err(anyhow::anyhow!("sink task failed: {err}")),
         Err(_) => tracing::warn!("sink did not stop within 10 s"),
     }
-    // The embedded broker lives in this process: give it a moment to pass
-    // the last messages (`offline`, final stats) on to its subscribers
-    // before the process, and the broker with it, goes away.
-    if let OutputConfig::Mqtt(mqtt) = &config.output
-        && matches!(mqtt.broker, crate::config::BrokerChoice::Embedded { .. })
-    {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    tokio::time::sleep(config.output.linger()).await;
     tracing::info!(stats = %counters.snapshot(started.elapsed()), "labelcast stopped");
     Ok(())
 }
@@ -519,211 +346,8 @@ async fn join_within(name: &str, handle: JoinHandle<()>, limit: Duration) -> any
     Ok(true)
 }
 
-static SKIP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
 static DROP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
 static FAIL_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
-
-/// Reads timed out this many times in a row: the camera stopped sending,
-/// and closing and reopening it is the cure (a UVC camera that lost sync).
-const TIMEOUT_STREAK: u32 = 3;
-
-/// Keeps a live source open: reopens it by the same path with capped
-/// backoff when it goes away, and reports whether it is streaming.
-///
-/// A file source is opened once and ends when it ends; a camera or the test
-/// pattern is never given up on, since a camera that comes back should be
-/// used again without anyone restarting the daemon.
-pub struct Supervisor {
-    spec: source::SourceSpec,
-    source: Option<Box<dyn FrameSource>>,
-    backoff: publish::mqtt::Backoff,
-    timeouts: u32,
-    /// A frame arrived since the source was (re)opened.
-    delivered: bool,
-    opened_before: bool,
-    /// When the source was last (re)opened.
-    opened_at: Instant,
-    /// A source lost after streaming at least this long is reopened at once
-    /// (and the backoff starts over); one lost sooner waits the backoff, so
-    /// a camera that fails right after each open cannot flood the log and
-    /// the broker.
-    stable_after: Duration,
-    max_frame_pixels: u64,
-    lost_warning: RateLimit,
-    back_info: RateLimit,
-    counters: Arc<Counters>,
-    health: Arc<Health>,
-    /// The camera's id in its log lines (`None`: the only camera).
-    camera: Option<Arc<str>>,
-}
-
-/// See [`Supervisor`]'s `stable_after`.
-const STABLE_STREAM: Duration = Duration::from_secs(10);
-
-/// What one step of the supervisor produced.
-enum Step {
-    Frame(Frame),
-    /// Nothing this time (a skipped frame, a timeout, a reopen pending).
-    Nothing,
-    /// Wait this long before the next attempt to open the source.
-    Retry(Duration),
-    /// The source ended (a finite source) or failed for good.
-    Ended,
-}
-
-impl Supervisor {
-    pub fn new(
-        spec: source::SourceSpec,
-        first: Option<Box<dyn FrameSource>>,
-        counters: Arc<Counters>,
-        health: Arc<Health>,
-    ) -> Self {
-        let state = if first.is_some() { SourceState::Streaming } else { SourceState::Reconnecting };
-        health.set_source_state(state);
-        Self {
-            spec,
-            opened_before: first.is_some(),
-            source: first,
-            backoff: publish::mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(10)),
-            timeouts: 0,
-            delivered: false,
-            opened_at: Instant::now(),
-            stable_after: STABLE_STREAM,
-            max_frame_pixels: crate::preprocess::DEFAULT_MAX_FRAME_PIXELS,
-            lost_warning: RateLimit::new(Duration::from_secs(10)),
-            back_info: RateLimit::new(Duration::from_secs(10)),
-            counters,
-            health,
-            camera: None,
-        }
-    }
-
-    /// Names the camera in log lines, when there are several.
-    pub fn with_camera(mut self, camera: Option<Arc<str>>) -> Self {
-        self.camera = camera;
-        self
-    }
-
-    /// Refuses pictures of more pixels where the source decodes them itself.
-    pub fn with_max_frame_pixels(mut self, max_pixels: u64) -> Self {
-        self.max_frame_pixels = max_pixels;
-        self
-    }
-
-    /// Waits from `min` doubling to `max` between attempts to reopen.
-    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.backoff = publish::mqtt::Backoff::new(min, max);
-        self
-    }
-
-    fn frame_interval(&self) -> Option<Duration> {
-        self.source.as_ref().and_then(|s| s.frame_interval())
-    }
-
-    fn is_live(&self) -> bool {
-        self.spec.is_live()
-    }
-
-    fn step(&mut self) -> Step {
-        let Some(source) = self.source.as_mut() else { return self.reopen() };
-        match source.next_frame() {
-            Ok(Some(frame)) => {
-                self.timeouts = 0;
-                self.delivered = true;
-                Step::Frame(frame)
-            }
-            Ok(None) if self.spec.is_live() => self.lost("the live stream ended".into()),
-            Ok(None) => {
-                tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), "source reached its end");
-                self.health.set_source_state(SourceState::Ended);
-                Step::Ended
-            }
-            Err(SourceError::Skipped { origin, reason }) => {
-                Counters::inc(&self.counters.frames_failed);
-                if let Some(suppressed) = SKIP_WARNING.check(Instant::now()) {
-                    tracing::warn!(camera = self.camera.as_deref(), origin, reason, suppressed, "frame skipped");
-                }
-                Step::Nothing
-            }
-            Err(SourceError::Timeout) => {
-                self.timeouts += 1;
-                Counters::inc(&self.counters.source_timeouts);
-                if self.timeouts >= TIMEOUT_STREAK {
-                    self.lost(format!("{} reads in a row timed out", self.timeouts))
-                } else {
-                    Step::Nothing
-                }
-            }
-            Err(SourceError::Disconnected(reason)) => self.lost(reason),
-            Err(SourceError::Fatal(message)) => {
-                tracing::error!(camera = self.camera.as_deref(), source = %source.describe(), error = message, "source failed; no more frames");
-                self.health.set_source_state(SourceState::Ended);
-                Step::Ended
-            }
-        }
-    }
-
-    /// The source went away: close it (a camera's buffers and descriptor go
-    /// with it) and start reopening: at once after a source that streamed
-    /// for a while ([`STABLE_STREAM`]), after the backoff delay when it failed
-    /// before its first frame or soon after (an RTSP camera that accepts
-    /// connections but sends nothing, a camera that drops out after three
-    /// frames every time, must not be reopened in a tight loop).
-    fn lost(&mut self, reason: String) -> Step {
-        let described = self.source.as_ref().map(|s| s.describe()).unwrap_or_default();
-        self.source = None;
-        self.timeouts = 0;
-        let streamed = std::mem::take(&mut self.delivered) && self.opened_at.elapsed() >= self.stable_after;
-        if streamed {
-            self.backoff.reset();
-        }
-        let step = if streamed { Step::Nothing } else { Step::Retry(self.backoff.next_delay()) };
-        if let Some(suppressed) = self.lost_warning.check(Instant::now()) {
-            let retry_ms = match step {
-                Step::Retry(delay) => delay.as_millis() as u64,
-                _ => 0,
-            };
-            tracing::warn!(camera = self.camera.as_deref(), source = %described, reason, retry_ms, suppressed, "source lost; reopening");
-        }
-        self.health.set_source_state(SourceState::Reconnecting);
-        step
-    }
-
-    fn reopen(&mut self) -> Step {
-        match source::open_limited(&self.spec, self.max_frame_pixels) {
-            Ok(source) => {
-                if self.opened_before {
-                    Counters::inc(&self.counters.source_reconnects);
-                    if let Some(suppressed) = self.back_info.check(Instant::now()) {
-                        tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), suppressed, "source back");
-                    }
-                } else {
-                    tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), "source opened");
-                }
-                self.opened_before = true;
-                self.source = Some(source);
-                self.delivered = false;
-                self.opened_at = Instant::now();
-                self.health.set_source_state(SourceState::Streaming);
-                Step::Nothing
-            }
-            Err(SourceError::Fatal(message)) if !self.opened_before => {
-                tracing::error!(camera = self.camera.as_deref(), source = %self.spec.describe(), error = message, "cannot open the source");
-                self.health.set_source_state(SourceState::Ended);
-                Step::Ended
-            }
-            Err(err) => {
-                let delay = self.backoff.next_delay();
-                if let Some(suppressed) = REOPEN_WARNING.check(Instant::now()) {
-                    tracing::warn!(camera = self.camera.as_deref(), source = %self.spec.describe(), error = %err, retry_ms = delay.as_millis() as u64, suppressed, "source still away");
-                }
-                Step::Retry(delay)
-            }
-        }
-    }
-}
-
-static REOPEN_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
 
 fn spawn_capture(
     camera: &str,
@@ -989,6 +613,8 @@ struct ServedCamera {
     id: Option<Arc<str>>,
     regions: Vec<Arc<str>>,
     health: Arc<Health>,
+    /// Per view (the whole frame, then each region): its rules.
+    views: Vec<Vec<LabelRule>>,
 }
 
 /// Runs the one engine for every camera and region, in turn ([`Lanes`]),
@@ -998,6 +624,7 @@ fn spawn_inference(
     mut scorer: Scorer,
     rules: Vec<LabelRule>,
     min_hold: Duration,
+    reporting: labels::Reporting,
     cameras: Vec<ServedCamera>,
     prepared: Arc<Lanes<PreparedFrame>>,
     returned_tensors: Vec<std::sync::mpsc::Sender<Vec<Tensor>>>,
@@ -1006,16 +633,23 @@ fn spawn_inference(
     counters: Arc<Counters>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    // `/metrics` reports label states for the one camera's whole frame.
+    // `/metrics` reports label states for the one camera's whole frame, of
+    // the labels that are published.
+    let mut metric_index = vec![None; rules.len()];
     if cameras.len() == 1 && cameras[0].regions.is_empty() {
-        health.set_labels(rules.iter().map(|r| r.name.clone()));
+        let rules = &cameras[0].views[0];
+        let published: Vec<usize> = (0..rules.len()).filter(|&i| rules[i].publish).collect();
+        for (metric, &i) in published.iter().enumerate() {
+            metric_index[i] = Some(metric);
+        }
+        health.set_labels(published.iter().map(|&i| rules[i].name.clone()));
     }
     let model_name: Arc<str> = Arc::from(scorer.info().metadata.name.as_str());
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
         // One tracker per camera and view (the whole frame, then each region).
         let mut trackers: Vec<Vec<LabelTracker>> = cameras
             .iter()
-            .map(|camera| (0..=camera.regions.len()).map(|_| LabelTracker::new(rules.clone(), min_hold)).collect())
+            .map(|camera| camera.views.iter().map(|rules| LabelTracker::new(rules.clone(), min_hold)).collect())
             .collect();
         // Each view's labels as last classified: they stand for a view its
         // gate found unchanged.
@@ -1025,7 +659,7 @@ fn spawn_inference(
             let PreparedFrame { tensors, views: ranges, sequence, captured_at, origin } = item;
             let camera = &cameras[lane];
             let shown_origin = source::describe_origin(origin.as_deref());
-            let mut views: Vec<Option<(Vec<LabelScore>, Vec<usize>)>> = Vec::with_capacity(ranges.len());
+            let mut views: Vec<Option<(Vec<LabelScore>, Vec<LabelScore>)>> = Vec::with_capacity(ranges.len());
             let mut elapsed_total = Duration::ZERO;
             let mut failed = false;
             'views: for (view, input) in ranges.into_iter().enumerate() {
@@ -1069,21 +703,28 @@ fn spawn_inference(
                     continue;
                 };
                 let tracker = &mut trackers[lane][view];
-                let changed = tracker.update(&scores, Instant::now());
-                let labels: Vec<LabelScore> = tracker
-                    .rules()
-                    .iter()
-                    .zip(&scores)
-                    .enumerate()
-                    .map(|(i, (rule, &score))| LabelScore { name: rule.name.clone(), score, on: tracker.is_on(i) })
+                let changed_at = tracker.update(&scores, Instant::now());
+                let tracker = &trackers[lane][view];
+                let score_of = |i: usize| LabelScore {
+                    name: tracker.rules()[i].name.clone(),
+                    score: scores[i],
+                    on: tracker.is_on(i),
+                };
+                let labels: Vec<LabelScore> = reporting
+                    .select_listed(&scores, |i| tracker.is_on(i), |i| tracker.rules()[i].listed)
+                    .into_iter()
+                    .map(score_of)
                     .collect();
+                let changed: Vec<LabelScore> = changed_at.iter().map(|&i| score_of(i)).collect();
                 let region = view.checked_sub(1).map(|j| &*camera.regions[j]);
-                for &i in &changed {
-                    if view == 0 {
-                        health.set_label(i, labels[i].on);
+                for (&i, label) in changed_at.iter().zip(&changed) {
+                    if view == 0
+                        && let Some(metric) = metric_index[i]
+                    {
+                        health.set_label(metric, label.on);
                     }
                     Counters::inc(&counters.state_changes);
-                    tracing::info!(camera = camera.id.as_deref(), region, label = %labels[i].name, state = if labels[i].on { "ON" } else { "OFF" }, score = labels[i].score, origin = shown_origin, "label changed");
+                    tracing::info!(camera = camera.id.as_deref(), region, label = %label.name, state = if label.on { "ON" } else { "OFF" }, score = label.score, origin = shown_origin, "label changed");
                 }
                 last[lane][view] = Some(labels.clone());
                 views.push(Some((labels, changed)));
@@ -1134,6 +775,7 @@ fn spawn_inference(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::Frame;
 
     fn frame(sequence: u64) -> Frame {
         Frame {
@@ -1146,57 +788,6 @@ mod tests {
             captured_at: SystemTime::now(),
             origin: None,
         }
-    }
-
-    fn supervisor(uri: &str) -> Supervisor {
-        let spec = source::SourceSpec::parse(uri).unwrap();
-        Supervisor::new(spec, None, Arc::new(Counters::default()), Arc::new(Health::new(Duration::from_secs(30))))
-    }
-
-    #[test]
-    fn a_source_that_fails_before_its_first_frame_is_reopened_with_growing_delays() {
-        // Opens fine, then is "unplugged" before delivering anything, every time.
-        let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=0");
-        let mut delays = Vec::new();
-        for _ in 0..8 {
-            if let Step::Retry(delay) = supervisor.step() {
-                delays.push(delay);
-            }
-        }
-        assert_eq!(delays.len(), 4, "every second step is a loss: {delays:?}");
-        assert!(delays[0] <= Duration::from_millis(250) && delays[3] >= Duration::from_secs(1), "{delays:?}");
-        assert_eq!(Counters::get(&supervisor.counters.source_reconnects), 3);
-    }
-
-    #[test]
-    fn a_source_that_fails_right_after_each_open_backs_off_instead_of_reopening_at_once() {
-        // Three frames, then "unplugged", every time, as fast as it can.
-        let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=3&offline_ms=0");
-        let mut delays = Vec::new();
-        for _ in 0..40 {
-            if let Step::Retry(delay) = supervisor.step() {
-                delays.push(delay);
-            }
-        }
-        assert!(delays.len() >= 4, "every loss waits: {delays:?}");
-        // Jittered doubling from 250 ms: the fourth wait is 1 to 2 s.
-        assert!(delays[0] <= Duration::from_millis(250) && delays[3] >= Duration::from_secs(1), "{delays:?}");
-    }
-
-    #[test]
-    fn a_source_that_streamed_is_reopened_at_once_and_reports_its_state() {
-        let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=2");
-        // It "streamed for long enough" at once.
-        supervisor.stable_after = Duration::ZERO;
-        assert!(matches!(supervisor.step(), Step::Nothing), "the first step opens");
-        assert_eq!(supervisor.health.source_state(), SourceState::Streaming);
-        assert!(matches!(supervisor.step(), Step::Frame(_)));
-        assert!(matches!(supervisor.step(), Step::Frame(_)));
-        assert!(matches!(supervisor.step(), Step::Nothing), "lost after two frames: reopen without waiting");
-        assert_eq!(supervisor.health.source_state(), SourceState::Reconnecting);
-        assert!(matches!(supervisor.step(), Step::Nothing));
-        assert_eq!(supervisor.health.source_state(), SourceState::Streaming);
-        assert!(matches!(supervisor.step(), Step::Frame(_)));
     }
 
     fn rgb_frame(sequence: u64, bytes: usize) -> Frame {
@@ -1280,71 +871,5 @@ mod tests {
         pacing.record_inference(Duration::from_millis(2));
         assert_eq!(pacing.lead(4_000), Duration::from_millis(38));
         assert_eq!(pacing.lead(60_000), Duration::ZERO, "preparing takes longer than inference: at once");
-    }
-
-    #[test]
-    fn waiting_on_a_slot_ends_early_when_it_closes() {
-        let slot = Arc::new(FrameSlot::default());
-        assert!(!slot.wait_closed(Duration::from_millis(10)), "still open after the full wait");
-        let closer = {
-            let slot = slot.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                slot.close(true);
-            })
-        };
-        let began = Instant::now();
-        assert!(slot.wait_closed(Duration::from_secs(30)));
-        assert!(began.elapsed() < Duration::from_secs(20), "woken by the close, not the timeout");
-        closer.join().unwrap();
-        assert!(!slot.wait_empty(), "a closed slot tells a waiting producer to stop");
-    }
-
-    #[test]
-    fn a_live_slot_keeps_only_the_newest_frame_and_reports_the_drop() {
-        let slot = FrameSlot::default();
-        assert!(!slot.put_latest(frame(1)));
-        assert!(slot.put_latest(frame(2)));
-        assert_eq!(slot.take().unwrap().sequence, 2);
-    }
-
-    #[test]
-    fn closing_without_discard_still_delivers_the_last_frame() {
-        let slot = FrameSlot::default();
-        slot.put_latest(frame(9));
-        slot.close(false);
-        assert_eq!(slot.take().unwrap().sequence, 9);
-        assert!(slot.take().is_none());
-    }
-
-    #[test]
-    fn closing_with_discard_drops_the_waiting_frame_and_wakes_a_blocked_writer() {
-        let slot = Arc::new(FrameSlot::default());
-        slot.put_latest(frame(1));
-        let writer = {
-            let slot = slot.clone();
-            std::thread::spawn(move || slot.put_wait(frame(2)))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        slot.close(true);
-        assert!(!writer.join().unwrap(), "the blocked writer learns the slot closed");
-        assert!(slot.take().is_none());
-    }
-
-    #[test]
-    fn a_waiting_writer_hands_over_every_frame_in_order() {
-        let slot = Arc::new(FrameSlot::default());
-        let writer = {
-            let slot = slot.clone();
-            std::thread::spawn(move || {
-                for i in 0..50 {
-                    assert!(slot.put_wait(frame(i)));
-                }
-                slot.close(false);
-            })
-        };
-        let received: Vec<u64> = std::iter::from_fn(|| slot.take()).map(|f| f.sequence).collect();
-        writer.join().unwrap();
-        assert_eq!(received, (0..50).collect::<Vec<_>>());
     }
 }

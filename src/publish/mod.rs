@@ -7,3 +7,92 @@ pub mod homeassistant;
 pub mod mqtt;
 pub mod payload;
 pub mod stdout;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::config::OutputConfig;
+use crate::engine::ModelInfo;
+use crate::labels::{LabelEvent, LabelRule};
+use crate::service::Health;
+use crate::telemetry::Counters;
+
+/// What a sink runs as: a task that ends once the event channel closes
+/// (the pipeline stopped), after its own clean-up (MQTT: `offline`, then
+/// disconnect).
+pub type SinkTask = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// A destination for label events. Each is built from its config section
+/// ([`OutputConfig::build`]), so the pipeline never needs to know which one
+/// it feeds; a new sink is a module here and an arm in `build`.
+pub trait Sink: Send {
+    fn run(self: Box<Self>, events: mpsc::Receiver<LabelEvent>) -> SinkTask;
+}
+
+/// What the pipeline knows that a sink may publish.
+pub struct SinkContext<'a> {
+    pub device_id: &'a str,
+    /// The first model: what the hub device shows.
+    pub model: &'a ModelInfo,
+    /// Every camera, at least one, in config order.
+    pub cameras: Vec<mqtt::SinkCamera>,
+    pub counters: Arc<Counters>,
+    pub health: Arc<Health>,
+}
+
+impl OutputConfig {
+    /// What must run before the model loads: the embedded broker, whose
+    /// address is part of the config (a port another program holds is
+    /// exit 78, found before seconds go into the model).
+    pub fn start_before_model(&self) -> anyhow::Result<()> {
+        if let OutputConfig::Mqtt(mqtt) = self
+            && let crate::config::BrokerChoice::Embedded { listen } = mqtt.broker
+        {
+            broker::start_embedded(listen)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the model's labels against what this sink makes of them: with
+    /// Home Assistant discovery, two published labels must not share an
+    /// entity id.
+    pub fn check_rules(&self, rules: &[LabelRule]) -> Result<(), crate::config::ConfigError> {
+        if let OutputConfig::Mqtt(mqtt) = self
+            && mqtt.homeassistant.is_some()
+        {
+            let names: Vec<&str> = rules.iter().filter(|r| r.publish).map(|r| r.name.as_ref()).collect();
+            homeassistant::check_entity_ids(&names, "model.labels")?;
+        }
+        Ok(())
+    }
+
+    /// How long the process should stay after the sink stopped: the embedded
+    /// broker lives in this process and needs a moment to pass the last
+    /// messages (`offline`, final stats) on to its subscribers.
+    pub fn linger(&self) -> std::time::Duration {
+        match self {
+            OutputConfig::Mqtt(mqtt) if matches!(mqtt.broker, crate::config::BrokerChoice::Embedded { .. }) => {
+                std::time::Duration::from_millis(300)
+            }
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
+    /// The sink this section configures.
+    pub fn build(&self, context: SinkContext<'_>) -> Box<dyn Sink> {
+        match self {
+            OutputConfig::Mqtt(mqtt) => Box::new(mqtt::MqttSink {
+                device_id: context.device_id.to_string(),
+                config: (**mqtt).clone(),
+                model: mqtt::ModelFacts::new(context.model),
+                cameras: context.cameras,
+                counters: context.counters,
+                health: context.health,
+            }),
+            OutputConfig::Stdout => Box::new(stdout::StdoutSink),
+        }
+    }
+}

@@ -39,31 +39,7 @@ use crate::labels::{LabelEvent, LabelRule, LabelScore};
 use crate::service::{Health, SourceState};
 use crate::telemetry::{Counters, RateLimit};
 
-/// Capped exponential backoff with "equal jitter": each wait is between half
-/// and all of the current step, so many devices restarting together spread out.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    step: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, step: min }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (self.step * 2).min(self.max);
-        let half = step / 2;
-        half + half.mul_f64(fastrand::f64())
-    }
-
-    pub fn reset(&mut self) {
-        self.step = self.min;
-    }
-}
+pub use crate::backoff::Backoff;
 
 /// A connection that stayed up this long was a real one: the backoff starts
 /// again from `mqtt.reconnect_min` after it. One the broker closes sooner,
@@ -236,10 +212,9 @@ impl ModelFacts {
 }
 
 /// The MQTT sink and what it needs.
-pub struct Sink {
+pub struct MqttSink {
     pub device_id: String,
     pub config: MqttConfig,
-    pub rules: Vec<LabelRule>,
     pub model: ModelFacts,
     /// Every camera, at least one, in config order.
     pub cameras: Vec<SinkCamera>,
@@ -255,6 +230,9 @@ pub struct SinkCamera {
     pub regions: Vec<Arc<str>>,
     /// Where its source state is read.
     pub health: Arc<Health>,
+    /// Per view (its whole frame, then each region): the label rules, its
+    /// model's with the view's own labels and thresholds.
+    pub rules: Vec<Vec<LabelRule>>,
 }
 
 /// One set of label states with its own topics: a camera's whole frame or
@@ -265,7 +243,18 @@ struct View {
     /// named by (the label alone for a whole frame, `<region> <label>` for
     /// a region).
     region: Option<Arc<str>>,
+    /// The published labels' states (`labels.publish`), and where each is.
     states: Vec<(Arc<str>, bool)>,
+    index: HashMap<Arc<str>, usize>,
+}
+
+impl View {
+    fn new(topics: Topics, region: Option<Arc<str>>, rules: &[LabelRule]) -> Self {
+        let states: Vec<(Arc<str>, bool)> =
+            rules.iter().filter(|r| r.publish).map(|r| (r.name.clone(), false)).collect();
+        let index = states.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
+        Self { topics, region, states, index }
+    }
 }
 
 /// A camera's topics, source state and views.
@@ -285,11 +274,17 @@ struct CameraTopics {
     events_seen: u64,
 }
 
-impl Sink {
+impl super::Sink for MqttSink {
+    fn run(self: Box<Self>, events: mpsc::Receiver<LabelEvent>) -> super::SinkTask {
+        Box::pin(self.publish(events))
+    }
+}
+
+impl MqttSink {
     /// Runs until `events` closes (the pipeline stopped), then publishes
     /// `offline` and disconnects cleanly.
-    pub async fn run(self, mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
-        let Sink { device_id, config, rules, model, cameras, counters, health } = self;
+    pub async fn publish(self, mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
+        let MqttSink { device_id, config, model, cameras, counters, health } = self;
         // The embedded broker, when chosen, was started before the sink and
         // listens on its address.
         let (host, port) = match &config.broker {
@@ -341,7 +336,6 @@ impl Sink {
             .homeassistant
             .as_ref()
             .map(|ha| Discovery::new(ha, &device_id, topics.clone(), model.name.clone(), expire_after_s));
-        let states = || rules.iter().map(|r| (r.name.clone(), false)).collect::<Vec<_>>();
         let cameras = cameras
             .into_iter()
             .map(|camera| {
@@ -349,12 +343,15 @@ impl Sink {
                     None => topics.clone(),
                     Some(id) => topics.child(id),
                 };
-                let mut views = vec![View { topics: camera_topics.clone(), region: None, states: states() }];
-                views.extend(camera.regions.iter().map(|region| View {
-                    topics: camera_topics.child(region),
-                    region: Some(region.clone()),
-                    states: states(),
-                }));
+                let rules = &camera.rules;
+                let mut views = vec![View::new(camera_topics.clone(), None, &rules[0])];
+                views.extend(
+                    camera
+                        .regions
+                        .iter()
+                        .zip(&rules[1..])
+                        .map(|(region, rules)| View::new(camera_topics.child(region), Some(region.clone()), rules)),
+                );
                 CameraTopics {
                     discovery: camera.id.as_ref().and_then(|id| discovery.as_ref().map(|hub| hub.for_camera(id))),
                     id: camera.id,
@@ -644,16 +641,19 @@ impl Publisher {
         let mut changes: Vec<(String, bool)> = Vec::new();
         {
             let camera = &mut self.cameras[index];
-            let mut record = |view: &mut View, labels: &[LabelScore], changed: &[usize]| {
-                for &i in changed {
-                    view.states[i].1 = labels[i].on;
-                    changes.push((view.topics.label(&labels[i].name), labels[i].on));
+            // Only published labels have a topic.
+            let mut record = |view: &mut View, changed: &[LabelScore]| {
+                for label in changed {
+                    if let Some(&i) = view.index.get(&label.name) {
+                        view.states[i].1 = label.on;
+                        changes.push((view.topics.label(&label.name), label.on));
+                    }
                 }
             };
-            record(&mut camera.views[0], &event.labels, &event.changed);
+            record(&mut camera.views[0], &event.changed);
             for region in &event.regions {
                 if let Some(view) = camera.views.iter_mut().find(|v| v.region.as_ref() == Some(&region.id)) {
-                    record(view, &region.labels, &region.changed);
+                    record(view, &region.changed);
                 }
             }
         }

@@ -122,7 +122,7 @@ mod tests {
                 LabelScore { name: "cat".into(), score: 0.987_654, on: true },
                 LabelScore { name: "dog".into(), score: 0.012_34, on: false },
             ],
-            changed: vec![0],
+            changed: vec![LabelScore { name: "cat".into(), score: 0.987_654, on: true }],
             camera: None,
             regions: Vec::new(),
         };
@@ -152,7 +152,7 @@ mod tests {
             regions: vec![RegionLabels {
                 id: "door".into(),
                 labels: vec![LabelScore { name: "cat".into(), score: 0.9, on: true }],
-                changed: vec![0],
+                changed: vec![LabelScore { name: "cat".into(), score: 0.9, on: true }],
             }],
         };
         let v = labels_json(&event);

@@ -9,7 +9,16 @@ use tokio::sync::mpsc;
 use super::payload;
 use crate::labels::LabelEvent;
 
-pub async fn run(mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
+/// Prints every event's `labels` JSON on a line of its own.
+pub struct StdoutSink;
+
+impl super::Sink for StdoutSink {
+    fn run(self: Box<Self>, events: mpsc::Receiver<LabelEvent>) -> super::SinkTask {
+        Box::pin(run(events))
+    }
+}
+
+async fn run(mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
     while let Some(event) = events.recv().await {
         let line = payload::labels_json(&event).to_string();
         let mut out = std::io::stdout().lock();

@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use super::SourceSpec;
 use crate::config::ConfigError;
+use crate::labels::ViewLabels;
 
 /// `[[camera]]` as written in the file.
 #[derive(Debug, Default, Deserialize)]
@@ -29,6 +30,14 @@ pub struct RawCamera {
     pub source: Option<String>,
     /// Classify at most this many frames per second from this camera.
     pub fps: Option<f64>,
+    /// A model of its own (the rest of `[model]` applies); cameras naming
+    /// the same file share one engine.
+    pub model: Option<std::path::PathBuf>,
+    /// The labels this camera is about (default all), and its own
+    /// on-thresholds.
+    pub labels: Option<Vec<String>>,
+    #[serde(default)]
+    pub thresholds: std::collections::BTreeMap<String, f64>,
     /// Classify only when this share of the picture changed (0 to 1)...
     pub motion: Option<f64>,
     /// ... or at least this often (a duration such as "60s").
@@ -46,6 +55,10 @@ pub struct RawRegion {
     /// The camera's `motion` and `interval`, for this region alone.
     pub motion: Option<f64>,
     pub interval: Option<String>,
+    /// The labels this region is about, and its on-thresholds (the
+    /// camera's when not set).
+    pub labels: Option<Vec<String>>,
+    pub thresholds: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// When a view (a camera's whole frame, or a region) is classified: on
@@ -166,6 +179,7 @@ pub struct RegionConfig {
     pub id: Arc<str>,
     pub rect: Rect,
     pub gate: GateConfig,
+    pub labels: ViewLabels,
     /// `camera[i].region[j]`, for errors found once frames arrive.
     pub field: String,
 }
@@ -182,12 +196,27 @@ pub struct CameraConfig {
     /// When its whole frame is classified.
     pub gate: GateConfig,
     pub regions: Vec<RegionConfig>,
+    /// Its own model file, instead of `[model]`'s path.
+    pub model: Option<std::path::PathBuf>,
+    /// Its whole frame's labels and thresholds.
+    pub labels: ViewLabels,
+    /// `camera[i]`, for errors found once the model is loaded.
+    pub field: String,
 }
 
 impl CameraConfig {
     /// The camera of a `[source]`-only config.
     pub fn single(source: SourceSpec, gate: GateConfig) -> Self {
-        Self { id: None, source, min_interval: None, gate, regions: Vec::new() }
+        Self {
+            id: None,
+            source,
+            min_interval: None,
+            gate,
+            regions: Vec::new(),
+            model: None,
+            labels: ViewLabels::default(),
+            field: "source".into(),
+        }
     }
 
     /// For logs and errors: the id, or "camera" for the single camera.
@@ -261,6 +290,30 @@ fn parse_rect(field: &str, raw: Option<&[toml::Value]>) -> Result<Rect, ConfigEr
     Ok(Rect::Fraction { x, y, width: width.min(1.0 - x), height: height.min(1.0 - y) })
 }
 
+/// A view's `labels` and `thresholds` as written under `field`, each
+/// inheriting `inherited`'s when not set (a region takes its camera's).
+fn view_labels(
+    field: &str,
+    only: Option<&Vec<String>>,
+    thresholds: &std::collections::BTreeMap<String, f64>,
+    inherited: &ViewLabels,
+) -> Result<ViewLabels, ConfigError> {
+    if only.is_some_and(|list| list.is_empty()) {
+        return Err(ConfigError::new(format!("{field}.labels"), "an empty list: leave it out for every label"));
+    }
+    let mut own = std::collections::BTreeMap::new();
+    for (name, &on) in thresholds {
+        if !(on.is_finite() && (0.0..=1.0).contains(&on)) {
+            return Err(ConfigError::new(format!("{field}.thresholds.{name}"), format!("expected 0 to 1, got {on}")));
+        }
+        own.insert(name.clone(), on as f32);
+    }
+    Ok(ViewLabels {
+        only: only.cloned().or_else(|| inherited.only.clone()),
+        thresholds: if thresholds.is_empty() { inherited.thresholds.clone() } else { own },
+    })
+}
+
 /// Checks `[[camera]]` tables: ids unique and topic-safe, sources that
 /// parse, rectangles that fit. `check_source` checks what a source needs
 /// beyond parsing (a file that exists), with the field to name.
@@ -291,6 +344,7 @@ pub fn validate_cameras(
             }
         };
         let gate = GateConfig::parse(&field, camera.motion, camera.interval.as_deref(), GateConfig::default())?;
+        let labels = view_labels(&field, camera.labels.as_ref(), &camera.thresholds, &ViewLabels::default())?;
         let mut regions: Vec<RegionConfig> = Vec::with_capacity(camera.region.len());
         for (j, region) in camera.region.iter().enumerate() {
             let region_field = format!("{field}.region[{j}]");
@@ -303,9 +357,27 @@ pub fn validate_cameras(
             }
             let rect = parse_rect(&format!("{region_field}.rect"), region.rect.as_deref())?;
             let gate = GateConfig::parse(&region_field, region.motion, region.interval.as_deref(), gate)?;
-            regions.push(RegionConfig { id, rect, gate, field: region_field });
+            let labels = match &region.thresholds {
+                Some(thresholds) => view_labels(&region_field, region.labels.as_ref(), thresholds, &labels)?,
+                None => view_labels(&region_field, region.labels.as_ref(), &Default::default(), &labels)?,
+            };
+            regions.push(RegionConfig { id, rect, gate, labels, field: region_field });
         }
-        cameras.push(CameraConfig { id: Some(id), source, min_interval, gate, regions });
+        if let Some(model) = &camera.model {
+            std::fs::File::open(model).map_err(|err| {
+                ConfigError::new(format!("{field}.model"), format!("cannot read {}: {err}", model.display()))
+            })?;
+        }
+        cameras.push(CameraConfig {
+            id: Some(id),
+            source,
+            min_interval,
+            gate,
+            regions,
+            model: camera.model.clone(),
+            labels,
+            field,
+        });
     }
     Ok(cameras)
 }

@@ -13,6 +13,7 @@ mod file;
 pub mod gst;
 pub mod negotiate;
 mod pattern;
+pub mod supervisor;
 pub mod v4l2;
 
 use std::path::PathBuf;

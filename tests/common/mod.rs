@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod onnx;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpListener;

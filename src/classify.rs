@@ -109,12 +109,18 @@ impl FrameClassifier {
             preprocess.fit_normalise += fitting.elapsed();
             let (scores, took) = self.scorer.score(&self.tensor).map_err(ClassifyError::Engine)?;
             inference += took;
-            combined = Some(match combined {
-                None => scores,
-                Some(best) => best.into_iter().zip(scores).map(|(a, b)| a.max(b)).collect(),
-            });
+            combined = Some(keep_highest(combined, scores));
         }
         let scores = combined.ok_or_else(|| ClassifyError::BadFrame(anyhow::anyhow!("no window to classify")))?;
         Ok(Classified { scores, inference, preprocess })
+    }
+}
+
+/// Each label's highest score over a frame's windows (`tiles`): the label
+/// is in the frame if it is in any window.
+pub(crate) fn keep_highest(best: Option<Vec<f32>>, scores: Vec<f32>) -> Vec<f32> {
+    match best {
+        None => scores,
+        Some(best) => best.into_iter().zip(scores).map(|(a, b)| a.max(b)).collect(),
     }
 }

@@ -271,8 +271,6 @@ fn located(text: &str, err: &toml::de::Error) -> String {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub device_id: String,
-    /// The first camera's source (the only one in a `[source]` config).
-    pub source: SourceSpec,
     /// Every camera, at least one: `[[camera]]` tables, or the `[source]`
     /// section as one camera without an id.
     pub cameras: Vec<CameraConfig>,
@@ -800,8 +798,8 @@ impl Config {
                  (the [source] section's other settings still apply to every camera)",
             ));
         }
-        let (source, cameras) = if let Some(first) = cameras.first() {
-            (first.source.clone(), cameras)
+        let cameras = if !cameras.is_empty() {
+            cameras
         } else {
             let source_uri = match &raw.source.uri {
                 Some(uri) => uri.clone(),
@@ -820,7 +818,7 @@ impl Config {
             exists("source.uri", &source)?;
             let gate =
                 GateConfig::parse("source", raw.source.motion, raw.source.interval.as_deref(), GateConfig::default())?;
-            (source.clone(), vec![CameraConfig::single(source, gate)])
+            vec![CameraConfig::single(source, gate)]
         };
         let max_frame_pixels = validate_max_frame_pixels(&raw.source)?;
         let reconnect_min = duration("source.reconnect_min", &raw.source.reconnect_min, Duration::from_millis(250))?;
@@ -853,7 +851,6 @@ impl Config {
         model.check_cache = cache_dir(raw.service.cache_dir.as_deref());
         Ok(Config {
             device_id,
-            source,
             cameras,
             max_frame_pixels,
             source_backoff: (reconnect_min, reconnect_max),
@@ -865,9 +862,9 @@ impl Config {
     }
 
     /// The distinct models the cameras use, each with the cameras (indices
-    /// into `cameras`) that use it: `[model]` for the cameras without a
-    /// `model` of their own first, then each other file in the order the
-    /// cameras name it. One engine is loaded per entry.
+    /// into `cameras`) that use it, in the order the cameras first name them
+    /// (`[model]` for a camera without a `model` of its own). One engine is
+    /// loaded per entry.
     pub fn models(&self) -> Vec<(ModelConfig, Vec<usize>)> {
         let mut groups: Vec<(ModelConfig, Vec<usize>)> = Vec::new();
         for (index, camera) in self.cameras.iter().enumerate() {

@@ -2,8 +2,8 @@
 //! threads and shutdown.
 //!
 //! Each camera gets a capture thread and a preprocess thread (they block: on
-//! a device, on the CPU); one inference thread runs the one engine for every
-//! camera and region. Capture and preprocess are joined by a [`Slot`]
+//! a device, on the CPU); one inference thread per distinct model runs its
+//! engine for every camera and region on that model (one for most configs). Capture and preprocess are joined by a [`Slot`]
 //! holding one frame: a live source overwrites a frame not yet taken, so a
 //! slow model skips stale frames instead of queueing them; a file source
 //! waits instead, since its frames are not going stale. Preprocessing
@@ -37,8 +37,8 @@ use lanes::{CloseLaneOnDrop, Lanes};
 use slot::StopSignal;
 pub use slot::{FrameSlot, Slot};
 
-use crate::classify::preprocessor_for;
 pub use crate::classify::{Classified, ClassifyError, FrameClassifier, Scorer};
+use crate::classify::{keep_highest, preprocessor_for};
 use crate::source::supervisor::Step;
 pub use crate::source::supervisor::Supervisor;
 
@@ -245,8 +245,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 camera_health.clone(),
             )?);
             let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
+            // Regions are cut from the frame at full size: a reduced-scale
+            // MJPEG decode would shrink the pixels their rectangles count in.
+            let mut preprocessor = preprocessor_for(scorer.info()).with_max_pixels(config.max_frame_pixels);
+            if !camera.regions.is_empty() {
+                preprocessor = preprocessor.at_full_size();
+            }
             preprocessors.push(spawn_preprocess(
-                preprocessor_for(scorer.info()).with_max_pixels(config.max_frame_pixels),
+                preprocessor,
                 &camera,
                 lane,
                 frames.clone(),
@@ -271,6 +277,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             rules,
             config.labels.min_hold,
             reporting,
+            config.cameras.len() == 1 && config.cameras[0].regions.is_empty(),
             served,
             prepared.clone(),
             returns,
@@ -386,10 +393,17 @@ fn spawn_capture(
                     if let Some(min) = min_interval {
                         let now = Instant::now();
                         if now < next_accepted {
-                            Counters::inc(&counters.frames_gated);
-                            continue;
+                            if live {
+                                Counters::inc(&counters.frames_gated);
+                                continue;
+                            }
+                            // A file's frames do not go stale: wait for the
+                            // cap rather than skip photos.
+                            if stop.sleep(next_accepted - now) {
+                                break;
+                            }
                         }
-                        next_accepted = (next_accepted + min).max(now);
+                        next_accepted = (next_accepted + min).max(Instant::now());
                     }
                     if live {
                         if slot.put_latest(frame) {
@@ -617,14 +631,15 @@ struct ServedCamera {
     views: Vec<Vec<LabelRule>>,
 }
 
-/// Runs the one engine for every camera and region, in turn ([`Lanes`]),
-/// and tracks each one's label states on its own.
+/// Runs one model's engine for every camera and region on it, in turn
+/// ([`Lanes`]), and tracks each one's label states on its own.
 #[allow(clippy::too_many_arguments)]
 fn spawn_inference(
     mut scorer: Scorer,
     rules: Vec<LabelRule>,
     min_hold: Duration,
     reporting: labels::Reporting,
+    single_view: bool,
     cameras: Vec<ServedCamera>,
     prepared: Arc<Lanes<PreparedFrame>>,
     returned_tensors: Vec<std::sync::mpsc::Sender<Vec<Tensor>>>,
@@ -633,10 +648,11 @@ fn spawn_inference(
     counters: Arc<Counters>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    // `/metrics` reports label states for the one camera's whole frame, of
-    // the labels that are published.
+    // `/metrics` reports label states when the config has one camera and no
+    // region (with several, the states are per camera and region on MQTT),
+    // of the labels that are published.
     let mut metric_index = vec![None; rules.len()];
-    if cameras.len() == 1 && cameras[0].regions.is_empty() {
+    if single_view {
         let rules = &cameras[0].views[0];
         let published: Vec<usize> = (0..rules.len()).filter(|&i| rules[i].publish).collect();
         for (metric, &i) in published.iter().enumerate() {
@@ -683,20 +699,21 @@ fn spawn_inference(
                     let (scores, elapsed) = match scored {
                         Ok(scored) => scored,
                         Err(err) => {
+                            // This view is left out of the event; the views
+                            // already classified (their trackers moved) are
+                            // still published.
                             Counters::inc(&counters.frames_failed);
                             tracing::error!(error = %format!("{err:#}"), origin = shown_origin, "inference failed");
                             failed = true;
-                            break 'views;
+                            views.push(None);
+                            continue 'views;
                         }
                     };
                     elapsed_total += elapsed;
                     Counters::inc(&counters.inferences);
                     Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
                     health.inference_seconds.observe(elapsed.as_secs_f64());
-                    combined = Some(match combined {
-                        None => scores,
-                        Some(best) => best.into_iter().zip(scores).map(|(a, b)| a.max(b)).collect(),
-                    });
+                    combined = Some(keep_highest(combined, scores));
                 }
                 let Some(scores) = combined else {
                     views.push(None);
@@ -731,7 +748,7 @@ fn spawn_inference(
             }
             // The preprocess thread fills them again with the frame after next.
             let _ = returned_tensors[lane].send(tensors);
-            if failed {
+            if failed && views.iter().all(Option::is_none) {
                 continue;
             }
             camera.health.mark_classified();
@@ -745,7 +762,10 @@ fn spawn_inference(
             }
             tracing::trace!(camera = camera.id.as_deref(), sequence, inference_ms = elapsed_total.as_secs_f64() * 1e3, "frame classified");
             let mut views = views.into_iter();
-            let Some(Some((labels, changed))) = views.next() else { continue };
+            // The whole frame not classified this time (it failed, or its
+            // gate found it unchanged before it ever was): its labels are
+            // left empty, the regions still go out.
+            let (labels, changed) = views.next().flatten().unwrap_or_default();
             let regions = views
                 .zip(&camera.regions)
                 .filter_map(|(view, id)| view.map(|(labels, changed)| RegionLabels { id: id.clone(), labels, changed }))

@@ -1,5 +1,5 @@
-//! The hand-over between two pipeline threads that holds one item, and the
-//! stop flag the capture threads sleep on.
+//! The hand-over between a camera's capture and preprocess threads, which
+//! holds one frame, and the stop flag the capture threads sleep on.
 
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -56,26 +56,12 @@ impl<T> Slot<T> {
         true
     }
 
-    /// Waits until the slot is empty (its item was taken); false if the slot
-    /// closed meanwhile.
-    pub fn wait_empty(&self) -> bool {
-        !self.wait_empty_locked().closed
-    }
-
     fn wait_empty_locked(&self) -> std::sync::MutexGuard<'_, SlotState<T>> {
         let mut state = self.lock();
         while state.item.is_some() && !state.closed {
             state = self.wait(state);
         }
         state
-    }
-
-    /// Sleeps up to `duration`; true if the slot closed meanwhile.
-    pub fn wait_closed(&self, duration: Duration) -> bool {
-        let state = self.lock();
-        let (state, _) =
-            self.changed.wait_timeout_while(state, duration, |s| !s.closed).unwrap_or_else(|p| p.into_inner());
-        state.closed
     }
 
     /// The next item; `None` once the slot is closed and empty.
@@ -133,7 +119,7 @@ impl StopSignal {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::time::{Instant, SystemTime};
+    use std::time::SystemTime;
 
     fn frame(sequence: u64) -> Frame {
         Frame {
@@ -146,24 +132,6 @@ mod tests {
             captured_at: SystemTime::now(),
             origin: None,
         }
-    }
-
-    #[test]
-    fn waiting_on_a_slot_ends_early_when_it_closes() {
-        let slot = Arc::new(FrameSlot::default());
-        assert!(!slot.wait_closed(Duration::from_millis(10)), "still open after the full wait");
-        let closer = {
-            let slot = slot.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
-                slot.close(true);
-            })
-        };
-        let began = Instant::now();
-        assert!(slot.wait_closed(Duration::from_secs(30)));
-        assert!(began.elapsed() < Duration::from_secs(20), "woken by the close, not the timeout");
-        closer.join().unwrap();
-        assert!(!slot.wait_empty(), "a closed slot tells a waiting producer to stop");
     }
 
     #[test]

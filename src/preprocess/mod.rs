@@ -1,6 +1,7 @@
-//! Frame -> model input: decode or convert to RGB, fit to the model's input
-//! size (centre-crop, letterbox or stretch; bilinear), normalise with the
-//! model's mean/std, lay out as NCHW float32.
+//! Frame -> model input: decode or convert to RGB, cut out a region when
+//! asked, fit to the model's input size (tiles, centre-crop, letterbox or
+//! stretch; bilinear), normalise with the model's mean/std, lay out as NCHW
+//! float32; and the small grey copy the motion gate compares.
 //!
 //! A [`Preprocessor`] owns every intermediate buffer and reuses them frame
 //! after frame, so steady-state preprocessing allocates nothing large.
@@ -24,6 +25,10 @@ const MAX_SIDE: u32 = 16384;
 /// cost 150 MB as RGB, which a 1 GB board can still hold once. A picture
 /// above it is refused from its header, before anything is allocated.
 pub const DEFAULT_MAX_FRAME_PIXELS: u64 = 50_000_000;
+
+/// The most windows [`Preprocessor::windows`] covers a rectangle with (a
+/// 8:1 strip on a square model); a longer one is classified as one.
+pub const MAX_TILES: usize = 8;
 
 /// The side of the grid [`Preprocessor::thumbnail`] makes.
 pub const THUMB_SIDE: usize = 32;
@@ -98,6 +103,17 @@ impl Preprocessor {
         self
     }
 
+    /// Decodes every frame at full size (no reduced-scale MJPEG decode):
+    /// for a camera with regions, whose pixel rectangles count in the
+    /// frame's own pixels and are cut out before fitting.
+    pub fn at_full_size(#[allow(unused_mut)] mut self) -> Self {
+        #[cfg(feature = "turbojpeg")]
+        {
+            self.turbo = None;
+        }
+        self
+    }
+
     /// Decodes MJPEG at full size with zune-jpeg even in a `turbojpeg`
     /// build: the baseline the reduced-scale decode is benchmarked against.
     #[cfg(feature = "turbojpeg")]
@@ -160,10 +176,17 @@ impl Preprocessor {
             (rect.height, rect.width / target, false)
         };
         let count = ((long / tile) - 0.02).ceil().max(1.0) as usize;
+        // A panorama or a 16384x1 strip would take hundreds of windows (an
+        // inference and a tensor each): beyond MAX_TILES the rectangle is
+        // classified as one centre-cropped window.
+        if count > MAX_TILES {
+            return vec![rect];
+        }
         let step = if count > 1 { (long - tile) / (count - 1) as f64 } else { 0.0 };
         (0..count)
             .map(|i| {
-                let offset = step * i as f64;
+                // The last window ends exactly at the far edge.
+                let offset = if i + 1 == count { long - tile } else { step * i as f64 };
                 if wide {
                     PixelRect { x: rect.x + offset, y: rect.y, width: tile, height: rect.height }
                 } else {
@@ -365,6 +388,14 @@ impl Preprocessor {
             fr::images::TypedImageRef::<fr::pixels::U8x3>::from_buffer(w, h, &self.rgb).context("RGB buffer size")?;
         let window = window.unwrap_or(PixelRect { x: 0.0, y: 0.0, width: w as f64, height: h as f64 });
         let bilinear = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
+        // fast_image_resize refuses a crop box that ends past the picture even
+        // by a rounding error (0.1 + 0.9 of 1944 rows is 1944.0000000000002):
+        // every box is kept inside it.
+        let (fw, fh) = (w as f64, h as f64);
+        let crop = |x: f64, y: f64, cw: f64, ch: f64| {
+            let (x, y) = (x.clamp(0.0, fw - 1.0), y.clamp(0.0, fh - 1.0));
+            bilinear.crop(x, y, cw.clamp(1.0, fw - x), ch.clamp(1.0, fh - y))
+        };
         match self.mode {
             ResizeMode::Stretch | ResizeMode::CenterCrop | ResizeMode::Tiles => {
                 // A tile already has the input's aspect ratio (up to 2 %):
@@ -374,9 +405,9 @@ impl Preprocessor {
                     let (sw, sh) = (window.width, window.height);
                     let target = dw as f64 / dh as f64;
                     let (cw, ch) = if sw / sh > target { (sh * target, sh) } else { (sw, sw / target) };
-                    bilinear.crop(window.x + (sw - cw) / 2.0, window.y + (sh - ch) / 2.0, cw, ch)
+                    crop(window.x + (sw - cw) / 2.0, window.y + (sh - ch) / 2.0, cw, ch)
                 } else {
-                    bilinear.crop(window.x, window.y, window.width, window.height)
+                    crop(window.x, window.y, window.width, window.height)
                 };
                 let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(dw, dh, &mut self.fitted)?;
                 self.resizer.resize_typed(&src, &mut dst, &options)?;
@@ -387,7 +418,7 @@ impl Preprocessor {
                 let rh = ((window.height * scale).round() as u32).clamp(1, dh);
                 self.letterboxed.resize((rw * rh * 3) as usize, 0);
                 let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(rw, rh, &mut self.letterboxed)?;
-                let options = bilinear.crop(window.x, window.y, window.width, window.height);
+                let options = crop(window.x, window.y, window.width, window.height);
                 self.resizer.resize_typed(&src, &mut dst, &options)?;
                 for pixel in self.fitted.chunks_exact_mut(3) {
                     pixel.copy_from_slice(&self.pad);
@@ -626,6 +657,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fraction_region_that_rounds_past_the_frame_edge_is_still_fitted() {
+        // 0.1 + 0.9 of 1944 rows is 1944.0000000000002 in f64.
+        let (w, h) = (64, 1944);
+        let frame = frame(PixelFormat::Rgb8, w, h, w as usize * 3, gradient(w, h));
+        let rect = crate::source::camera::Rect::Fraction { x: 0.0, y: 0.1, width: 0.5, height: 0.9 };
+        let window = rect.resolve(w, h).unwrap();
+        for mode in [ResizeMode::CenterCrop, ResizeMode::Letterbox, ResizeMode::Stretch, ResizeMode::Tiles] {
+            let mut pre = identity(16, mode);
+            let mut out = pre.new_tensor();
+            let (fw, fh) = pre.decode(&frame).unwrap();
+            for tile in pre.windows(fw, fh, Some(window)) {
+                pre.fit_window(fw, fh, Some(tile), &mut out).unwrap_or_else(|err| panic!("{mode:?}: {err:#}"));
+            }
+        }
+    }
+
+    #[test]
     fn tiles_cover_a_wide_or_tall_frame_with_the_fewest_overlapping_windows_of_the_input_aspect() {
         let pre = identity(224, ResizeMode::Tiles);
         let at = |x: f64, y: f64, width: f64, height: f64| PixelRect { x, y, width, height };
@@ -641,6 +689,9 @@ mod tests {
             pre.windows(1920, 1080, Some(region)),
             [at(100.0, 50.0, 200.0, 200.0), at(300.0, 50.0, 200.0, 200.0)]
         );
+        // A strip too long to tile is one window, not thousands.
+        assert_eq!(pre.windows(16384, 1, None).len(), 1);
+        assert_eq!(pre.windows(8000, 1000, None).len(), 8);
         // Other modes: one window, the rectangle itself.
         assert_eq!(identity(224, ResizeMode::Letterbox).windows(1920, 1080, None).len(), 1);
     }

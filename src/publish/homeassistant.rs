@@ -131,12 +131,19 @@ impl Discovery {
         format!("labelcast_{}", self.device_id)
     }
 
+    /// The hub's is `labelcast_<device_id>`; a camera's puts a `:` (which no
+    /// device or camera id contains) between device and camera, so camera
+    /// `door` of device `garage` is never device `garage_door`'s hub, and
+    /// neither clears the other's entities as stale.
     fn device_identifier(&self) -> String {
-        format!("labelcast_{}", self.object_prefix())
+        match &self.camera {
+            None => self.hub_identifier(),
+            Some(camera) => format!("labelcast_{}:{camera}", self.device_id),
+        }
     }
 
     fn unique_id(&self, entity: &str) -> String {
-        format!("labelcast_{}_{}", self.object_prefix(), object_id(entity))
+        format!("{}_{}", self.device_identifier(), object_id(entity))
     }
 
     fn config_topic(&self, component: &str, entity: &str) -> String {
@@ -388,15 +395,20 @@ mod tests {
         assert_eq!(messages[1].0, "homeassistant/binary_sensor/kitchen_porch_door_cat/config");
         let config: Value = serde_json::from_str(&messages[1].1).unwrap();
         assert_valid_entity(&config, "binary_sensor");
-        assert_eq!(config["device"]["identifiers"][0], "labelcast_kitchen_porch");
+        assert_eq!(config["device"]["identifiers"][0], "labelcast_kitchen:porch");
         assert_eq!(config["device"]["via_device"], "labelcast_kitchen");
-        assert_eq!(config["unique_id"], "labelcast_kitchen_porch_door_cat");
+        assert_eq!(config["unique_id"], "labelcast_kitchen:porch_door_cat");
         assert_eq!(config["state_topic"], "labelcast/kitchen/porch/door/label/cat");
         assert_eq!(config["availability_topic"], "labelcast/kitchen/available");
         let (topic, body) = &messages[1];
         // The camera still configured, its region gone: the camera clears it.
         assert_eq!(porch.stale_label(topic, body.as_bytes(), &["cat"], &[]), Some("door cat".into()));
         assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], &["porch"]), None);
+        // Another daemon whose device id is this one's and its camera's: not ours.
+        let other = Discovery { device_id: "kitchen_porch".into(), ..discovery() };
+        let (other_topic, other_body) = &other.messages(&entities)[1];
+        assert_eq!(hub.stale_label(other_topic, other_body.as_bytes(), &[] as &[&str], &["porch"]), None);
+        assert_eq!(porch.stale_label(other_topic, other_body.as_bytes(), &["cat"], &[]), None);
         // The camera gone: the hub clears it.
         assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], &["garden"]), Some("door cat".into()));
     }

@@ -159,7 +159,9 @@ impl Rect {
                 PixelRect { x: f64::from(x), y: f64::from(y), width: f64::from(width), height: f64::from(height) }
             }
             Rect::Fraction { x, y, width, height } => {
-                PixelRect { x: x * fw, y: y * fh, width: width * fw, height: height * fh }
+                let (x, y) = (x * fw, y * fh);
+                // Products of fractions can round a hair past the edge.
+                PixelRect { x, y, width: (width * fw).min(fw - x), height: (height * fh).min(fh - y) }
             }
         };
         if rect.width < f64::from(MIN_REGION_PIXELS) || rect.height < f64::from(MIN_REGION_PIXELS) {
@@ -357,10 +359,8 @@ pub fn validate_cameras(
             }
             let rect = parse_rect(&format!("{region_field}.rect"), region.rect.as_deref())?;
             let gate = GateConfig::parse(&region_field, region.motion, region.interval.as_deref(), gate)?;
-            let labels = match &region.thresholds {
-                Some(thresholds) => view_labels(&region_field, region.labels.as_ref(), thresholds, &labels)?,
-                None => view_labels(&region_field, region.labels.as_ref(), &Default::default(), &labels)?,
-            };
+            let thresholds = region.thresholds.clone().unwrap_or_default();
+            let labels = view_labels(&region_field, region.labels.as_ref(), &thresholds, &labels)?;
             regions.push(RegionConfig { id, rect, gate, labels, field: region_field });
         }
         if let Some(model) = &camera.model {

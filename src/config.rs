@@ -8,9 +8,14 @@
 //! is about (`mqtt.qos: expected 0, 1 or 2, got 3`) so an operator can fix it
 //! without reading code, and the binary exits with [`EXIT_CONFIG`] (78,
 //! `EX_CONFIG`) so systemd does not restart-loop on a bad file.
+//!
+//! Each stage owns its section's vocabulary and checks: `[model]` in
+//! `engine/config.rs`, `[mqtt]`, `[homeassistant]` and `[output]` in
+//! `publish/config.rs`, `[labels]` in `labels.rs`, `[[camera]]` in
+//! `source/camera.rs`. This module reads the file and the flags, hands each
+//! section to its stage, assembles the result, and re-exports the stages'
+//! types so `config::ModelConfig` and friends stay one import away.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +23,16 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+pub use crate::engine::config::{
+    DEFAULT_MODEL, DEFAULT_MODEL_CPU, EngineKind, InputLayout, Int8Check, Int8Mode, MetadataOverrides, ModelConfig,
+    RawModel, RawTensorRt, TensorRtConfig, TensorRtPrecision, default_model, validate_model,
+};
+pub use crate::labels::{LabelOverride, LabelPolicy, RawLabelOverride, RawLabels, validate_labels};
+pub use crate::publish::config::{
+    BrokerChoice, DEFAULT_EMBEDDED_LISTEN, HomeAssistantConfig, MqttConfig, OutputConfig, RawHomeAssistant, RawMqtt,
+    RawOutput, RawTls, Secret, TlsConfig, parse_mqtt_url,
+};
+use crate::publish::config::{validate_homeassistant, validate_mqtt};
 use crate::source::SourceSpec;
 use crate::source::camera::{CameraConfig, GateConfig, validate_cameras};
 
@@ -81,14 +96,6 @@ pub struct RawService {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawHomeAssistant {
-    pub discovery: Option<bool>,
-    pub prefix: Option<String>,
-    pub birth_delay: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawSource {
     pub uri: Option<String>,
     pub max_frame_megapixels: Option<f64>,
@@ -97,95 +104,6 @@ pub struct RawSource {
     /// The single camera's motion and interval gate (as `[[camera]]`'s).
     pub motion: Option<f64>,
     pub interval: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawModel {
-    pub path: Option<PathBuf>,
-    pub labels: Option<Vec<String>>,
-    pub mean: Option<Vec<f32>>,
-    pub std: Option<Vec<f32>>,
-    pub output: Option<String>,
-    pub resize: Option<String>,
-    pub threads: Option<i64>,
-    pub repair_qdq: Option<bool>,
-    pub engine: Option<String>,
-    pub int8: Option<String>,
-    pub fallback: Option<String>,
-    pub onnxruntime_library: Option<PathBuf>,
-    pub layout: Option<String>,
-    pub output_name: Option<String>,
-    pub int8_check: Option<String>,
-    #[serde(default)]
-    pub tensorrt: RawTensorRt,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTensorRt {
-    pub precision: Option<String>,
-    pub dla_core: Option<i64>,
-    pub workspace_mb: Option<i64>,
-    pub cache_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLabels {
-    pub threshold: Option<f64>,
-    pub hysteresis: Option<f64>,
-    pub min_hold: Option<String>,
-    /// The labels that get a retained topic and a Home Assistant entity.
-    pub publish: Option<Vec<String>>,
-    /// The `labels` JSON carries the ON labels and at most this many others...
-    pub top_k: Option<i64>,
-    /// ... scoring at least this.
-    pub floor: Option<f64>,
-    #[serde(default)]
-    pub overrides: BTreeMap<String, RawLabelOverride>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLabelOverride {
-    pub on: Option<f64>,
-    pub off: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawMqtt {
-    pub url: Option<String>,
-    pub embedded_listen: Option<String>,
-    pub topic_prefix: Option<String>,
-    pub client_id: Option<String>,
-    pub qos: Option<i64>,
-    pub keep_alive: Option<String>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub password_env: Option<String>,
-    pub publish_every: Option<i64>,
-    pub stats_interval: Option<String>,
-    pub reconnect_min: Option<String>,
-    pub reconnect_max: Option<String>,
-    pub tls: Option<RawTls>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTls {
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawOutput {
-    pub mode: Option<String>,
 }
 
 /// Values given on the command line; each replaces the file's value.
@@ -302,210 +220,6 @@ impl Default for ServiceConfig {
     }
 }
 
-/// Home Assistant MQTT discovery.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HomeAssistantConfig {
-    pub prefix: String,
-    /// Wait after Home Assistant's `online` before re-sending, so it has
-    /// subscribed to everything first.
-    pub birth_delay: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct ModelConfig {
-    pub path: PathBuf,
-    /// Where the INT8 self-check keeps its verdicts; `None`: no cache.
-    pub check_cache: Option<PathBuf>,
-    pub overrides: MetadataOverrides,
-    pub threads: usize,
-    /// Keep row-wise ops' outputs out of INT8 so tract computes them right
-    /// (see `engine::qdq`); off only to measure what it fixes.
-    pub repair_qdq: bool,
-    pub engine: EngineKind,
-    pub int8: Int8Mode,
-    /// The engine to run on when `engine` cannot start (only tract).
-    pub fallback: Option<EngineKind>,
-    /// `libonnxruntime.so` to load; else `ORT_DYLIB_PATH`, else the system's.
-    pub onnxruntime_library: Option<PathBuf>,
-    pub tensorrt: TensorRtConfig,
-    /// What happens when an INT8 rewrite disagrees with the graph as quantised.
-    pub int8_check: Int8Check,
-}
-
-impl ModelConfig {
-    /// A model with everything at its defaults.
-    pub fn for_path(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            check_cache: None,
-            overrides: MetadataOverrides::default(),
-            threads: 1,
-            repair_qdq: true,
-            engine: EngineKind::Tract,
-            int8: Int8Mode::default(),
-            fallback: None,
-            onnxruntime_library: None,
-            tensorrt: TensorRtConfig::default(),
-            int8_check: Int8Check::default(),
-        }
-    }
-}
-
-/// Which inference engine runs the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    /// Pure Rust, always built.
-    Tract,
-    /// ONNX Runtime's CPU execution provider (cargo feature `onnxruntime`).
-    OnnxRuntime,
-    /// ONNX Runtime with the TensorRT and CUDA providers (cargo feature `tensorrt`).
-    TensorRt,
-}
-
-impl EngineKind {
-    /// The kind a name means ([`crate::engine::registry`] holds the names).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        crate::engine::registry::by_name(text).map(|backend| backend.kind)
-    }
-    pub fn as_str(self) -> &'static str {
-        crate::engine::registry::backend(self).name()
-    }
-}
-
-/// How a QDQ INT8 model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Int8Mode {
-    /// The graph as quantised: activations go through quantise/dequantise.
-    Native,
-    /// Activation quantise/dequantise pairs removed; weights stay INT8 in
-    /// the file and are dequantised once at load, compute is float.
-    #[default]
-    WeightsOnly,
-}
-
-impl Int8Mode {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "native" => Ok(Self::Native),
-            "weights-only" => Ok(Self::WeightsOnly),
-            other => Err(format!("expected \"native\" or \"weights-only\", got {other:?}")),
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Native => "native",
-            Self::WeightsOnly => "weights-only",
-        }
-    }
-}
-
-/// The load-time check of a rewritten INT8 graph against the graph as
-/// quantised (`engine::selfcheck`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Int8Check {
-    /// On disagreement, log a WARN and run the graph as quantised.
-    #[default]
-    Fallback,
-    /// On disagreement, refuse to start (exit 78).
-    Error,
-    /// No check (the rewrite is trusted; only to measure what it costs).
-    Off,
-}
-
-impl Int8Check {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "fallback" => Ok(Self::Fallback),
-            "error" => Ok(Self::Error),
-            "off" => Ok(Self::Off),
-            other => Err(format!("expected \"fallback\", \"error\" or \"off\", got {other:?}")),
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Fallback => "fallback",
-            Self::Error => "error",
-            Self::Off => "off",
-        }
-    }
-}
-
-/// Where a model's input keeps its colour channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputLayout {
-    /// `[N, 3, H, W]` (PyTorch exports).
-    Nchw,
-    /// `[N, H, W, 3]` (TensorFlow/Keras and TFLite-derived exports).
-    Nhwc,
-}
-
-impl InputLayout {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "nchw" => Ok(Self::Nchw),
-            "nhwc" => Ok(Self::Nhwc),
-            other => Err(format!("expected \"nchw\" or \"nhwc\", got {other:?}")),
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Nchw => "nchw",
-            Self::Nhwc => "nhwc",
-        }
-    }
-}
-
-/// What TensorRT builds an engine with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TensorRtPrecision {
-    Fp32,
-    Fp16,
-    Int8,
-}
-
-impl TensorRtPrecision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Fp32 => "fp32",
-            Self::Fp16 => "fp16",
-            Self::Int8 => "int8",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorRtConfig {
-    pub precision: TensorRtPrecision,
-    /// Run on this DLA core (Jetson AGX/NX) instead of the GPU; opt-in.
-    pub dla_core: Option<u32>,
-    pub workspace_bytes: usize,
-    /// Where built engines are kept; under systemd, the CacheDirectory.
-    pub cache_dir: PathBuf,
-}
-
-impl Default for TensorRtConfig {
-    fn default() -> Self {
-        let cache_dir = std::env::var_os("CACHE_DIRECTORY")
-            .map(|dirs| PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or_default().to_string()))
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or_else(|| PathBuf::from("/var/cache/labelcast"));
-        Self { precision: TensorRtPrecision::Fp16, dla_core: None, workspace_bytes: 1 << 30, cache_dir }
-    }
-}
-
-/// Model metadata given in the config; each replaces what the model carries.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct MetadataOverrides {
-    pub labels: Option<Vec<String>>,
-    pub mean: Option<[f32; 3]>,
-    pub std: Option<[f32; 3]>,
-    pub output: Option<OutputKind>,
-    pub resize: Option<ResizeMode>,
-    pub layout: Option<InputLayout>,
-    /// Which of several outputs holds the scores.
-    pub output_name: Option<String>,
-}
-
 /// What the model's output tensor holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
@@ -567,102 +281,6 @@ impl ResizeMode {
     }
 }
 
-/// Thresholds and hysteresis before the model's label list is known.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LabelPolicy {
-    /// On-threshold for labels with neither a config override nor a model default.
-    pub threshold: f32,
-    /// How far below its on-threshold a label must fall to turn off.
-    pub hysteresis: f32,
-    /// A label keeps a new state at least this long before it may change again.
-    pub min_hold: Duration,
-    pub overrides: BTreeMap<String, LabelOverride>,
-    /// `labels.publish`: the labels with a retained topic and an entity;
-    /// `None`: every label of a model with few ([`crate::labels::FEW_LABELS`]).
-    pub publish: Option<Vec<String>>,
-    /// `labels.top_k` / `labels.floor`: what the `labels` JSON carries
-    /// besides the ON labels; `None`: every label of a model with few,
-    /// else the 20 highest scoring at least 0.05.
-    pub top_k: Option<usize>,
-    pub floor: Option<f32>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct LabelOverride {
-    pub on: Option<f32>,
-    pub off: Option<f32>,
-}
-
-impl Default for LabelPolicy {
-    fn default() -> Self {
-        Self {
-            threshold: 0.5,
-            hysteresis: 0.1,
-            min_hold: Duration::from_secs(1),
-            overrides: BTreeMap::new(),
-            publish: None,
-            top_k: None,
-            floor: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum OutputConfig {
-    Mqtt(Box<MqttConfig>),
-    Stdout,
-}
-
-#[derive(Debug, Clone)]
-pub struct MqttConfig {
-    pub broker: BrokerChoice,
-    pub topic_prefix: String,
-    pub client_id: String,
-    pub qos: u8,
-    pub keep_alive: Duration,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub tls: Option<TlsConfig>,
-    /// Publish the `labels` JSON on every Nth inference.
-    pub publish_every: u32,
-    pub stats_interval: Duration,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    /// Home Assistant discovery; `None` when switched off.
-    pub homeassistant: Option<HomeAssistantConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum BrokerChoice {
-    /// A broker the user runs (mosquitto, EMQX, Home Assistant's add-on...).
-    External { host: String, port: u16 },
-    /// No broker configured: labelcast starts one in-process on this address.
-    Embedded { listen: SocketAddr },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsConfig {
-    pub ca_file: Option<PathBuf>,
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-    pub insecure_skip_verify: bool,
-}
-
-/// A password: kept out of `Debug` output and therefore out of every log.
-#[derive(Clone, PartialEq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
 /// Where the repository's (or the installed package's) models and sample
 /// photos live, for the embedded defaults. Searched in order:
 /// `$LABELCAST_DATA_DIR`, `<exe>/../share/labelcast`, `/usr/share/labelcast`,
@@ -685,25 +303,8 @@ pub fn data_dir() -> Option<PathBuf> {
 /// The shipped demo model, relative to [`data_dir`].
 /// `/metrics` and `/healthz`: loopback only unless the config says otherwise.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
-pub const DEFAULT_MODEL: &str = "models/demo/labelcast-demo-int8.onnx";
-
-/// The demo model quantised for ONNX Runtime's CPU provider (uint8
-/// activations, `models/quantize.py --target cpu`), which runs it as integer
-/// kernels; [`DEFAULT_MODEL`]'s symmetric int8 activations (TensorRT's
-/// layout) it runs in float.
-pub const DEFAULT_MODEL_CPU: &str = "models/demo/labelcast-demo-int8-cpu.onnx";
-
-/// The shipped demo model an engine runs fastest: the `--target cpu` file on
-/// the onnxruntime engine where it is installed, else [`DEFAULT_MODEL`].
-pub fn default_model(data: &Path, engine: EngineKind) -> PathBuf {
-    let cpu = data.join(DEFAULT_MODEL_CPU);
-    if engine == EngineKind::OnnxRuntime && cpu.is_file() { cpu } else { data.join(DEFAULT_MODEL) }
-}
 /// The shipped sample photos, relative to [`data_dir`].
 pub const DEFAULT_PHOTOS: &str = "calibration/images";
-/// The embedded broker's default address.
-pub const DEFAULT_EMBEDDED_LISTEN: &str = "127.0.0.1:1883";
-
 fn default_device_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let id = sanitize_id(host.trim());
@@ -721,7 +322,7 @@ pub fn sanitize_id(raw: &str) -> String {
         .collect()
 }
 
-fn duration(field: &str, raw: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+pub(crate) fn duration(field: &str, raw: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match raw {
         None => Ok(default),
         Some(text) => humantime::parse_duration(text).map_err(|err| {
@@ -730,7 +331,7 @@ fn duration(field: &str, raw: &Option<String>, default: Duration) -> Result<Dura
     }
 }
 
-fn unit_interval(field: &str, value: f64) -> Result<f32, ConfigError> {
+pub(crate) fn unit_interval(field: &str, value: f64) -> Result<f32, ConfigError> {
     if value.is_finite() && (0.0..=1.0).contains(&value) {
         Ok(value as f32)
     } else {
@@ -740,11 +341,15 @@ fn unit_interval(field: &str, value: f64) -> Result<f32, ConfigError> {
 
 /// An optional setting that names one of a fixed set of choices: `None`
 /// when unset, the field named in the error when it is not one of them.
-fn choice<T>(field: &str, raw: Option<&str>, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+pub(crate) fn choice<T>(
+    field: &str,
+    raw: Option<&str>,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, ConfigError> {
     raw.map(parse).transpose().map_err(|m| ConfigError::new(field, m))
 }
 
-fn rgb_triplet(field: &str, raw: &Option<Vec<f32>>) -> Result<Option<[f32; 3]>, ConfigError> {
+pub(crate) fn rgb_triplet(field: &str, raw: &Option<Vec<f32>>) -> Result<Option<[f32; 3]>, ConfigError> {
     match raw {
         None => Ok(None),
         Some(values) => match values.as_slice() {
@@ -754,7 +359,7 @@ fn rgb_triplet(field: &str, raw: &Option<Vec<f32>>) -> Result<Option<[f32; 3]>, 
     }
 }
 
-fn readable_file(field: &str, path: &Path) -> Result<(), ConfigError> {
+pub(crate) fn readable_file(field: &str, path: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(path)
         .map(|_| ())
         .map_err(|err| ConfigError::new(field, format!("cannot read {}: {err}", path.display())))
@@ -939,130 +544,6 @@ fn validate_service(raw: &RawService) -> Result<ServiceConfig, ConfigError> {
     Ok(ServiceConfig { stall_timeout, http_listen })
 }
 
-fn validate_homeassistant(raw: &RawHomeAssistant) -> Result<Option<HomeAssistantConfig>, ConfigError> {
-    if raw.discovery == Some(false) {
-        return Ok(None);
-    }
-    let prefix = raw.prefix.clone().unwrap_or_else(|| "homeassistant".to_string());
-    if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.starts_with('/') || prefix.ends_with('/') {
-        return Err(ConfigError::new(
-            "homeassistant.prefix",
-            format!(
-                "expected a topic prefix like \"homeassistant\" (no wildcards, no leading or trailing '/'), got {prefix:?}"
-            ),
-        ));
-    }
-    let birth_delay = duration("homeassistant.birth_delay", &raw.birth_delay, Duration::from_secs(2))?;
-    Ok(Some(HomeAssistantConfig { prefix, birth_delay }))
-}
-
-/// Checks the `[model]` section; an unset path means the shipped demo model.
-pub fn validate_model(raw: &RawModel, data: Option<&Path>) -> Result<ModelConfig, ConfigError> {
-    let engine = choice("model.engine", raw.engine.as_deref(), EngineKind::parse)?.unwrap_or(EngineKind::Tract);
-    let path = match &raw.path {
-        Some(path) => path.clone(),
-        None => data.map(|d| default_model(d, engine)).ok_or_else(|| {
-            ConfigError::new(
-                "model.path",
-                "not set, and the shipped demo model was not found (set LABELCAST_DATA_DIR or model.path)",
-            )
-        })?,
-    };
-    if !path.is_file() {
-        return Err(ConfigError::new("model.path", format!("{} does not exist or is not a file", path.display())));
-    }
-    let overrides = MetadataOverrides {
-        labels: raw.labels.as_deref().map(validate_label_names).transpose()?,
-        mean: rgb_triplet("model.mean", &raw.mean)?,
-        std: rgb_triplet("model.std", &raw.std)?,
-        output: choice("model.output", raw.output.as_deref(), OutputKind::parse)?,
-        resize: choice("model.resize", raw.resize.as_deref(), ResizeMode::parse)?,
-        layout: choice("model.layout", raw.layout.as_deref(), InputLayout::parse)?,
-        output_name: match raw.output_name.as_deref() {
-            Some("") => return Err(ConfigError::new("model.output_name", "is empty; remove it or name an output")),
-            other => other.map(str::to_string),
-        },
-    };
-    if let Some(std) = overrides.std
-        && std.iter().any(|v| *v <= 0.0)
-    {
-        return Err(ConfigError::new("model.std", format!("every value must be above 0, got {std:?}")));
-    }
-    let threads = match raw.threads {
-        None => 1,
-        Some(n) if (1..=256).contains(&n) => n as usize,
-        Some(n) => return Err(ConfigError::new("model.threads", format!("expected 1 to 256, got {n}"))),
-    };
-    let int8 = choice("model.int8", raw.int8.as_deref(), Int8Mode::parse)?.unwrap_or_default();
-    let fallback = match raw.fallback.as_deref() {
-        None | Some("none") => None,
-        Some("tract") if engine != EngineKind::Tract => Some(EngineKind::Tract),
-        Some("tract") => {
-            return Err(ConfigError::new("model.fallback", "\"tract\" is a fallback for another engine; remove it"));
-        }
-        Some(other) => {
-            return Err(ConfigError::new("model.fallback", format!("expected \"tract\" or \"none\", got {other:?}")));
-        }
-    };
-    Ok(ModelConfig {
-        path,
-        check_cache: None,
-        overrides,
-        threads,
-        repair_qdq: raw.repair_qdq.unwrap_or(true),
-        engine,
-        int8,
-        fallback,
-        onnxruntime_library: raw.onnxruntime_library.clone(),
-        tensorrt: validate_tensorrt(&raw.tensorrt)?,
-        int8_check: choice("model.int8_check", raw.int8_check.as_deref(), Int8Check::parse)?.unwrap_or_default(),
-    })
-}
-
-fn validate_tensorrt(raw: &RawTensorRt) -> Result<TensorRtConfig, ConfigError> {
-    let mut config = TensorRtConfig::default();
-    if let Some(precision) = raw.precision.as_deref() {
-        config.precision = match precision {
-            "fp32" => TensorRtPrecision::Fp32,
-            "fp16" => TensorRtPrecision::Fp16,
-            "int8" => TensorRtPrecision::Int8,
-            other => {
-                return Err(ConfigError::new(
-                    "model.tensorrt.precision",
-                    format!("expected \"fp32\", \"fp16\" or \"int8\", got {other:?}"),
-                ));
-            }
-        };
-    }
-    if let Some(core) = raw.dla_core {
-        if !(0..=1).contains(&core) {
-            return Err(ConfigError::new(
-                "model.tensorrt.dla_core",
-                format!("Jetson modules have DLA cores 0 and 1, got {core}"),
-            ));
-        }
-        config.dla_core = Some(core as u32);
-    }
-    if let Some(mb) = raw.workspace_mb {
-        if !(16..=65536).contains(&mb) {
-            return Err(ConfigError::new("model.tensorrt.workspace_mb", format!("expected 16 to 65536, got {mb}")));
-        }
-        config.workspace_bytes = mb as usize * 1024 * 1024;
-    }
-    if let Some(dir) = &raw.cache_dir {
-        config.cache_dir = dir.clone();
-    }
-    Ok(config)
-}
-
-fn validate_label_names(labels: &[String]) -> Result<Vec<String>, ConfigError> {
-    if labels.is_empty() {
-        return Err(ConfigError::new("model.labels", "the list is empty"));
-    }
-    check_label_names(labels, "model.labels")?;
-    Ok(labels.to_vec())
-}
-
 /// Every label becomes an MQTT topic level (and, with discovery on, a Home
 /// Assistant entity, see `publish::homeassistant::check_entity_ids`), so a
 /// name must be usable as one: not empty, no `/`, `+`, `#` (levels and
@@ -1105,195 +586,6 @@ pub fn node_safe(name: &str) -> String {
 
 fn truncate_chars(text: &str, chars: usize) -> &str {
     text.char_indices().nth(chars).map_or(text, |(at, _)| &text[..at])
-}
-
-/// Checks the `[labels]` section.
-pub fn validate_labels(raw: &RawLabels) -> Result<LabelPolicy, ConfigError> {
-    let defaults = LabelPolicy::default();
-    let threshold = match raw.threshold {
-        Some(v) => unit_interval("labels.threshold", v)?,
-        None => defaults.threshold,
-    };
-    let hysteresis = match raw.hysteresis {
-        Some(v) => unit_interval("labels.hysteresis", v)?,
-        None => defaults.hysteresis,
-    };
-    let min_hold = duration("labels.min_hold", &raw.min_hold, defaults.min_hold)?;
-    let mut overrides = BTreeMap::new();
-    for (name, o) in &raw.overrides {
-        let field = |part: &str| format!("labels.overrides.{name}.{part}");
-        let on = o.on.map(|v| unit_interval(&field("on"), v)).transpose()?;
-        let off = o.off.map(|v| unit_interval(&field("off"), v)).transpose()?;
-        if let (Some(on), Some(off)) = (on, off)
-            && off > on
-        {
-            return Err(ConfigError::new(field("off"), format!("must not be above on ({on}), got {off}")));
-        }
-        overrides.insert(name.clone(), LabelOverride { on, off });
-    }
-    let top_k = match raw.top_k {
-        None => None,
-        Some(k) if (1..=100_000).contains(&k) => Some(k as usize),
-        Some(k) => return Err(ConfigError::new("labels.top_k", format!("expected 1 to 100000 labels, got {k}"))),
-    };
-    let floor = raw.floor.map(|v| unit_interval("labels.floor", v)).transpose()?;
-    Ok(LabelPolicy { threshold, hysteresis, min_hold, overrides, publish: raw.publish.clone(), top_k, floor })
-}
-
-/// Parses `mqtt://host[:port]` (also `tcp://`) and `mqtts://host[:port]`
-/// (also `ssl://`); returns host, port and whether TLS is implied.
-pub fn parse_mqtt_url(text: &str) -> Result<(String, u16, bool), String> {
-    let url = url::Url::parse(text).map_err(|err| format!("not a URL ({err}): {text:?}"))?;
-    let tls = match url.scheme() {
-        "mqtt" | "tcp" => false,
-        "mqtts" | "ssl" | "tls" => true,
-        other => return Err(format!("expected an mqtt:// or mqtts:// URL, got scheme {other:?}")),
-    };
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("put credentials in mqtt.username and mqtt.password_file, not in the URL".into());
-    }
-    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("no host in {text:?}"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-    if port == 0 {
-        return Err(format!(
-            "port 0 is not a broker port: give the port the broker listens on (1883, or 8883 for TLS), got {text:?}"
-        ));
-    }
-    Ok((host, port, tls))
-}
-
-fn validate_mqtt(raw: &RawMqtt, device_id: &str) -> Result<MqttConfig, ConfigError> {
-    let (broker, url_tls) = match &raw.url {
-        Some(text) => {
-            let (host, port, tls) = parse_mqtt_url(text).map_err(|m| ConfigError::new("mqtt.url", m))?;
-            (BrokerChoice::External { host, port }, tls)
-        }
-        None => {
-            let text = raw.embedded_listen.as_deref().unwrap_or(DEFAULT_EMBEDDED_LISTEN);
-            let listen: SocketAddr = text.parse().map_err(|_| {
-                ConfigError::new(
-                    "mqtt.embedded_listen",
-                    format!("expected host:port like \"127.0.0.1:1883\", got {text:?}"),
-                )
-            })?;
-            if listen.port() == 0 {
-                return Err(ConfigError::new(
-                    "mqtt.embedded_listen",
-                    format!(
-                        "port 0 would pick a random port no client can know; give one, like \"127.0.0.1:1883\", got {text:?}"
-                    ),
-                ));
-            }
-            (BrokerChoice::Embedded { listen }, false)
-        }
-    };
-
-    let qos = match raw.qos {
-        None => 1,
-        Some(q @ 0..=2) => q as u8,
-        Some(q) => return Err(ConfigError::new("mqtt.qos", format!("expected 0, 1 or 2, got {q}"))),
-    };
-
-    let topic_prefix = raw.topic_prefix.clone().unwrap_or_else(|| format!("labelcast/{device_id}"));
-    let topic_prefix = topic_prefix.trim_end_matches('/').to_string();
-    if topic_prefix.is_empty() || topic_prefix.contains(['+', '#']) {
-        return Err(ConfigError::new(
-            "mqtt.topic_prefix",
-            format!("expected a topic without wildcards, got {topic_prefix:?}"),
-        ));
-    }
-
-    let client_id = raw.client_id.clone().unwrap_or_else(|| format!("labelcast-{device_id}"));
-    if client_id.is_empty() || client_id.len() > 128 {
-        return Err(ConfigError::new("mqtt.client_id", "expected 1 to 128 characters"));
-    }
-
-    let keep_alive = duration("mqtt.keep_alive", &raw.keep_alive, Duration::from_secs(30))?;
-    if keep_alive < Duration::from_secs(5) {
-        return Err(ConfigError::new("mqtt.keep_alive", "expected at least 5s"));
-    }
-
-    let password =
-        match (&raw.password_file, &raw.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new("mqtt.password_file", "set password_file or password_env, not both"));
-            }
-            (Some(path), None) => {
-                let text = std::fs::read_to_string(path).map_err(|err| {
-                    ConfigError::new("mqtt.password_file", format!("cannot read {}: {err}", path.display()))
-                })?;
-                Some(Secret(text.trim_end_matches(['\n', '\r']).to_string()))
-            }
-            (None, Some(var)) => Some(Secret(std::env::var(var).map_err(|_| {
-                ConfigError::new("mqtt.password_env", format!("environment variable {var} is not set"))
-            })?)),
-            (None, None) => None,
-        };
-    if password.is_some() && raw.username.is_none() {
-        return Err(ConfigError::new("mqtt.username", "a password is set but no username"));
-    }
-
-    let tls = match (&raw.tls, url_tls) {
-        (None, false) => None,
-        (None, true) => Some(TlsConfig { ca_file: None, client_cert: None, insecure_skip_verify: false }),
-        (Some(t), _) => {
-            if let Some(ca) = &t.ca_file {
-                readable_file("mqtt.tls.ca_file", ca)?;
-            }
-            let client_cert = match (&t.cert_file, &t.key_file) {
-                (Some(cert), Some(key)) => {
-                    readable_file("mqtt.tls.cert_file", cert)?;
-                    readable_file("mqtt.tls.key_file", key)?;
-                    Some((cert.clone(), key.clone()))
-                }
-                (None, None) => None,
-                (Some(_), None) => {
-                    return Err(ConfigError::new("mqtt.tls.key_file", "cert_file is set but key_file is not"));
-                }
-                (None, Some(_)) => {
-                    return Err(ConfigError::new("mqtt.tls.cert_file", "key_file is set but cert_file is not"));
-                }
-            };
-            Some(TlsConfig { ca_file: t.ca_file.clone(), client_cert, insecure_skip_verify: t.insecure_skip_verify })
-        }
-    };
-    if tls.is_some() && matches!(broker, BrokerChoice::Embedded { .. }) {
-        return Err(ConfigError::new("mqtt.tls", "TLS needs an external broker: set mqtt.url"));
-    }
-
-    let publish_every = match raw.publish_every {
-        None => 1,
-        Some(n) if (1..=1_000_000).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(ConfigError::new("mqtt.publish_every", format!("expected 1 or more, got {n}")));
-        }
-    };
-    let stats_interval = duration("mqtt.stats_interval", &raw.stats_interval, Duration::from_secs(30))?;
-    let reconnect_min = duration("mqtt.reconnect_min", &raw.reconnect_min, Duration::from_millis(250))?;
-    let reconnect_max = duration("mqtt.reconnect_max", &raw.reconnect_max, Duration::from_secs(30))?;
-    if reconnect_min.is_zero() || reconnect_min > reconnect_max {
-        return Err(ConfigError::new(
-            "mqtt.reconnect_min",
-            format!("must be above 0 and not above mqtt.reconnect_max ({reconnect_max:?})"),
-        ));
-    }
-
-    Ok(MqttConfig {
-        broker,
-        topic_prefix,
-        client_id,
-        qos,
-        keep_alive,
-        username: raw.username.clone(),
-        password,
-        tls,
-        publish_every,
-        stats_interval,
-        reconnect_min,
-        reconnect_max,
-        homeassistant: None,
-    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{ConfigError, LabelPolicy, OutputKind};
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, OutputKind, duration, unit_interval};
 use crate::engine::ModelMetadata;
 
 /// Up to this many labels, a model's every label gets a retained topic, a
@@ -290,6 +294,106 @@ pub struct RegionLabels {
     pub id: Arc<str>,
     pub labels: Vec<LabelScore>,
     pub changed: Vec<LabelScore>,
+}
+
+// ---------------------------------------------------------------------------
+// The `[labels]` section: thresholds, hysteresis, hold, what is published.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLabels {
+    pub threshold: Option<f64>,
+    pub hysteresis: Option<f64>,
+    pub min_hold: Option<String>,
+    /// The labels that get a retained topic and a Home Assistant entity.
+    pub publish: Option<Vec<String>>,
+    /// The `labels` JSON carries the ON labels and at most this many others...
+    pub top_k: Option<i64>,
+    /// ... scoring at least this.
+    pub floor: Option<f64>,
+    #[serde(default)]
+    pub overrides: BTreeMap<String, RawLabelOverride>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLabelOverride {
+    pub on: Option<f64>,
+    pub off: Option<f64>,
+}
+
+/// Thresholds and hysteresis before the model's label list is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelPolicy {
+    /// On-threshold for labels with neither a config override nor a model default.
+    pub threshold: f32,
+    /// How far below its on-threshold a label must fall to turn off.
+    pub hysteresis: f32,
+    /// A label keeps a new state at least this long before it may change again.
+    pub min_hold: Duration,
+    pub overrides: BTreeMap<String, LabelOverride>,
+    /// `labels.publish`: the labels with a retained topic and an entity;
+    /// `None`: every label of a model with few ([`crate::labels::FEW_LABELS`]).
+    pub publish: Option<Vec<String>>,
+    /// `labels.top_k` / `labels.floor`: what the `labels` JSON carries
+    /// besides the ON labels; `None`: every label of a model with few,
+    /// else the 20 highest scoring at least 0.05.
+    pub top_k: Option<usize>,
+    pub floor: Option<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LabelOverride {
+    pub on: Option<f32>,
+    pub off: Option<f32>,
+}
+
+impl Default for LabelPolicy {
+    fn default() -> Self {
+        Self {
+            threshold: 0.5,
+            hysteresis: 0.1,
+            min_hold: Duration::from_secs(1),
+            overrides: BTreeMap::new(),
+            publish: None,
+            top_k: None,
+            floor: None,
+        }
+    }
+}
+
+/// Checks the `[labels]` section.
+pub fn validate_labels(raw: &RawLabels) -> Result<LabelPolicy, ConfigError> {
+    let defaults = LabelPolicy::default();
+    let threshold = match raw.threshold {
+        Some(v) => unit_interval("labels.threshold", v)?,
+        None => defaults.threshold,
+    };
+    let hysteresis = match raw.hysteresis {
+        Some(v) => unit_interval("labels.hysteresis", v)?,
+        None => defaults.hysteresis,
+    };
+    let min_hold = duration("labels.min_hold", &raw.min_hold, defaults.min_hold)?;
+    let mut overrides = BTreeMap::new();
+    for (name, o) in &raw.overrides {
+        let field = |part: &str| format!("labels.overrides.{name}.{part}");
+        let on = o.on.map(|v| unit_interval(&field("on"), v)).transpose()?;
+        let off = o.off.map(|v| unit_interval(&field("off"), v)).transpose()?;
+        if let (Some(on), Some(off)) = (on, off)
+            && off > on
+        {
+            return Err(ConfigError::new(field("off"), format!("must not be above on ({on}), got {off}")));
+        }
+        overrides.insert(name.clone(), LabelOverride { on, off });
+    }
+    let top_k = match raw.top_k {
+        None => None,
+        Some(k) if (1..=100_000).contains(&k) => Some(k as usize),
+        Some(k) => return Err(ConfigError::new("labels.top_k", format!("expected 1 to 100000 labels, got {k}"))),
+    };
+    let floor = raw.floor.map(|v| unit_interval("labels.floor", v)).transpose()?;
+    Ok(LabelPolicy { threshold, hysteresis, min_hold, overrides, publish: raw.publish.clone(), top_k, floor })
 }
 
 #[cfg(test)]

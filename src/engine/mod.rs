@@ -6,6 +6,7 @@
 //! engines join behind cargo features. No tract type leaves this module: the
 //! rest of the daemon sees [`Tensor`], `Vec<f32>` scores and [`ModelInfo`].
 
+pub mod config;
 pub mod depthwise;
 pub mod metadata;
 pub mod onnx_graph;

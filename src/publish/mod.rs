@@ -3,6 +3,7 @@
 //! channel and never waits on a sink.
 
 pub mod broker;
+pub mod config;
 pub mod homeassistant;
 pub mod mqtt;
 pub mod payload;

@@ -27,6 +27,7 @@ pub use crate::engine::config::{
     DEFAULT_MODEL, DEFAULT_MODEL_CPU, EngineKind, InputLayout, Int8Check, Int8Mode, MetadataOverrides, ModelConfig,
     RawModel, RawTensorRt, TensorRtConfig, TensorRtPrecision, default_model, validate_model,
 };
+pub use crate::flow::{OutputKind, ResizeMode};
 pub use crate::labels::{LabelOverride, LabelPolicy, RawLabelOverride, RawLabels, validate_labels};
 pub use crate::publish::config::{
     BrokerChoice, DEFAULT_EMBEDDED_LISTEN, HomeAssistantConfig, MqttConfig, OutputConfig, RawHomeAssistant, RawMqtt,
@@ -217,67 +218,6 @@ pub struct ServiceConfig {
 impl Default for ServiceConfig {
     fn default() -> Self {
         Self { stall_timeout: Duration::from_secs(30), http_listen: DEFAULT_HTTP_LISTEN.parse().ok() }
-    }
-}
-
-/// What the model's output tensor holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputKind {
-    /// Raw scores; labelcast applies a sigmoid.
-    Logits,
-    /// Already in [0, 1].
-    Probabilities,
-}
-
-impl OutputKind {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "logits" => Ok(Self::Logits),
-            "probabilities" | "probs" | "sigmoid" => Ok(Self::Probabilities),
-            other => Err(format!("expected \"logits\" or \"probabilities\", got {other:?}")),
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Logits => "logits",
-            Self::Probabilities => "probabilities",
-        }
-    }
-}
-
-/// How a frame whose aspect ratio differs from the model's is fitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResizeMode {
-    /// Scale to cover the input, cut the overhang equally on both sides.
-    CenterCrop,
-    /// Scale to fit inside the input, pad the rest with the mean colour.
-    Letterbox,
-    /// Scale each axis independently.
-    Stretch,
-    /// Cover the frame with as few overlapping windows of the input's
-    /// aspect ratio as it takes (two for 16:9 on a square input), classify
-    /// each, and keep each label's highest score: the whole frame is seen
-    /// at full resolution, at the cost of one inference per window.
-    Tiles,
-}
-
-impl ResizeMode {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "center-crop" | "centre-crop" | "crop" => Ok(Self::CenterCrop),
-            "letterbox" | "pad" => Ok(Self::Letterbox),
-            "stretch" => Ok(Self::Stretch),
-            "tiles" => Ok(Self::Tiles),
-            other => Err(format!("expected \"center-crop\", \"letterbox\", \"tiles\" or \"stretch\", got {other:?}")),
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::CenterCrop => "center-crop",
-            Self::Letterbox => "letterbox",
-            Self::Stretch => "stretch",
-            Self::Tiles => "tiles",
-        }
     }
 }
 

@@ -58,43 +58,24 @@ impl Collector for Exporter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.counters;
         let source = [("source", self.source.as_str())];
-        for (name, help, value) in [
-            ("frames_captured", "Frames read from the source", Counters::get(&c.frames_captured)),
-            (
-                "frames_dropped",
-                "Frames replaced before inference took them (inference slower than the source)",
-                Counters::get(&c.frames_dropped),
-            ),
-            ("frames_failed", "Frames that could not be read, decoded or run", Counters::get(&c.frames_failed)),
-            ("source_timeouts", "Source reads that timed out", Counters::get(&c.source_timeouts)),
-            (
-                "source_reconnects",
-                "Times the source was reopened after going away",
-                Counters::get(&c.source_reconnects),
-            ),
-        ] {
-            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            ConstCounter::new(value).encode(metric.encode_family(&source)?)?;
+        for counter in crate::telemetry::COUNTERS {
+            let mut metric = encoder.encode_descriptor(counter.metric, counter.help, None, MetricType::Counter)?;
+            let value = ConstCounter::new((counter.get)(c));
+            if counter.per_source {
+                value.encode(metric.encode_family(&source)?)?;
+            } else {
+                value.encode(metric)?;
+            }
         }
-        let connections = Counters::get(&c.mqtt_connections);
-        for (name, help, value) in [
-            ("inferences", "Frames classified", Counters::get(&c.inferences)),
-            ("labels_published", "labels messages published", Counters::get(&c.labels_published)),
-            ("labels_dropped", "labels messages dropped (broker away or queue full)", Counters::get(&c.labels_dropped)),
-            ("label_changes", "Label state changes", Counters::get(&c.state_changes)),
-            ("mqtt_connect_attempts", "MQTT connection attempts", Counters::get(&c.mqtt_connect_attempts)),
-            ("mqtt_reconnects", "MQTT connections after the first", connections.saturating_sub(1)),
-            (
-                "mqtt_kicked",
-                "Connections the broker closed moments after accepting them (another client with the same client id?)",
-                Counters::get(&c.mqtt_kicked),
-            ),
-            ("mqtt_refused", "Connections the broker refused (CONNACK return code)", Counters::get(&c.mqtt_refused)),
-            ("mqtt_acked", "Messages (QoS >= 1) the broker acknowledged", Counters::get(&c.mqtt_acked)),
-        ] {
-            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            ConstCounter::new(value).encode(metric)?;
-        }
+        // Kept for dashboards made before mqtt_connections was exported.
+        let reconnects = Counters::get(&c.mqtt_connections).saturating_sub(1);
+        let metric = encoder.encode_descriptor(
+            "mqtt_reconnects",
+            "MQTT connections after the first",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(reconnects).encode(metric)?;
         if let Some(connected) = self.health.mqtt_state() {
             let metric = encoder.encode_descriptor(
                 "mqtt_connected",

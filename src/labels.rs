@@ -6,7 +6,7 @@
 //! in), which keeps the behaviour exhaustively testable.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::config::{ConfigError, OutputKind, duration, unit_interval};
 use crate::engine::ModelMetadata;
+pub use crate::flow::{LabelEvent, LabelScore, RegionLabels};
 
 /// Up to this many labels, a model's every label gets a retained topic, a
 /// Home Assistant entity and a place in every `labels` JSON. Above it (an
@@ -255,45 +256,6 @@ impl LabelTracker {
         }
         changed
     }
-}
-
-/// One label's part of an event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LabelScore {
-    pub name: Arc<str>,
-    pub score: f32,
-    pub on: bool,
-}
-
-/// What one inference produced, as it travels to the publishers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LabelEvent {
-    pub sequence: u64,
-    pub timestamp: SystemTime,
-    /// The frame's file or device, when known.
-    pub origin: Option<Arc<str>>,
-    pub model: Arc<str>,
-    pub inference_ms: f64,
-    /// From capture to scores: waiting, decode, preprocess and inference.
-    pub frame_ms: f64,
-    /// The labels to report ([`Reporting`]): every label of a model with
-    /// few, else the ON ones and the highest scores.
-    pub labels: Vec<LabelScore>,
-    /// The labels whose state changed on this frame (reported or not).
-    pub changed: Vec<LabelScore>,
-    /// The camera's id; `None` for the single camera of a `[source]` config.
-    pub camera: Option<Arc<str>>,
-    /// The camera's regions classified on this frame, in config order; a
-    /// region that does not fit the frame is left out.
-    pub regions: Vec<RegionLabels>,
-}
-
-/// One region's part of an event: its labels as `LabelEvent::labels`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RegionLabels {
-    pub id: Arc<str>,
-    pub labels: Vec<LabelScore>,
-    pub changed: Vec<LabelScore>,
 }
 
 // ---------------------------------------------------------------------------

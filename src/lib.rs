@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Each module owns one stage; the types that cross a boundary are the
-//! project's own ([`source::Frame`], [`engine::Tensor`], [`labels::LabelEvent`]),
+//! project's own and live in one low module, [`flow`] ([`source::Frame`],
+//! [`engine::Tensor`], [`labels::LabelEvent`] are re-exports of them),
 //! so no tract, rumqttc or image type leaks between stages. [`config`] turns a
 //! TOML file and command-line flags into a checked [`config::Config`] before
 //! anything starts.
@@ -20,6 +21,8 @@ pub mod bench;
 pub mod classify;
 pub mod config;
 pub mod engine;
+pub mod events;
+pub mod flow;
 pub mod http;
 pub mod labels;
 pub mod pipeline;

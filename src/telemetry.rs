@@ -84,31 +84,80 @@ impl Counters {
         } else {
             0.0
         };
-        json!({
+        let mut stats = json!({
             "uptime_s": uptime.as_secs(),
             "decode_ms_mean": per_inference(&self.decode_us_total),
             "preprocess_ms_mean": per_inference(&self.fit_normalise_us_total),
             "publish_ms_mean": publish_ms_mean,
-            "frames_captured": Self::get(&self.frames_captured),
-            "frames_dropped": Self::get(&self.frames_dropped),
-            "frames_failed": Self::get(&self.frames_failed),
-            "frames_gated": Self::get(&self.frames_gated),
-            "views_unchanged": Self::get(&self.views_unchanged),
-            "source_reconnects": Self::get(&self.source_reconnects),
-            "inferences": inferences,
             "inference_ms_mean": (mean_ms * 100.0).round() / 100.0,
             "fps": if uptime.as_secs_f64() > 0.0 { ((inferences as f64 / uptime.as_secs_f64()) * 100.0).round() / 100.0 } else { 0.0 },
-            "labels_published": Self::get(&self.labels_published),
-            "labels_dropped": Self::get(&self.labels_dropped),
-            "state_changes": Self::get(&self.state_changes),
-            "mqtt_connect_attempts": Self::get(&self.mqtt_connect_attempts),
-            "mqtt_connections": Self::get(&self.mqtt_connections),
-            "mqtt_kicked": Self::get(&self.mqtt_kicked),
-            "mqtt_refused": Self::get(&self.mqtt_refused),
-            "mqtt_acked": Self::get(&self.mqtt_acked),
-        })
+        });
+        for counter in COUNTERS {
+            stats[counter.stats] = json!((counter.get)(self));
+        }
+        stats
     }
 }
+
+/// One counter as it is shown: its key in the `stats` JSON, its name on
+/// `/metrics` (Prometheus adds `_total`), its help text, and whether it is
+/// about the source (and carries the `source` label there). `stats` and the
+/// Prometheus collector both read [`COUNTERS`], so a counter added there
+/// shows in both.
+pub struct CounterSpec {
+    pub stats: &'static str,
+    pub metric: &'static str,
+    pub help: &'static str,
+    pub per_source: bool,
+    pub get: fn(&Counters) -> u64,
+}
+
+macro_rules! counter {
+    ($field:ident, $metric:literal, $per_source:literal, $help:literal) => {
+        CounterSpec {
+            stats: stringify!($field),
+            metric: $metric,
+            help: $help,
+            per_source: $per_source,
+            get: |c| Counters::get(&c.$field),
+        }
+    };
+}
+
+/// Every counter, in the order `stats` and `/metrics` list them.
+pub static COUNTERS: &[CounterSpec] = &[
+    counter!(frames_captured, "frames_captured", true, "Frames read from the source"),
+    counter!(
+        frames_dropped,
+        "frames_dropped",
+        true,
+        "Frames replaced before inference took them (inference slower than the source)"
+    ),
+    counter!(frames_failed, "frames_failed", true, "Frames that could not be read, decoded or run"),
+    counter!(frames_gated, "frames_gated", true, "Live frames a camera's fps cap dropped"),
+    counter!(
+        views_unchanged,
+        "views_unchanged",
+        true,
+        "Views (whole frames or regions) the motion gate found unchanged and did not classify"
+    ),
+    counter!(source_timeouts, "source_timeouts", true, "Source reads that timed out"),
+    counter!(source_reconnects, "source_reconnects", true, "Times the source was reopened after going away"),
+    counter!(inferences, "inferences", false, "Windows classified (a frame fitted as two tiles counts two)"),
+    counter!(labels_published, "labels_published", false, "labels messages published"),
+    counter!(labels_dropped, "labels_dropped", false, "labels messages dropped (broker away or queue full)"),
+    counter!(state_changes, "label_changes", false, "Label state changes"),
+    counter!(mqtt_connect_attempts, "mqtt_connect_attempts", false, "MQTT connection attempts"),
+    counter!(mqtt_connections, "mqtt_connections", false, "MQTT connections the broker accepted"),
+    counter!(
+        mqtt_kicked,
+        "mqtt_kicked",
+        false,
+        "Connections the broker closed moments after accepting them (another client with the same client id?)"
+    ),
+    counter!(mqtt_refused, "mqtt_refused", false, "Connections the broker refused (CONNACK return code)"),
+    counter!(mqtt_acked, "mqtt_acked", false, "Messages (QoS >= 1) the broker acknowledged"),
+];
 
 /// Lets a repeating warning through at most once per interval, and says how
 /// many were held back since the last one.

@@ -31,20 +31,7 @@ pub use onnx_graph::Int8Format;
 pub use selfcheck::SelfCheck;
 
 use crate::config::{EngineKind, InputLayout, Int8Mode, ModelConfig};
-
-/// A model input as preprocessing makes it: NCHW float32, batch 1. Engines
-/// turn it into what the model takes ([`InputSpec`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tensor {
-    pub shape: [usize; 4],
-    pub data: Vec<f32>,
-}
-
-impl Tensor {
-    pub fn zeros(shape: [usize; 4]) -> Self {
-        Self { shape, data: vec![0.0; shape.iter().product()] }
-    }
-}
+pub use crate::flow::Tensor;
 
 /// The element type of a model's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

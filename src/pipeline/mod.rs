@@ -44,13 +44,14 @@ pub use crate::source::supervisor::Supervisor;
 
 use crate::config::Config;
 use crate::engine::{self, Engine, Tensor};
+use crate::events::{CameraEvents, InferenceEvents};
 use crate::labels::{self, LabelEvent, LabelRule, LabelScore, LabelTracker, RegionLabels};
 use crate::preprocess::Preprocessor;
 use crate::publish;
 use crate::service::{self, Health, Notifier};
 use crate::source::camera::{CameraConfig, PixelRect};
 use crate::source::{self, FrameSource, SourceError};
-use crate::telemetry::{Counters, RateLimit};
+use crate::telemetry::Counters;
 
 /// A model and its label rules, loaded and cross-checked, with the cameras
 /// (indices into `Config::cameras`) it serves.
@@ -230,18 +231,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             let CameraPlan { config: camera, health: camera_health, first_source } =
                 plans[index].take().context("a camera on two models")?;
             let frames = Arc::new(FrameSlot::default());
+            let events = CameraEvents::new(camera.id.clone(), counters.clone());
             let supervisor =
                 Supervisor::new(camera.source.clone(), first_source, counters.clone(), camera_health.clone())
                     .with_max_frame_pixels(config.max_frame_pixels)
                     .with_backoff(config.source_backoff.0, config.source_backoff.1)
-                    .with_camera(camera.id.clone());
+                    .with_events(events.clone());
             captures.push(spawn_capture(
                 camera.name(),
                 supervisor,
                 camera.min_interval,
                 frames.clone(),
                 stop.clone(),
-                counters.clone(),
+                events.clone(),
                 camera_health.clone(),
             )?);
             let (tensors_back, returned_tensors) = std::sync::mpsc::channel();
@@ -259,7 +261,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 prepared.clone(),
                 returned_tensors,
                 pacing.clone(),
-                counters.clone(),
+                events,
                 [health.clone(), camera_health.clone()],
             )?);
             frame_slots.push(frames);
@@ -353,20 +355,16 @@ async fn join_within(name: &str, handle: JoinHandle<()>, limit: Duration) -> any
     Ok(true)
 }
 
-static DROP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
-static FAIL_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
-
 fn spawn_capture(
     camera: &str,
     mut supervisor: Supervisor,
     min_interval: Option<Duration>,
     slot: Arc<FrameSlot>,
     stop: Arc<StopSignal>,
-    counters: Arc<Counters>,
+    events: Arc<CameraEvents>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let live = supervisor.is_live();
-    let camera_name = camera.to_string();
     let thread = std::thread::Builder::new().name(format!("capture-{camera}")).spawn(move || {
         let mut next_due = Instant::now();
         // When this camera's `fps` cap next lets a frame through.
@@ -385,8 +383,7 @@ fn spawn_capture(
             health.capture_finished();
             match step {
                 Step::Frame(frame) => {
-                    Counters::inc(&counters.frames_captured);
-                    tracing::trace!(camera = %camera_name, sequence = frame.sequence, origin = frame.origin(), "frame captured");
+                    events.captured(frame.sequence, frame.origin());
                     // A camera is still read at its own rate (its driver
                     // would otherwise hand over old buffers); the cap
                     // decides which frames go on.
@@ -394,7 +391,7 @@ fn spawn_capture(
                         let now = Instant::now();
                         if now < next_accepted {
                             if live {
-                                Counters::inc(&counters.frames_gated);
+                                events.gated();
                                 continue;
                             }
                             // A file's frames do not go stale: wait for the
@@ -407,14 +404,7 @@ fn spawn_capture(
                     }
                     if live {
                         if slot.put_latest(frame) {
-                            Counters::inc(&counters.frames_dropped);
-                            if let Some(suppressed) = DROP_WARNING.check(Instant::now()) {
-                                tracing::warn!(
-                                    suppressed,
-                                    dropped_total = Counters::get(&counters.frames_dropped),
-                                    "inference is slower than the source: dropping stale frames"
-                                );
-                            }
+                            events.dropped();
                         }
                     } else if !slot.put_wait(frame) {
                         break;
@@ -504,7 +494,7 @@ fn spawn_preprocess(
     prepared: Arc<Lanes<PreparedFrame>>,
     returned_tensors: std::sync::mpsc::Receiver<Vec<Tensor>>,
     pacing: Option<Arc<Pacing>>,
-    counters: Arc<Counters>,
+    events: Arc<CameraEvents>,
     seen: [Arc<Health>; 2],
 ) -> anyhow::Result<JoinHandle<()>> {
     let live = camera.source.is_live();
@@ -556,7 +546,7 @@ fn spawn_preprocess(
                     if gate.is_active() {
                         preprocessor.thumbnail(w, h, rect, &mut thumb);
                         if !gate.admit(&thumb, now) {
-                            Counters::inc(&counters.views_unchanged);
+                            events.unchanged();
                             windows.push(Err(ViewInput::Unchanged));
                             continue;
                         }
@@ -595,8 +585,7 @@ fn spawn_preprocess(
                 }
                 Ok((decode, views, _)) => {
                     let fit = began.elapsed() - decode;
-                    Counters::add(&counters.decode_us_total, decode.as_micros() as u64);
-                    Counters::add(&counters.fit_normalise_us_total, fit.as_micros() as u64);
+                    events.prepared(decode, fit);
                     preprocess_us = running_mean(preprocess_us, decode + fit);
                     let item = PreparedFrame {
                         tensors,
@@ -611,10 +600,7 @@ fn spawn_preprocess(
                 }
                 Err(err) => {
                     spare = Some(tensors);
-                    Counters::inc(&counters.frames_failed);
-                    if let Some(suppressed) = FAIL_WARNING.check(Instant::now()) {
-                        tracing::warn!(camera = %camera_name, error = %format!("{err:#}"), suppressed, "frame skipped");
-                    }
+                    events.undecodable(&err);
                 }
             }
         }
@@ -644,10 +630,11 @@ fn spawn_inference(
     prepared: Arc<Lanes<PreparedFrame>>,
     returned_tensors: Vec<std::sync::mpsc::Sender<Vec<Tensor>>>,
     pacing: Option<Arc<Pacing>>,
-    events: mpsc::Sender<LabelEvent>,
+    sink: mpsc::Sender<LabelEvent>,
     counters: Arc<Counters>,
     health: Arc<Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
+    let events = InferenceEvents { counters, health: health.clone() };
     // `/metrics` reports label states when the config has one camera and no
     // region (with several, the states are per camera and region on MQTT),
     // of the labels that are published.
@@ -702,17 +689,14 @@ fn spawn_inference(
                             // This view is left out of the event; the views
                             // already classified (their trackers moved) are
                             // still published.
-                            Counters::inc(&counters.frames_failed);
-                            tracing::error!(error = %format!("{err:#}"), origin = shown_origin, "inference failed");
+                            events.failed(camera.id.as_deref(), shown_origin, &err);
                             failed = true;
                             views.push(None);
                             continue 'views;
                         }
                     };
                     elapsed_total += elapsed;
-                    Counters::inc(&counters.inferences);
-                    Counters::add(&counters.inference_us_total, elapsed.as_micros() as u64);
-                    health.inference_seconds.observe(elapsed.as_secs_f64());
+                    events.classified(elapsed);
                     combined = Some(keep_highest(combined, scores));
                 }
                 let Some(scores) = combined else {
@@ -735,13 +719,8 @@ fn spawn_inference(
                 let changed: Vec<LabelScore> = changed_at.iter().map(|&i| score_of(i)).collect();
                 let region = view.checked_sub(1).map(|j| &*camera.regions[j]);
                 for (&i, label) in changed_at.iter().zip(&changed) {
-                    if view == 0
-                        && let Some(metric) = metric_index[i]
-                    {
-                        health.set_label(metric, label.on);
-                    }
-                    Counters::inc(&counters.state_changes);
-                    tracing::info!(camera = camera.id.as_deref(), region, label = %label.name, state = if label.on { "ON" } else { "OFF" }, score = label.score, origin = shown_origin, "label changed");
+                    let metric = if view == 0 { metric_index[i] } else { None };
+                    events.label_changed(camera.id.as_deref(), region, label, shown_origin, metric);
                 }
                 last[lane][view] = Some(labels.clone());
                 views.push(Some((labels, changed)));
@@ -760,7 +739,12 @@ fn spawn_inference(
                 tracing::info!(inference_ms = ms, "first frame classified: ready");
                 Notifier::ready(&format!("ready; first frame classified in {ms:.0} ms"));
             }
-            tracing::trace!(camera = camera.id.as_deref(), sequence, inference_ms = elapsed_total.as_secs_f64() * 1e3, "frame classified");
+            tracing::trace!(
+                camera = camera.id.as_deref(),
+                sequence,
+                inference_ms = elapsed_total.as_secs_f64() * 1e3,
+                "frame classified"
+            );
             let mut views = views.into_iter();
             // The whole frame not classified this time (it failed, or its
             // gate found it unchanged before it ever was): its labels are
@@ -782,9 +766,9 @@ fn spawn_inference(
                 camera: camera.id.clone(),
                 regions,
             };
-            match events.try_send(event) {
+            match sink.try_send(event) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => Counters::inc(&counters.labels_dropped),
+                Err(mpsc::error::TrySendError::Full(_)) => events.event_dropped(),
                 Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
@@ -837,7 +821,7 @@ mod tests {
             prepared.clone(),
             returned_tensors,
             Some(Arc::new(Pacing::default())),
-            counters.clone(),
+            CameraEvents::new(None, counters.clone()),
             [Arc::new(Health::new(Duration::from_secs(30))), Arc::new(Health::new(Duration::from_secs(30)))],
         )
         .unwrap();

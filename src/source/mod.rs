@@ -17,91 +17,11 @@ pub mod supervisor;
 pub mod v4l2;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+pub use crate::flow::{Frame, PixelFormat, describe_origin};
 pub use file::{FileSource, read_frame, read_frame_limited};
 pub use pattern::{PatternFaults, TestPattern, encode};
-
-/// How the bytes of a [`Frame`] are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PixelFormat {
-    /// Packed 8-bit R, G, B.
-    Rgb8,
-    /// 8-bit luma only.
-    Gray8,
-    /// Packed 4:2:2 Y0 U Y1 V (V4L2 `YUYV`).
-    Yuyv,
-    /// Planar Y, then interleaved U V at half resolution (V4L2 `NV12`).
-    Nv12,
-    /// One complete JPEG image (V4L2 `MJPG`, or a `.jpg` file).
-    Mjpeg,
-}
-
-impl PixelFormat {
-    /// Parses the names V4L2 tools use (`mjpg`, `yuyv`, `nv12`, `grey`, `rgb`).
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name.to_ascii_lowercase().as_str() {
-            "rgb" | "rgb8" | "rgb3" => Self::Rgb8,
-            "grey" | "gray" | "y8" => Self::Gray8,
-            "yuyv" | "yuy2" => Self::Yuyv,
-            "nv12" => Self::Nv12,
-            "mjpg" | "mjpeg" | "jpeg" => Self::Mjpeg,
-            _ => return None,
-        })
-    }
-
-    /// Bytes in one tightly packed row of `width` pixels (of the Y plane for
-    /// NV12; a JPEG has no rows, and counts one byte per pixel here).
-    pub fn row_bytes(self, width: usize) -> usize {
-        match self {
-            Self::Rgb8 => width * 3,
-            Self::Yuyv => width * 2,
-            Self::Gray8 | Self::Nv12 | Self::Mjpeg => width,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Rgb8 => "rgb8",
-            Self::Gray8 => "grey",
-            Self::Yuyv => "yuyv",
-            Self::Nv12 => "nv12",
-            Self::Mjpeg => "mjpg",
-        }
-    }
-}
-
-/// One captured picture, owned, in the format the source produced it.
-#[derive(Debug, Clone)]
-pub struct Frame {
-    pub format: PixelFormat,
-    /// Width in pixels; 0 for an `Mjpeg` frame whose size is only in its header.
-    pub width: u32,
-    /// Height in pixels; 0 for an `Mjpeg` frame whose size is only in its header.
-    pub height: u32,
-    /// Bytes from the start of one row to the next (of the Y plane for NV12);
-    /// 0 for `Mjpeg`.
-    pub stride: usize,
-    pub data: Vec<u8>,
-    /// Counts frames from this source, from 0, without gaps.
-    pub sequence: u64,
-    pub captured_at: SystemTime,
-    /// What the frame came from (a file path), for error messages.
-    pub origin: Option<Arc<str>>,
-}
-
-/// A frame's origin for logs, or a placeholder for frames that have none.
-pub fn describe_origin(origin: Option<&str>) -> &str {
-    origin.unwrap_or("(frame)")
-}
-
-impl Frame {
-    /// The file or device this frame came from, for logs.
-    pub fn origin(&self) -> &str {
-        describe_origin(self.origin.as_deref())
-    }
-}
 
 /// Why a source did not deliver a frame; the pipeline branches on the kind.
 #[derive(Debug, thiserror::Error)]

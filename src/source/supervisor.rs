@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::{Frame, FrameSource, SourceError, SourceSpec};
 use crate::backoff::Backoff;
+use crate::events::CameraEvents;
 use crate::service::{Health, SourceState};
-use crate::telemetry::{Counters, RateLimit};
-
-static SKIP_WARNING: RateLimit = RateLimit::new(Duration::from_secs(10));
+use crate::telemetry::Counters;
 
 /// Reads timed out this many times in a row: the camera stopped sending,
 /// and closing and reopening it is the cure (a UVC camera that lost sync).
@@ -38,12 +37,9 @@ pub struct Supervisor {
     /// the broker.
     stable_after: Duration,
     max_frame_pixels: u64,
-    lost_warning: RateLimit,
-    back_info: RateLimit,
-    counters: Arc<Counters>,
+    /// Its counters and log lines (which name the camera).
+    events: Arc<CameraEvents>,
     health: Arc<Health>,
-    /// The camera's id in its log lines (`None`: the only camera).
-    camera: Option<Arc<str>>,
 }
 
 /// See [`Supervisor`]'s `stable_after`.
@@ -79,17 +75,15 @@ impl Supervisor {
             opened_at: Instant::now(),
             stable_after: STABLE_STREAM,
             max_frame_pixels: crate::preprocess::DEFAULT_MAX_FRAME_PIXELS,
-            lost_warning: RateLimit::new(Duration::from_secs(10)),
-            back_info: RateLimit::new(Duration::from_secs(10)),
-            counters,
+            events: CameraEvents::new(None, counters),
             health,
-            camera: None,
         }
     }
 
-    /// Names the camera in log lines, when there are several.
-    pub fn with_camera(mut self, camera: Option<Arc<str>>) -> Self {
-        self.camera = camera;
+    /// Reports through this camera's events (its id in log lines, its
+    /// own rate limits) instead of unnamed ones.
+    pub fn with_events(mut self, events: Arc<CameraEvents>) -> Self {
+        self.events = events;
         self
     }
 
@@ -123,20 +117,17 @@ impl Supervisor {
             }
             Ok(None) if self.spec.is_live() => self.lost("the live stream ended".into()),
             Ok(None) => {
-                tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), "source reached its end");
+                tracing::info!(camera = self.events.camera(), source = %source.describe(), "source reached its end");
                 self.health.set_source_state(SourceState::Ended);
                 Step::Ended
             }
             Err(SourceError::Skipped { origin, reason }) => {
-                Counters::inc(&self.counters.frames_failed);
-                if let Some(suppressed) = SKIP_WARNING.check(Instant::now()) {
-                    tracing::warn!(camera = self.camera.as_deref(), origin, reason, suppressed, "frame skipped");
-                }
+                self.events.skipped(&origin, &reason);
                 Step::Nothing
             }
             Err(SourceError::Timeout) => {
                 self.timeouts += 1;
-                Counters::inc(&self.counters.source_timeouts);
+                self.events.timed_out();
                 if self.timeouts >= TIMEOUT_STREAK {
                     self.lost(format!("{} reads in a row timed out", self.timeouts))
                 } else {
@@ -145,7 +136,7 @@ impl Supervisor {
             }
             Err(SourceError::Disconnected(reason)) => self.lost(reason),
             Err(SourceError::Fatal(message)) => {
-                tracing::error!(camera = self.camera.as_deref(), source = %source.describe(), error = message, "source failed; no more frames");
+                tracing::error!(camera = self.events.camera(), source = %source.describe(), error = message, "source failed; no more frames");
                 self.health.set_source_state(SourceState::Ended);
                 Step::Ended
             }
@@ -167,13 +158,11 @@ impl Supervisor {
             self.backoff.reset();
         }
         let step = if streamed { Step::Nothing } else { Step::Retry(self.backoff.next_delay()) };
-        if let Some(suppressed) = self.lost_warning.check(Instant::now()) {
-            let retry_ms = match step {
-                Step::Retry(delay) => delay.as_millis() as u64,
-                _ => 0,
-            };
-            tracing::warn!(camera = self.camera.as_deref(), source = %described, reason, retry_ms, suppressed, "source lost; reopening");
-        }
+        let retry_ms = match step {
+            Step::Retry(delay) => delay.as_millis() as u64,
+            _ => 0,
+        };
+        self.events.lost(&described, &reason, retry_ms);
         self.health.set_source_state(SourceState::Reconnecting);
         step
     }
@@ -182,12 +171,9 @@ impl Supervisor {
         match super::open_limited(&self.spec, self.max_frame_pixels) {
             Ok(source) => {
                 if self.opened_before {
-                    Counters::inc(&self.counters.source_reconnects);
-                    if let Some(suppressed) = self.back_info.check(Instant::now()) {
-                        tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), suppressed, "source back");
-                    }
+                    self.events.back(&source.describe());
                 } else {
-                    tracing::info!(camera = self.camera.as_deref(), source = %source.describe(), "source opened");
+                    tracing::info!(camera = self.events.camera(), source = %source.describe(), "source opened");
                 }
                 self.opened_before = true;
                 self.source = Some(source);
@@ -197,36 +183,39 @@ impl Supervisor {
                 Step::Nothing
             }
             Err(SourceError::Fatal(message)) if !self.opened_before => {
-                tracing::error!(camera = self.camera.as_deref(), source = %self.spec.describe(), error = message, "cannot open the source");
+                tracing::error!(camera = self.events.camera(), source = %self.spec.describe(), error = message, "cannot open the source");
                 self.health.set_source_state(SourceState::Ended);
                 Step::Ended
             }
             Err(err) => {
                 let delay = self.backoff.next_delay();
-                if let Some(suppressed) = REOPEN_WARNING.check(Instant::now()) {
-                    tracing::warn!(camera = self.camera.as_deref(), source = %self.spec.describe(), error = %err, retry_ms = delay.as_millis() as u64, suppressed, "source still away");
-                }
+                self.events.still_away(&self.spec.describe(), &err.to_string(), delay.as_millis() as u64);
                 Step::Retry(delay)
             }
         }
     }
 }
 
-static REOPEN_WARNING: RateLimit = RateLimit::new(Duration::from_secs(30));
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn supervisor(uri: &str) -> Supervisor {
+    fn supervisor_counting(uri: &str) -> (Supervisor, Arc<Counters>) {
         let spec = SourceSpec::parse(uri).unwrap();
-        Supervisor::new(spec, None, Arc::new(Counters::default()), Arc::new(Health::new(Duration::from_secs(30))))
+        let counters = Arc::new(Counters::default());
+        let health = Arc::new(Health::new(Duration::from_secs(30)));
+        (Supervisor::new(spec, None, counters.clone(), health), counters)
+    }
+
+    fn supervisor(uri: &str) -> Supervisor {
+        supervisor_counting(uri).0
     }
 
     #[test]
     fn a_source_that_fails_before_its_first_frame_is_reopened_with_growing_delays() {
         // Opens fine, then is "unplugged" before delivering anything, every time.
-        let mut supervisor = supervisor("test://pattern?width=32&height=32&fps=0&disconnect_after=0");
+        let (mut supervisor, counters) =
+            supervisor_counting("test://pattern?width=32&height=32&fps=0&disconnect_after=0");
         let mut delays = Vec::new();
         for _ in 0..8 {
             if let Step::Retry(delay) = supervisor.step() {
@@ -235,7 +224,7 @@ mod tests {
         }
         assert_eq!(delays.len(), 4, "every second step is a loss: {delays:?}");
         assert!(delays[0] <= Duration::from_millis(250) && delays[3] >= Duration::from_secs(1), "{delays:?}");
-        assert_eq!(Counters::get(&supervisor.counters.source_reconnects), 3);
+        assert_eq!(Counters::get(&counters.source_reconnects), 3);
     }
 
     #[test]

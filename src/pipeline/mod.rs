@@ -778,21 +778,9 @@ fn spawn_inference(
 
 #[cfg(test)]
 mod tests {
+    use super::slot::test_frame as frame;
     use super::*;
     use crate::source::Frame;
-
-    fn frame(sequence: u64) -> Frame {
-        Frame {
-            format: crate::source::PixelFormat::Gray8,
-            width: 1,
-            height: 1,
-            stride: 1,
-            data: vec![0],
-            sequence,
-            captured_at: SystemTime::now(),
-            origin: None,
-        }
-    }
 
     fn rgb_frame(sequence: u64, bytes: usize) -> Frame {
         Frame {

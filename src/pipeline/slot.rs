@@ -115,24 +115,26 @@ impl StopSignal {
     }
 }
 
+/// A one-pixel grey frame, for the pipeline's tests.
+#[cfg(test)]
+pub(crate) fn test_frame(sequence: u64) -> Frame {
+    Frame {
+        format: crate::source::PixelFormat::Gray8,
+        width: 1,
+        height: 1,
+        stride: 1,
+        data: vec![0],
+        sequence,
+        captured_at: std::time::SystemTime::now(),
+        origin: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_frame as frame;
     use super::*;
     use std::sync::Arc;
-    use std::time::SystemTime;
-
-    fn frame(sequence: u64) -> Frame {
-        Frame {
-            format: crate::source::PixelFormat::Gray8,
-            width: 1,
-            height: 1,
-            stride: 1,
-            data: vec![0],
-            sequence,
-            captured_at: SystemTime::now(),
-            origin: None,
-        }
-    }
 
     #[test]
     fn a_live_slot_keeps_only_the_newest_frame_and_reports_the_drop() {

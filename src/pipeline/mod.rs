@@ -233,10 +233,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             let frames = Arc::new(FrameSlot::default());
             let events = CameraEvents::new(camera.id.clone(), counters.clone());
             let supervisor =
-                Supervisor::new(camera.source.clone(), first_source, counters.clone(), camera_health.clone())
+                Supervisor::new(camera.source.clone(), first_source, events.clone(), camera_health.clone())
                     .with_max_frame_pixels(config.max_frame_pixels)
-                    .with_backoff(config.source_backoff.0, config.source_backoff.1)
-                    .with_events(events.clone());
+                    .with_backoff(config.source_backoff.0, config.source_backoff.1);
             captures.push(spawn_capture(
                 camera.name(),
                 supervisor,
@@ -276,7 +275,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let reporting = labels::Reporting::new(&config.labels, rules.len());
         inferences.push(spawn_inference(
             scorer,
-            rules,
             config.labels.min_hold,
             reporting,
             config.cameras.len() == 1 && config.cameras[0].regions.is_empty(),
@@ -622,7 +620,6 @@ struct ServedCamera {
 #[allow(clippy::too_many_arguments)]
 fn spawn_inference(
     mut scorer: Scorer,
-    rules: Vec<LabelRule>,
     min_hold: Duration,
     reporting: labels::Reporting,
     single_view: bool,
@@ -638,7 +635,8 @@ fn spawn_inference(
     // `/metrics` reports label states when the config has one camera and no
     // region (with several, the states are per camera and region on MQTT),
     // of the labels that are published.
-    let mut metric_index = vec![None; rules.len()];
+    // Every view's rules are the model's, in its label order.
+    let mut metric_index = vec![None; cameras[0].views[0].len()];
     if single_view {
         let rules = &cameras[0].views[0];
         let published: Vec<usize> = (0..rules.len()).filter(|&i| rules[i].publish).collect();

@@ -9,7 +9,6 @@ use super::{Frame, FrameSource, SourceError, SourceSpec};
 use crate::backoff::Backoff;
 use crate::events::CameraEvents;
 use crate::service::{Health, SourceState};
-use crate::telemetry::Counters;
 
 /// Reads timed out this many times in a row: the camera stopped sending,
 /// and closing and reopening it is the cure (a UVC camera that lost sync).
@@ -60,7 +59,7 @@ impl Supervisor {
     pub fn new(
         spec: SourceSpec,
         first: Option<Box<dyn FrameSource>>,
-        counters: Arc<Counters>,
+        events: Arc<CameraEvents>,
         health: Arc<Health>,
     ) -> Self {
         let state = if first.is_some() { SourceState::Streaming } else { SourceState::Reconnecting };
@@ -75,16 +74,9 @@ impl Supervisor {
             opened_at: Instant::now(),
             stable_after: STABLE_STREAM,
             max_frame_pixels: crate::preprocess::DEFAULT_MAX_FRAME_PIXELS,
-            events: CameraEvents::new(None, counters),
+            events,
             health,
         }
-    }
-
-    /// Reports through this camera's events (its id in log lines, its
-    /// own rate limits) instead of unnamed ones.
-    pub fn with_events(mut self, events: Arc<CameraEvents>) -> Self {
-        self.events = events;
-        self
     }
 
     /// Refuses pictures of more pixels where the source decodes them itself.
@@ -199,12 +191,13 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::Counters;
 
     fn supervisor_counting(uri: &str) -> (Supervisor, Arc<Counters>) {
         let spec = SourceSpec::parse(uri).unwrap();
         let counters = Arc::new(Counters::default());
         let health = Arc::new(Health::new(Duration::from_secs(30)));
-        (Supervisor::new(spec, None, counters.clone(), health), counters)
+        (Supervisor::new(spec, None, CameraEvents::new(None, counters.clone()), health), counters)
     }
 
     fn supervisor(uri: &str) -> Supervisor {

@@ -154,7 +154,12 @@ pub fn mqtt_payload(input: PayloadInput) {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let entities: Vec<Entity> = refs
         .iter()
-        .map(|name| Entity { key: name.to_string(), name: name.to_string(), state_topic: topics.label(name) })
+        .map(|name| Entity {
+            key: name.to_string(),
+            name: name.to_string(),
+            state_topic: topics.label(name),
+            snapshot_topic: Some(topics.snapshot(name)),
+        })
         .collect();
     let messages = discovery.messages(&entities);
     let distinct: std::collections::HashSet<&String> = messages.iter().map(|(topic, _)| topic).collect();
@@ -163,7 +168,9 @@ pub fn mqtt_payload(input: PayloadInput) {
         assert_publishable(&topic);
         assert_eq!(topic.split('/').count(), 4, "a discovery topic has 4 levels: {topic:?}");
         let config: Value = serde_json::from_str(&config).expect("a discovery config is JSON");
-        assert_publishable(config["state_topic"].as_str().expect("state_topic"));
+        // A label's binary_sensor reads its state topic, its snapshot's image entity its picture topic.
+        let read = config.get("state_topic").or_else(|| config.get("image_topic"));
+        assert_publishable(read.and_then(Value::as_str).expect("state_topic or image_topic"));
     }
     for name in &refs {
         let topic = format!("homeassistant/binary_sensor/{device}_{name}/config");

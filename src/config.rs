@@ -31,7 +31,7 @@ pub use crate::flow::{OutputKind, ResizeMode};
 pub use crate::labels::{LabelOverride, LabelPolicy, RawLabelOverride, RawLabels, validate_labels};
 pub use crate::publish::config::{
     BrokerChoice, DEFAULT_EMBEDDED_LISTEN, HomeAssistantConfig, MqttConfig, OutputConfig, RawHomeAssistant, RawMqtt,
-    RawOutput, RawTls, Secret, TlsConfig, parse_mqtt_url,
+    RawOutput, RawSnapshots, RawTls, Secret, SnapshotConfig, TlsConfig, parse_mqtt_url,
 };
 use crate::publish::config::{validate_homeassistant, validate_mqtt};
 use crate::source::SourceSpec;
@@ -85,6 +85,8 @@ pub struct RawConfig {
     pub service: RawService,
     #[serde(default)]
     pub homeassistant: RawHomeAssistant,
+    #[serde(default)]
+    pub snapshots: crate::publish::config::RawSnapshots,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +94,10 @@ pub struct RawConfig {
 pub struct RawService {
     pub stall_timeout: Option<String>,
     pub http_listen: Option<String>,
+    /// A file holding the password the status page, `/metrics` and the
+    /// frames ask for (HTTP basic auth): required when `http_listen` is not
+    /// a loopback address.
+    pub http_password_file: Option<PathBuf>,
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -203,6 +209,8 @@ pub struct Config {
     pub labels: LabelPolicy,
     pub output: OutputConfig,
     pub service: ServiceConfig,
+    /// Frames published on MQTT when a label turns ON (`[snapshots]`).
+    pub snapshots: SnapshotConfig,
 }
 
 /// How labelcast watches itself: the hang detector behind the systemd
@@ -213,11 +221,18 @@ pub struct ServiceConfig {
     pub stall_timeout: Duration,
     /// `None`: no HTTP endpoint.
     pub http_listen: Option<SocketAddr>,
+    /// The password HTTP clients must give (basic auth, any user name);
+    /// `None`: none asked (loopback only).
+    pub http_password: Option<Secret>,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        Self { stall_timeout: Duration::from_secs(30), http_listen: DEFAULT_HTTP_LISTEN.parse().ok() }
+        Self {
+            stall_timeout: Duration::from_secs(30),
+            http_listen: DEFAULT_HTTP_LISTEN.parse().ok(),
+            http_password: None,
+        }
     }
 }
 
@@ -392,6 +407,13 @@ impl Config {
         };
 
         let service = validate_service(&raw.service)?;
+        let snapshots = crate::publish::config::validate_snapshots(&raw.snapshots)?;
+        if snapshots.enabled && !matches!(output, OutputConfig::Mqtt(_)) {
+            return Err(ConfigError::new(
+                "snapshots.enabled",
+                "snapshots are published on MQTT: set output.mode = \"mqtt\"",
+            ));
+        }
         let mut model = model;
         model.check_cache = cache_dir(raw.service.cache_dir.as_deref());
         Ok(Config {
@@ -403,6 +425,7 @@ impl Config {
             labels,
             output,
             service,
+            snapshots,
         })
     }
 
@@ -481,7 +504,43 @@ fn validate_service(raw: &RawService) -> Result<ServiceConfig, ConfigError> {
             )
         })?),
     };
-    Ok(ServiceConfig { stall_timeout, http_listen })
+    let http_password = match &raw.http_password_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                ConfigError::new("service.http_password_file", format!("cannot read {}: {err}", path.display()))
+            })?;
+            let password = text.trim_end_matches(['\n', '\r']);
+            if password.len() < 8 {
+                return Err(ConfigError::new(
+                    "service.http_password_file",
+                    format!(
+                        "{} holds {} characters; use a password of at least 8 (e.g. `openssl rand -hex 16 > {}`)",
+                        path.display(),
+                        password.chars().count(),
+                        path.display()
+                    ),
+                ));
+            }
+            Some(Secret(password.to_string()))
+        }
+    };
+    // The page shows the inside of someone's house: off loopback, only
+    // with a password.
+    if let Some(listen) = http_listen
+        && !listen.ip().is_loopback()
+        && http_password.is_none()
+    {
+        return Err(ConfigError::new(
+            "service.http_listen",
+            format!(
+                "{listen} is reachable from other machines, and the status page shows the cameras' frames: set \
+                 service.http_password_file to a file holding a password (HTTP basic auth; put a TLS reverse \
+                 proxy in front on an untrusted network, see README \"Status page\"), or keep 127.0.0.1"
+            ),
+        ));
+    }
+    Ok(ServiceConfig { stall_timeout, http_listen, http_password })
 }
 
 /// Every label becomes an MQTT topic level (and, with discovery on, a Home

@@ -31,4 +31,5 @@ pub mod probe;
 pub mod publish;
 pub mod service;
 pub mod source;
+pub mod status;
 pub mod telemetry;

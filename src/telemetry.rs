@@ -57,6 +57,12 @@ pub struct Counters {
     pub fit_normalise_us_total: AtomicU64,
     /// Sum of the time to build and queue `labels` messages, and their count.
     pub publish_us_total: AtomicU64,
+    /// Snapshot and latest-frame pictures the broker acknowledged.
+    pub snapshots_published: AtomicU64,
+    /// Snapshots not sent: the encoder busy, the broker away, no frame kept.
+    pub snapshots_dropped: AtomicU64,
+    /// Preview JPEGs encoded for the status page.
+    pub previews_encoded: AtomicU64,
 }
 
 impl Counters {
@@ -157,6 +163,14 @@ pub static COUNTERS: &[CounterSpec] = &[
     ),
     counter!(mqtt_refused, "mqtt_refused", false, "Connections the broker refused (CONNACK return code)"),
     counter!(mqtt_acked, "mqtt_acked", false, "Messages (QoS >= 1) the broker acknowledged"),
+    counter!(snapshots_published, "snapshots_published", false, "Snapshot pictures the broker acknowledged"),
+    counter!(
+        snapshots_dropped,
+        "snapshots_dropped",
+        false,
+        "Snapshots not sent (encoder busy, broker away, or no frame kept)"
+    ),
+    counter!(previews_encoded, "previews_encoded", false, "Preview JPEGs encoded for the status page"),
 ];
 
 /// Lets a repeating warning through at most once per interval, and says how

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every labelcast test on a Debian/Ubuntu machine, installing what the
 # tests need first: libclang-dev (to build the V4L2 bindings), mosquitto (the real broker the end-to-end tests start on
-# free loopback ports) and a Python venv with onnx, onnxruntime, numpy and
+# free loopback ports), chromium (the status page's browser test) and a Python venv with onnx, onnxruntime, numpy and
 # pillow (to re-quantise the shipped model and produce ONNX Runtime's
 # reference outputs, which tract is compared with).
 #
@@ -21,6 +21,8 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# The status page is tested in a real browser (tests/status_page.rs).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 # The v4l crate generates its V4L2 bindings with bindgen, which needs libclang.
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 if ((${#need[@]})); then apt_install "${need[@]}"; fi

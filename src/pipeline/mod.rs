@@ -51,6 +51,7 @@ use crate::publish;
 use crate::service::{self, Health, Notifier};
 use crate::source::camera::{CameraConfig, PixelRect};
 use crate::source::{self, FrameSource, SourceError};
+use crate::status::{Board, CameraBoard, CameraFacts, FrameTap, PREVIEW_MAX_SIDE};
 use crate::telemetry::Counters;
 
 /// A model and its label rules, loaded and cross-checked, with the cameras
@@ -177,6 +178,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             rules_of[camera] = views.clone();
         }
     }
+    // What the status page and the snapshots see of each camera: its recent
+    // frames (copied only while a page looks, or for snapshots) and its
+    // latest scores.
+    let tap_size = if config.snapshots.enabled { config.snapshots.max_size } else { PREVIEW_MAX_SIDE };
+    let taps: Vec<Arc<FrameTap>> =
+        plans.iter().map(|_| Arc::new(FrameTap::new(config.snapshots.enabled, tap_size, counters.clone()))).collect();
+    let mut boards: Vec<Option<Arc<CameraBoard>>> = vec![None; plans.len()];
+    for model in &models {
+        let info = model.engine.info();
+        for &index in &model.cameras {
+            let plan = plans[index].as_ref().context("a camera on two models")?;
+            let camera = &plan.config;
+            let facts = CameraFacts {
+                id: camera.id.clone(),
+                source: camera.source.describe(),
+                model: info.metadata.name.clone(),
+                engine: format!("{} ({})", info.engine, info.precision()),
+                resize: info.metadata.resize.as_str(),
+                regions: camera.regions.iter().map(|r| (r.id.clone(), r.rect)).collect(),
+            };
+            boards[index] = Some(Arc::new(CameraBoard::new(
+                facts,
+                plan.health.clone(),
+                taps[index].clone(),
+                rules_of[index].clone(),
+            )));
+        }
+    }
+    let boards: Vec<Arc<CameraBoard>> =
+        boards.into_iter().collect::<Option<_>>().context("a camera without a model")?;
 
     // Room for a burst while a sink catches up; beyond it events are dropped and counted.
     let (events_tx, events_rx) = mpsc::channel::<LabelEvent>(64);
@@ -188,15 +219,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .iter()
             .flatten()
             .zip(rules_of)
-            .map(|(plan, rules)| publish::mqtt::SinkCamera {
+            .zip(&taps)
+            .map(|((plan, rules), tap)| publish::mqtt::SinkCamera {
                 id: plan.config.id.clone(),
                 regions: plan.config.regions.iter().map(|r| r.id.clone()).collect(),
                 health: plan.health.clone(),
                 rules,
+                outlines: plan.config.regions.iter().map(|r| r.rect).collect(),
+                tap: tap.clone(),
             })
             .collect(),
         counters: counters.clone(),
         health: health.clone(),
+        snapshots: &config.snapshots,
     });
     let sink = tokio::spawn(sink.run(events_rx));
 
@@ -209,7 +244,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             engine: first.engine.to_string(),
             selfcheck: first.selfcheck.clone(),
         };
-        crate::http::start(listen, exporter, tasks_stopped.clone()).await;
+        let board =
+            Board { device_id: config.device_id.clone(), cameras: boards.clone(), health: health.clone(), started };
+        let server = crate::http::Server { exporter, board, password: config.service.http_password.clone() };
+        crate::http::start(listen, server, tasks_stopped.clone()).await;
     }
     let mut frame_slots = Vec::with_capacity(plans.len());
     let mut captures = Vec::with_capacity(plans.len());
@@ -255,6 +293,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             preprocessors.push(spawn_preprocess(
                 preprocessor,
                 &camera,
+                taps[index].clone(),
                 lane,
                 frames.clone(),
                 prepared.clone(),
@@ -270,6 +309,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 regions: camera.regions.iter().map(|r| r.id.clone()).collect(),
                 health: camera_health,
                 views,
+                board: boards[index].clone(),
             });
         }
         let reporting = labels::Reporting::new(&config.labels, rules.len());
@@ -487,6 +527,7 @@ impl Pacing {
 fn spawn_preprocess(
     mut preprocessor: Preprocessor,
     camera: &CameraConfig,
+    tap: Arc<FrameTap>,
     lane: usize,
     frames: Arc<FrameSlot>,
     prepared: Arc<Lanes<PreparedFrame>>,
@@ -521,6 +562,10 @@ fn spawn_preprocess(
             let decoded = preprocessor.decode(&frame).and_then(|(w, h)| {
                 let decode = began.elapsed();
                 let now = Instant::now();
+                // A page is looking, or snapshots are on: keep a small copy.
+                if tap.wants(now) {
+                    tap.store(frame.sequence, frame.captured_at, w, h, preprocessor.rgb());
+                }
                 let whole = PixelRect { x: 0.0, y: 0.0, width: w as f64, height: h as f64 };
                 // Each view's rectangle, or why it is not classified.
                 let mut windows: Vec<Result<Vec<PixelRect>, ViewInput>> = Vec::with_capacity(1 + regions.len());
@@ -613,6 +658,8 @@ struct ServedCamera {
     health: Arc<Health>,
     /// Per view (the whole frame, then each region): its rules.
     views: Vec<Vec<LabelRule>>,
+    /// What the status page shows of it.
+    board: Arc<CameraBoard>,
 }
 
 /// Runs one model's engine for every camera and region on it, in turn
@@ -764,6 +811,7 @@ fn spawn_inference(
                 camera: camera.id.clone(),
                 regions,
             };
+            camera.board.record(&event);
             match sink.try_send(event) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => events.event_dropped(),
@@ -802,6 +850,7 @@ mod tests {
         let thread = spawn_preprocess(
             preprocessor,
             &camera,
+            Arc::new(FrameTap::new(false, 64, counters.clone())),
             0,
             frames.clone(),
             prepared.clone(),

@@ -30,7 +30,8 @@ pub fn start_embedded(listen: SocketAddr) -> anyhow::Result<()> {
 
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
-        max_payload_size: 256 * 1024,
+        // Snapshots are whole JPEGs (publish::snapshot::MAX_PICTURE_BYTES).
+        max_payload_size: super::snapshot::MAX_PACKET_BYTES,
         max_inflight_count: 100,
         auth: None,
         external_auth: None,

@@ -50,6 +50,15 @@ pub struct RawTls {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawSnapshots {
+    pub enabled: Option<bool>,
+    pub max_size: Option<i64>,
+    pub quality: Option<i64>,
+    pub frame_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawOutput {
     pub mode: Option<String>,
 }
@@ -117,6 +126,66 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
     }
+}
+
+/// Frames published on MQTT (`[snapshots]`): one when a published label
+/// turns ON, retained on `<camera>/snapshot/<label>` (a region's on
+/// `<camera>/<region>/snapshot/<label>`, outlined), and optionally each
+/// camera's latest frame on `<camera>/frame` every `frame_interval`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotConfig {
+    /// Off by default: the pictures show the inside of someone's house, and
+    /// leave the device only when asked.
+    pub enabled: bool,
+    /// The JPEG's longer side, pixels (frames are only ever made smaller).
+    pub max_size: u32,
+    /// JPEG quality, 1-100.
+    pub quality: u8,
+    /// `None`: no latest-frame topic (the default).
+    pub frame_interval: Option<Duration>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self { enabled: false, max_size: 640, quality: 80, frame_interval: None }
+    }
+}
+
+pub(crate) fn validate_snapshots(raw: &RawSnapshots) -> Result<SnapshotConfig, ConfigError> {
+    let defaults = SnapshotConfig::default();
+    let max_size = match raw.max_size {
+        None => defaults.max_size,
+        Some(n @ 64..=4096) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::new(
+                "snapshots.max_size",
+                format!("expected 64 to 4096 (pixels, the longer side), got {n}"),
+            ));
+        }
+    };
+    let quality = match raw.quality {
+        None => defaults.quality,
+        Some(q @ 1..=100) => q as u8,
+        Some(q) => return Err(ConfigError::new("snapshots.quality", format!("expected 1 to 100, got {q}"))),
+    };
+    let frame_interval = match raw.frame_interval.as_deref() {
+        None | Some("off") => None,
+        Some(_) => {
+            let interval = duration("snapshots.frame_interval", &raw.frame_interval, Duration::ZERO)?;
+            if interval < Duration::from_secs(1) {
+                return Err(ConfigError::new(
+                    "snapshots.frame_interval",
+                    "expected at least 1s (each message is a whole picture), or \"off\"",
+                ));
+            }
+            Some(interval)
+        }
+    };
+    let enabled = raw.enabled.unwrap_or(frame_interval.is_some());
+    if frame_interval.is_some() && !enabled {
+        return Err(ConfigError::new("snapshots.frame_interval", "set, but snapshots.enabled is false"));
+    }
+    Ok(SnapshotConfig { enabled, max_size, quality, frame_interval })
 }
 
 /// The embedded broker's default address.

@@ -65,7 +65,18 @@ pub struct Entity {
     pub key: String,
     pub name: String,
     pub state_topic: String,
+    /// With snapshots on: where its snapshot is, announced as an `image`
+    /// entity keyed `<key>_snapshot`.
+    pub snapshot_topic: Option<String>,
 }
+
+/// An `image` entity's key for a label entity's snapshot.
+pub fn snapshot_key(key: &str) -> String {
+    format!("{key}_snapshot")
+}
+
+/// The `image` entity's key for a camera's latest frame.
+pub const FRAME_KEY: &str = "latest_frame";
 
 /// Everything the discovery payloads need to know about this daemon (the
 /// hub device), or about one of its cameras (a device of its own, linked to
@@ -125,6 +136,11 @@ impl Discovery {
     /// The filter that replays every retained binary_sensor config.
     pub fn binary_sensor_configs(&self) -> String {
         format!("{}/binary_sensor/+/config", self.prefix)
+    }
+
+    /// The filter that replays every retained image config.
+    pub fn image_configs(&self) -> String {
+        format!("{}/image/+/config", self.prefix)
     }
 
     fn hub_identifier(&self) -> String {
@@ -189,6 +205,9 @@ impl Discovery {
             config.insert("payload_on".into(), json!("ON"));
             config.insert("payload_off".into(), json!("OFF"));
             out.push((self.config_topic("binary_sensor", &entity.key), Value::Object(config).to_string()));
+            if let Some(topic) = &entity.snapshot_topic {
+                out.push(self.image(&snapshot_key(&entity.key), &format!("{} snapshot", entity.name), topic));
+            }
         }
         if self.camera.is_some() {
             return out;
@@ -212,7 +231,25 @@ impl Discovery {
         out
     }
 
-    /// For a retained binary_sensor config the broker replayed: the entity
+    /// An `image` entity showing the JPEGs published on `topic`. Image
+    /// entities take no `expire_after` or `qos`: availability says whether
+    /// the picture is current.
+    fn image(&self, key: &str, name: &str, topic: &str) -> (String, String) {
+        let mut config = self.common(key);
+        config.remove("expire_after");
+        config.remove("qos");
+        config.insert("name".into(), json!(name));
+        config.insert("image_topic".into(), json!(topic));
+        config.insert("content_type".into(), json!("image/jpeg"));
+        (self.config_topic("image", key), Value::Object(config).to_string())
+    }
+
+    /// The camera's latest-frame `image` entity (`snapshots.frame_interval`).
+    pub fn frame_message(&self, topic: &str) -> (String, String) {
+        self.image(FRAME_KEY, "Latest frame", topic)
+    }
+
+    /// For a retained binary_sensor or image config the broker replayed: the entity
     /// it belongs to if it is this device's and its key is not among `keys`,
     /// or (on the hub) it belongs to a camera device of this hub whose id is
     /// not among `cameras`; so it must be cleared. Else `None`.
@@ -223,8 +260,9 @@ impl Discovery {
         keys: &[impl AsRef<str>],
         cameras: &[&str],
     ) -> Option<String> {
-        if payload.is_empty() || !topic.starts_with(&format!("{}/binary_sensor/{}_", self.prefix, self.object_prefix()))
-        {
+        let ours =
+            |component: &str| topic.starts_with(&format!("{}/{component}/{}_", self.prefix, self.object_prefix()));
+        if payload.is_empty() || !(ours("binary_sensor") || ours("image")) {
             return None;
         }
         let config: Value = serde_json::from_slice(payload).ok()?;
@@ -265,7 +303,15 @@ mod tests {
     /// Whole-frame label entities, as the MQTT sink makes them.
     fn labels(names: &[&str]) -> Vec<Entity> {
         let topics = Topics::new("labelcast/kitchen");
-        names.iter().map(|n| Entity { key: n.to_string(), name: n.to_string(), state_topic: topics.label(n) }).collect()
+        names
+            .iter()
+            .map(|n| Entity {
+                key: n.to_string(),
+                name: n.to_string(),
+                state_topic: topics.label(n),
+                snapshot_topic: None,
+            })
+            .collect()
     }
 
     /// The keys Home Assistant's MQTT discovery documentation requires or
@@ -387,8 +433,13 @@ mod tests {
         let porch = hub.for_camera("porch");
         let topics = Topics::new("labelcast/kitchen/porch");
         let entities = [
-            Entity { key: "cat".into(), name: "cat".into(), state_topic: topics.label("cat") },
-            Entity { key: "door_cat".into(), name: "door cat".into(), state_topic: topics.child("door").label("cat") },
+            Entity { key: "cat".into(), name: "cat".into(), state_topic: topics.label("cat"), snapshot_topic: None },
+            Entity {
+                key: "door_cat".into(),
+                name: "door cat".into(),
+                state_topic: topics.child("door").label("cat"),
+                snapshot_topic: None,
+            },
         ];
         let messages = porch.messages(&entities);
         assert_eq!(messages.len(), 2, "no diagnostic sensors on a camera");
@@ -411,5 +462,30 @@ mod tests {
         assert_eq!(porch.stale_label(other_topic, other_body.as_bytes(), &["cat"], &[]), None);
         // The camera gone: the hub clears it.
         assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], &["garden"]), Some("door cat".into()));
+    }
+
+    #[test]
+    fn a_label_with_snapshots_gets_an_image_entity_and_a_removed_one_is_stale() {
+        let hub = discovery();
+        let topics = Topics::new("labelcast/kitchen");
+        let entity = Entity {
+            key: "cat".into(),
+            name: "cat".into(),
+            state_topic: topics.label("cat"),
+            snapshot_topic: Some(topics.snapshot("cat")),
+        };
+        let messages = hub.messages(&[entity]);
+        let (topic, body) = &messages[1];
+        assert_eq!(topic, "homeassistant/image/kitchen_cat_snapshot/config");
+        let config: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(config["image_topic"], "labelcast/kitchen/snapshot/cat");
+        assert_eq!(config["content_type"], "image/jpeg");
+        assert_eq!(config["name"], "cat snapshot");
+        assert_eq!(config["unique_id"], "labelcast_kitchen_cat_snapshot");
+        assert_eq!(config["device"]["identifiers"][0], "labelcast_kitchen");
+        assert!(config.get("expire_after").is_none() && config.get("qos").is_none(), "{config}");
+        // Snapshots switched off: the image entity is no longer among the keys.
+        assert_eq!(hub.stale_label(topic, body.as_bytes(), &["cat"], &[]), Some("cat snapshot".into()));
+        assert_eq!(hub.stale_label(topic, body.as_bytes(), &["cat", "cat_snapshot"], &[]), None);
     }
 }

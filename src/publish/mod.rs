@@ -7,6 +7,7 @@ pub mod config;
 pub mod homeassistant;
 pub mod mqtt;
 pub mod payload;
+pub mod snapshot;
 pub mod stdout;
 
 use std::future::Future;
@@ -42,6 +43,7 @@ pub struct SinkContext<'a> {
     pub cameras: Vec<mqtt::SinkCamera>,
     pub counters: Arc<Counters>,
     pub health: Arc<Health>,
+    pub snapshots: &'a crate::config::SnapshotConfig,
 }
 
 impl OutputConfig {
@@ -88,6 +90,7 @@ impl OutputConfig {
             OutputConfig::Mqtt(mqtt) => Box::new(mqtt::MqttSink {
                 device_id: context.device_id.to_string(),
                 config: (**mqtt).clone(),
+                snapshots: context.snapshots.clone(),
                 model: mqtt::ModelFacts::new(context.model),
                 cameras: context.cameras,
                 counters: context.counters,

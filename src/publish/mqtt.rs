@@ -21,6 +21,7 @@
 //! them before DISCONNECT.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,12 +32,15 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::homeassistant::{Discovery, Entity};
+use super::homeassistant::{self, Discovery, Entity};
 use super::payload::{self, Topics};
-use crate::config::{BrokerChoice, MqttConfig, TlsConfig};
+use super::snapshot::{self, Snapshots};
+use crate::config::{BrokerChoice, MqttConfig, SnapshotConfig, TlsConfig};
 use crate::engine::ModelInfo;
 use crate::labels::{LabelEvent, LabelRule, LabelScore};
 use crate::service::{Health, SourceState};
+use crate::source::camera::Rect;
+use crate::status::FrameTap;
 use crate::telemetry::{Counters, RateLimit};
 
 pub use crate::backoff::Backoff;
@@ -56,8 +60,9 @@ const SOURCE_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a message was, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Labels,
+    Snapshot,
     Other,
 }
 
@@ -211,10 +216,47 @@ impl ModelFacts {
     }
 }
 
+/// Hands messages to rumqttc without waiting, each recorded in the
+/// [`Outbox`] in the same step. Shared by the publisher and the snapshot
+/// encoder.
+#[derive(Clone)]
+pub(super) struct Outlet {
+    client: AsyncClient,
+    outbox: SharedOutbox,
+    qos: QoS,
+    connected: Arc<AtomicBool>,
+}
+
+impl Outlet {
+    pub(super) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Queues a message; false when rumqttc's queue is full.
+    pub(super) fn send(&self, topic: String, retain: bool, body: impl Into<Vec<u8>>, kind: Kind) -> bool {
+        // Retained state must not be lost silently: at least QoS 1 for it.
+        let qos = if retain && self.qos == QoS::AtMostOnce { QoS::AtLeastOnce } else { self.qos };
+        // Held while queueing, so the driver cannot see this message written
+        // before it is in the outbox.
+        let mut outbox = lock(&self.outbox);
+        match self.client.try_publish(topic.as_str(), qos, retain, body) {
+            Ok(()) => {
+                outbox.queued.push_back(kind);
+                true
+            }
+            Err(err) => {
+                tracing::debug!(topic, error = %err, "MQTT queue full; message dropped");
+                false
+            }
+        }
+    }
+}
+
 /// The MQTT sink and what it needs.
 pub struct MqttSink {
     pub device_id: String,
     pub config: MqttConfig,
+    pub snapshots: SnapshotConfig,
     pub model: ModelFacts,
     /// Every camera, at least one, in config order.
     pub cameras: Vec<SinkCamera>,
@@ -233,6 +275,10 @@ pub struct SinkCamera {
     /// Per view (its whole frame, then each region): the label rules, its
     /// model's with the view's own labels and thresholds.
     pub rules: Vec<Vec<LabelRule>>,
+    /// Each region's rectangle, in config order (outlined on snapshots).
+    pub outlines: Vec<Rect>,
+    /// Its recent frames, for snapshots.
+    pub tap: Arc<FrameTap>,
 }
 
 /// One set of label states with its own topics: a camera's whole frame or
@@ -243,17 +289,20 @@ struct View {
     /// named by (the label alone for a whole frame, `<region> <label>` for
     /// a region).
     region: Option<Arc<str>>,
+    /// The region's rectangle, outlined on its snapshots.
+    outline: Option<Rect>,
     /// The published labels' states (`labels.publish`), and where each is.
     states: Vec<(Arc<str>, bool)>,
     index: HashMap<Arc<str>, usize>,
 }
 
 impl View {
-    fn new(topics: Topics, region: Option<Arc<str>>, rules: &[LabelRule]) -> Self {
+    fn new(topics: Topics, region: Option<(Arc<str>, Rect)>, rules: &[LabelRule]) -> Self {
         let states: Vec<(Arc<str>, bool)> =
             rules.iter().filter(|r| r.publish).map(|r| (r.name.clone(), false)).collect();
         let index = states.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
-        Self { topics, region, states, index }
+        let (region, outline) = region.unzip();
+        Self { topics, region, outline, states, index }
     }
 }
 
@@ -284,7 +333,7 @@ impl MqttSink {
     /// Runs until `events` closes (the pipeline stopped), then publishes
     /// `offline` and disconnects cleanly.
     pub async fn publish(self, mut events: mpsc::Receiver<LabelEvent>) -> anyhow::Result<()> {
-        let MqttSink { device_id, config, model, cameras, counters, health } = self;
+        let MqttSink { device_id, config, snapshots: snapshot_config, model, cameras, counters, health } = self;
         // The embedded broker, when chosen, was started before the sink and
         // listens on its address.
         let (host, port) = match &config.broker {
@@ -296,7 +345,7 @@ impl MqttSink {
         options
             .set_keep_alive(config.keep_alive)
             .set_clean_session(true)
-            .set_max_packet_size(256 * 1024, 256 * 1024)
+            .set_max_packet_size(256 * 1024, snapshot::MAX_PACKET_BYTES)
             .set_last_will(LastWill::new(topics.available(), "offline", QoS::AtLeastOnce, true));
         if let Some(user) = &config.username {
             options.set_credentials(user, config.password.as_ref().map(|p| p.expose()).unwrap_or(""));
@@ -309,6 +358,8 @@ impl MqttSink {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (incoming_tx, mut incoming_rx) = mpsc::channel::<rumqttc::Publish>(256);
         let outbox: SharedOutbox = Arc::default();
+        let outlet =
+            Outlet { client: client.clone(), outbox: outbox.clone(), qos: qos(config.qos), connected: Arc::default() };
         health.mqtt_started();
         let driver = tokio::spawn(drive_connection(
             eventloop,
@@ -336,6 +387,12 @@ impl MqttSink {
             .homeassistant
             .as_ref()
             .map(|ha| Discovery::new(ha, &device_id, topics.clone(), model.name.clone(), expire_after_s));
+        let taps: Vec<Arc<FrameTap>> = cameras.iter().map(|camera| camera.tap.clone()).collect();
+        let snapshots = if snapshot_config.enabled {
+            Some(Snapshots::start(taps, &snapshot_config, outlet.clone(), counters.clone())?)
+        } else {
+            None
+        };
         let cameras = cameras
             .into_iter()
             .map(|camera| {
@@ -345,13 +402,11 @@ impl MqttSink {
                 };
                 let rules = &camera.rules;
                 let mut views = vec![View::new(camera_topics.clone(), None, &rules[0])];
-                views.extend(
-                    camera
-                        .regions
-                        .iter()
-                        .zip(&rules[1..])
-                        .map(|(region, rules)| View::new(camera_topics.child(region), Some(region.clone()), rules)),
-                );
+                views.extend(camera.regions.iter().zip(&camera.outlines).zip(&rules[1..]).map(
+                    |((region, outline), rules)| {
+                        View::new(camera_topics.child(region), Some((region.clone(), *outline)), rules)
+                    },
+                ));
                 CameraTopics {
                     discovery: camera.id.as_ref().and_then(|id| discovery.as_ref().map(|hub| hub.for_camera(id))),
                     id: camera.id,
@@ -368,8 +423,10 @@ impl MqttSink {
         let birth_delay = config.homeassistant.as_ref().map(|ha| ha.birth_delay).unwrap_or_default();
         let mut publisher = Publisher {
             client: client.clone(),
+            outlet,
+            snapshots,
+            frame_topic: snapshot_config.frame_interval.is_some(),
             topics,
-            qos: qos(config.qos),
             publish_every: config.publish_every,
             cameras,
             counters: counters.clone(),
@@ -378,7 +435,6 @@ impl MqttSink {
             connected: false,
             drop_warning: RateLimit::new(Duration::from_secs(30)),
             discovery,
-            outbox: outbox.clone(),
         };
         let mut source_rx = health.watch_source_state();
         // Hung and stalled are read off the health marks, not announced:
@@ -390,6 +446,11 @@ impl MqttSink {
         let mut stats_tick = tokio::time::interval(config.stats_interval);
         stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut birth_due: Option<tokio::time::Instant> = None;
+        // The latest-frame topic, when asked for: its first picture after
+        // one interval, so a frame has been kept by then.
+        let frame_every = snapshot_config.frame_interval.unwrap_or(Duration::from_secs(3600));
+        let mut frame_tick = tokio::time::interval_at(tokio::time::Instant::now() + frame_every, frame_every);
+        frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Each branch is cancel-safe: recv, changed, tick and sleep_until
             // lose nothing when another branch wins.
@@ -404,6 +465,7 @@ impl MqttSink {
                     }
                     let link = *link_rx.borrow_and_update();
                     publisher.connected = link.connected;
+                    publisher.outlet.connected.store(link.connected, Ordering::Relaxed);
                     health.set_mqtt(link.connected);
                     if link.connected {
                         publisher.on_connect();
@@ -434,6 +496,9 @@ impl MqttSink {
                 _ = stats_tick.tick() => {
                     publisher.publish_stats();
                     publisher.publish_states();
+                }
+                _ = frame_tick.tick(), if snapshot_config.frame_interval.is_some() => {
+                    publisher.publish_frames();
                 }
             }
         }
@@ -469,9 +534,13 @@ impl MqttSink {
 
 struct Publisher {
     client: AsyncClient,
+    outlet: Outlet,
+    /// The snapshot encoder, when `[snapshots]` is on.
+    snapshots: Option<Snapshots>,
+    /// Each camera's latest frame is published (`snapshots.frame_interval`).
+    frame_topic: bool,
     /// The daemon's own topics: availability and stats.
     topics: Topics,
-    qos: QoS,
     publish_every: u32,
     cameras: Vec<CameraTopics>,
     counters: Arc<Counters>,
@@ -482,14 +551,13 @@ struct Publisher {
     drop_warning: RateLimit,
     /// The hub device's discovery (and the single camera's entities).
     discovery: Option<Discovery>,
-    outbox: SharedOutbox,
 }
 
 impl Publisher {
     fn on_connect(&mut self) {
         if let Some(discovery) = &self.discovery {
             // Clean sessions: subscriptions are made again on every connect.
-            for filter in [discovery.status_topic(), discovery.binary_sensor_configs()] {
+            for filter in [discovery.status_topic(), discovery.binary_sensor_configs(), discovery.image_configs()] {
                 if let Err(err) = self.client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
                     tracing::warn!(filter, error = %err, "cannot subscribe");
                 }
@@ -499,24 +567,43 @@ impl Publisher {
     }
 
     /// The entities each camera's discovery announces: (key, display name,
-    /// state topic), over its views.
-    fn entities(camera: &CameraTopics) -> Vec<Entity> {
+    /// state topic, snapshot topic), over its views.
+    fn entities(camera: &CameraTopics, snapshots: bool) -> Vec<Entity> {
         camera
             .views
             .iter()
             .flat_map(|view| {
-                view.states.iter().map(move |(name, _)| match &view.region {
-                    None => {
-                        Entity { key: name.to_string(), name: name.to_string(), state_topic: view.topics.label(name) }
-                    }
-                    Some(region) => Entity {
-                        key: format!("{region}_{name}"),
-                        name: format!("{region} {name}"),
+                view.states.iter().map(move |(name, _)| {
+                    let (key, shown) = match &view.region {
+                        None => (name.to_string(), name.to_string()),
+                        Some(region) => (format!("{region}_{name}"), format!("{region} {name}")),
+                    };
+                    Entity {
+                        key,
+                        name: shown,
                         state_topic: view.topics.label(name),
-                    },
+                        snapshot_topic: snapshots.then(|| view.topics.snapshot(name)),
+                    }
                 })
             })
             .collect()
+    }
+
+    /// The keys of every entity a camera's discovery announces (label
+    /// entities, their snapshot images, the latest-frame image): the
+    /// retained configs not among them are stale.
+    fn entity_keys(&self, camera: &CameraTopics) -> Vec<String> {
+        let mut keys = Vec::new();
+        for entity in Self::entities(camera, self.snapshots.is_some()) {
+            if entity.snapshot_topic.is_some() {
+                keys.push(homeassistant::snapshot_key(&entity.key));
+            }
+            keys.push(entity.key);
+        }
+        if self.frame_topic {
+            keys.push(homeassistant::FRAME_KEY.to_string());
+        }
+        keys
     }
 
     /// Discovery (when on), availability, every label state and stats.
@@ -524,11 +611,17 @@ impl Publisher {
         if let Some(hub) = &self.discovery {
             // The single camera of a `[source]` config is the hub device's;
             // `[[camera]]` cameras are devices of their own, via the hub.
-            let single: Vec<Entity> = self.cameras.iter().filter(|c| c.id.is_none()).flat_map(Self::entities).collect();
+            let snapshots = self.snapshots.is_some();
+            let single: Vec<Entity> =
+                self.cameras.iter().filter(|c| c.id.is_none()).flat_map(|c| Self::entities(c, snapshots)).collect();
             let mut messages = hub.messages(&single);
             for camera in &self.cameras {
-                if let Some(discovery) = &camera.discovery {
-                    messages.extend(discovery.messages(&Self::entities(camera)));
+                let discovery = camera.discovery.as_ref().unwrap_or(hub);
+                if let Some(own) = &camera.discovery {
+                    messages.extend(own.messages(&Self::entities(camera, snapshots)));
+                }
+                if self.frame_topic {
+                    messages.push(discovery.frame_message(&camera.topics.frame()));
                 }
             }
             for (topic, body) in messages {
@@ -550,12 +643,12 @@ impl Publisher {
         }
         if message.retain {
             let single: Vec<String> =
-                self.cameras.iter().filter(|c| c.id.is_none()).flat_map(Self::entities).map(|e| e.key).collect();
+                self.cameras.iter().filter(|c| c.id.is_none()).flat_map(|c| self.entity_keys(c)).collect();
             let camera_ids: Vec<&str> = self.cameras.iter().filter_map(|c| c.id.as_deref()).collect();
             let mut stale = hub.stale_label(&message.topic, &message.payload, &single, &camera_ids);
             for camera in &self.cameras {
                 if let Some(discovery) = &camera.discovery {
-                    let keys: Vec<String> = Self::entities(camera).into_iter().map(|e| e.key).collect();
+                    let keys = self.entity_keys(camera);
                     stale = stale.or_else(|| discovery.stale_label(&message.topic, &message.payload, &keys, &[]));
                 }
             }
@@ -639,15 +732,31 @@ impl Publisher {
             return;
         };
         let mut changes: Vec<(String, bool)> = Vec::new();
+        let snapshots = self.snapshots.as_ref();
         {
             let camera = &mut self.cameras[index];
             // Only published labels have a topic.
             let mut record = |view: &mut View, changed: &[LabelScore]| {
+                let mut turned_on = Vec::new();
                 for label in changed {
                     if let Some(&i) = view.index.get(&label.name) {
                         view.states[i].1 = label.on;
                         changes.push((view.topics.label(&label.name), label.on));
+                        if label.on {
+                            turned_on.push(view.topics.snapshot(&label.name));
+                        }
                     }
+                }
+                // One picture for every label this view turned ON on this frame.
+                if let Some(snapshots) = snapshots
+                    && !turned_on.is_empty()
+                {
+                    snapshots.request(snapshot::Request {
+                        camera: index,
+                        sequence: Some(event.sequence),
+                        outline: view.outline,
+                        topics: turned_on,
+                    });
                 }
             };
             record(&mut camera.views[0], &event.changed);
@@ -705,23 +814,22 @@ impl Publisher {
         }
     }
 
+    /// Each camera's newest kept frame on its `frame` topic.
+    fn publish_frames(&self) {
+        let Some(snapshots) = &self.snapshots else { return };
+        for (index, camera) in self.cameras.iter().enumerate() {
+            snapshots.request(snapshot::Request {
+                camera: index,
+                sequence: None,
+                outline: None,
+                topics: vec![camera.topics.frame()],
+            });
+        }
+    }
+
     /// Queues a message without waiting; false when rumqttc's queue is full.
     fn send(&self, topic: String, retain: bool, body: String, kind: Kind) -> bool {
-        // Retained state must not be lost silently: at least QoS 1 for it.
-        let qos = if retain && self.qos == QoS::AtMostOnce { QoS::AtLeastOnce } else { self.qos };
-        // Held while queueing, so the driver cannot see this message written
-        // before it is in the outbox.
-        let mut outbox = lock(&self.outbox);
-        match self.client.try_publish(topic.as_str(), qos, retain, body) {
-            Ok(()) => {
-                outbox.queued.push_back(kind);
-                true
-            }
-            Err(err) => {
-                tracing::debug!(topic, error = %err, "MQTT queue full; message dropped");
-                false
-            }
-        }
+        self.outlet.send(topic, retain, body, kind)
     }
 }
 
@@ -788,8 +896,10 @@ async fn drive_connection(
             | Ok(Event::Incoming(Packet::PubComp(rumqttc::PubComp { pkid, .. }))) => {
                 if let Some(kind) = lock(&outbox).acknowledged(pkid) {
                     Counters::inc(&counters.mqtt_acked);
-                    if kind == Kind::Labels {
-                        Counters::inc(&counters.labels_published);
+                    match kind {
+                        Kind::Labels => Counters::inc(&counters.labels_published),
+                        Kind::Snapshot => Counters::inc(&counters.snapshots_published),
+                        Kind::Other => {}
                     }
                 }
             }

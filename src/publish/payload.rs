@@ -41,6 +41,15 @@ impl Topics {
     pub fn source(&self) -> String {
         format!("{}/source", self.prefix)
     }
+    /// The frame a label turned ON on (JPEG), retained (`[snapshots]`).
+    pub fn snapshot(&self, name: &str) -> String {
+        format!("{}/snapshot/{name}", self.prefix)
+    }
+    /// The camera's latest frame (JPEG), retained, every
+    /// `snapshots.frame_interval`.
+    pub fn frame(&self) -> String {
+        format!("{}/frame", self.prefix)
+    }
 }
 
 pub fn on_off(on: bool) -> &'static str {

@@ -229,7 +229,8 @@ impl CameraConfig {
 
 /// Names a camera or region cannot take: its topics would read as one of
 /// labelcast's own (`<prefix>/labels`, `<prefix>/<camera>/label/<name>`...).
-const RESERVED_IDS: [&str; 8] = ["available", "stats", "labels", "label", "source", "snapshot", "homeassistant", "hub"];
+const RESERVED_IDS: [&str; 9] =
+    ["available", "stats", "labels", "label", "source", "snapshot", "frame", "homeassistant", "hub"];
 
 fn check_id(field: &str, raw: Option<&str>) -> Result<Arc<str>, ConfigError> {
     let id = raw.ok_or_else(|| ConfigError::new(field, "missing: every camera and region needs an id"))?;

@@ -295,6 +295,8 @@ impl Drop for Mosquitto {
 /// A subscriber on `filter` that keeps every message (topic, payload, retained).
 pub struct Subscriber {
     messages: Arc<Mutex<Vec<(String, String, bool)>>>,
+    /// Each topic's last payload as bytes (pictures are not text).
+    bytes: Arc<Mutex<HashMap<String, Vec<u8>>>>,
     _thread: std::thread::JoinHandle<()>,
 }
 
@@ -303,16 +305,21 @@ impl Subscriber {
         let id = format!("test-{}", fastrand::u64(..));
         let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(5));
+        // Snapshots are whole JPEGs.
+        options.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut connection) = rumqttc::Client::new(options, 64);
         client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
         let messages = Arc::new(Mutex::new(Vec::new()));
+        let bytes = Arc::new(Mutex::new(HashMap::new()));
         let sink = messages.clone();
+        let bytes_sink = bytes.clone();
         let thread = std::thread::spawn(move || {
             let _client = client;
             for event in connection.iter() {
                 match event {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                        bytes_sink.lock().unwrap().insert(p.topic.clone(), p.payload.to_vec());
                         sink.lock().unwrap().push((p.topic.clone(), payload, p.retain));
                     }
                     Ok(_) => {}
@@ -320,7 +327,12 @@ impl Subscriber {
                 }
             }
         });
-        Subscriber { messages, _thread: thread }
+        Subscriber { messages, bytes, _thread: thread }
+    }
+
+    /// The last payload seen on a topic, as bytes.
+    pub fn latest_bytes(&self, topic: &str) -> Option<Vec<u8>> {
+        self.bytes.lock().unwrap().get(topic).cloned()
     }
 
     pub fn all(&self) -> Vec<(String, String, bool)> {
@@ -367,7 +379,7 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the HTTP endpoint accepts");
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -392,9 +404,9 @@ pub fn publish_retained(port: u16, topic: &str, payload: &str) {
     let _ = client.disconnect();
 }
 
-/// The port the daemon serves /metrics on (tests ask for port 0).
+/// The port the daemon serves /metrics and the status page on (tests ask for port 0).
 pub fn metrics_port(daemon: &Daemon) -> u16 {
-    daemon.wait_for_log("serving /metrics and /healthz", Duration::from_secs(60));
+    daemon.wait_for_log("serving /metrics, /healthz and the status page", Duration::from_secs(60));
     let log = daemon.log();
     let line = log.lines().find(|l| l.contains("serving /metrics")).unwrap();
     line.rsplit(':')

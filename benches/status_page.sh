@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the status page and snapshots cost: one 640x480 test camera at
+# What the status page and snapshots cost: one 1280x720 test camera at
 # 15 fps, the demo model on tract (one thread, tiles), measured on the
 # labelcast process alone (the browser's own CPU is not counted) over
 # STATUS_SECONDS per phase:
@@ -62,7 +62,7 @@ start_daemon() {
 
 camera='[[camera]]
 id = "cam"
-source = "test://pattern?width=640&height=480&fps=15"'
+source = "test://pattern?width=1280&height=720&fps=15"'
 printf '[output]\nmode = "stdout"\n[service]\nhttp_listen = "127.0.0.1:%s"\n%s\n' "$http_port" "$camera" > "$work/page.toml"
 printf '[mqtt]\nembedded_listen = "127.0.0.1:%s"\n[service]\nhttp_listen = "127.0.0.1:%s"\n[snapshots]\nenabled = true\n%s\n' \
   "$mqtt_port" "$http_port" "$camera" > "$work/snapshots.toml"

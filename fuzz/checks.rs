@@ -175,7 +175,7 @@ pub fn mqtt_payload(input: PayloadInput) {
     for name in &refs {
         let topic = format!("homeassistant/binary_sensor/{device}_{name}/config");
         assert_eq!(
-            discovery.stale_label(&topic, &input.retained_config, &refs, &[]),
+            discovery.stale_label(&topic, &input.retained_config, &refs, &[] as &[&str], &[]),
             None,
             "{name:?} would be cleared"
         );

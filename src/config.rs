@@ -606,6 +606,36 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_settings_out_of_range_are_refused_naming_the_field() {
+        assert_eq!(validate("[snapshots]\nenabled = true\nmax_size = 32\n").unwrap_err().field, "snapshots.max_size");
+        assert_eq!(validate("[snapshots]\nenabled = true\nquality = 0\n").unwrap_err().field, "snapshots.quality");
+        let err = validate("[snapshots]\nframe_interval = \"10s\"\n").unwrap_err();
+        assert_eq!(err.field, "snapshots.frame_interval", "a latest-frame topic with snapshots off");
+        let err = validate("[snapshots]\nenabled = true\nframe_interval = \"100ms\"\n").unwrap_err();
+        assert_eq!(err.field, "snapshots.frame_interval");
+        let err = validate("[output]\nmode = \"stdout\"\n[snapshots]\nenabled = true\n").unwrap_err();
+        assert_eq!(err.field, "snapshots.enabled", "pictures go out on MQTT only");
+        let config = validate("[snapshots]\nenabled = true\nmin_interval = \"1m\"\n").unwrap();
+        assert_eq!(config.snapshots.min_interval, Duration::from_secs(60));
+        assert!(!validate("").unwrap().snapshots.enabled, "off by default");
+    }
+
+    #[test]
+    fn an_http_listener_off_loopback_needs_a_password_file_of_eight_characters() {
+        let err = validate("[service]\nhttp_listen = \"0.0.0.0:9464\"\n").unwrap_err();
+        assert_eq!(err.field, "service.http_listen");
+        assert!(err.message.contains("http_password_file"), "{err}");
+        let short = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(short.path(), "abc\n").unwrap();
+        let text = format!("[service]\nhttp_listen = \"0.0.0.0:9464\"\nhttp_password_file = {:?}\n", short.path());
+        assert_eq!(validate(&text).unwrap_err().field, "service.http_password_file");
+        std::fs::write(short.path(), "long enough\n").unwrap();
+        let config = validate(&text).unwrap();
+        assert_eq!(config.service.http_password.as_ref().map(Secret::expose), Some("long enough"));
+        assert!(validate("[service]\nhttp_listen = \"[::1]:9464\"\n").is_ok(), "loopback needs none");
+    }
+
+    #[test]
     fn a_qos_of_three_is_rejected_naming_the_field() {
         let err = validate("[mqtt]\nqos = 3\n").unwrap_err();
         assert_eq!(err.to_string(), "mqtt.qos: expected 0, 1 or 2, got 3");

@@ -66,6 +66,23 @@ pub struct Picture {
 }
 
 impl Picture {
+    /// This picture made smaller so its longer side is at most `max_side`
+    /// (a copy; itself when it already fits).
+    pub fn downscaled(self: Arc<Self>, max_side: u32) -> Arc<Self> {
+        let (dw, dh) = scaled_size(self.width, self.height, max_side);
+        if (dw, dh) == (self.width, self.height) {
+            return self;
+        }
+        let mut rgb = vec![0; dw as usize * dh as usize * 3];
+        match resize_rgb(&mut fr::Resizer::new(), &self.rgb, self.width, self.height, &mut rgb, dw, dh) {
+            Ok(()) => Arc::new(Picture { width: dw, height: dh, rgb, ..(*self).clone() }),
+            Err(err) => {
+                tracing::debug!(error = %err, "preview not downscaled");
+                self
+            }
+        }
+    }
+
     /// Draws `rect` (in pixels of the source frame) as a 2-pixel outline.
     pub fn outline(&mut self, rect: PixelRect, colour: [u8; 3]) {
         let sx = f64::from(self.width) / f64::from(self.frame_width.max(1));
@@ -120,15 +137,33 @@ pub fn scaled_size(w: u32, h: u32, max_side: u32) -> (u32, u32) {
     (((f64::from(w) * scale).round() as u32).max(1), ((f64::from(h) * scale).round() as u32).max(1))
 }
 
+/// Bilinear resize of packed RGB `src` (`w` x `h`) into `dst` (`dw` x `dh`).
+fn resize_rgb(
+    resizer: &mut fr::Resizer,
+    src: &[u8],
+    w: u32,
+    h: u32,
+    dst: &mut [u8],
+    dw: u32,
+    dh: u32,
+) -> anyhow::Result<()> {
+    let src = fr::images::TypedImageRef::<fr::pixels::U8x3>::from_buffer(w, h, src)?;
+    let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(dw, dh, dst)?;
+    let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
+    resizer.resize_typed(&src, &mut dst, &options)?;
+    Ok(())
+}
+
 struct TapState {
-    /// The last few pictures, newest last.
-    kept: VecDeque<Picture>,
+    /// The last few pictures, newest last. Shared with whoever asked for
+    /// one (a snapshot being encoded), so nothing is copied under the lock.
+    kept: VecDeque<Arc<Picture>>,
     /// Buffers of pictures that fell out, reused.
     spare: Vec<Vec<u8>>,
     last_stored: Option<Instant>,
     resizer: fr::Resizer,
     /// The newest picture's preview JPEG, by sequence, shared by every page.
-    preview: Option<(u64, Arc<Vec<u8>>)>,
+    preview: Option<(u64, bytes::Bytes)>,
 }
 
 /// One camera's recent frames, downscaled.
@@ -195,8 +230,17 @@ impl FrameTap {
         }
         let (dw, dh) = scaled_size(w, h, self.max_side);
         let mut state = lock(&self.state);
+        // A source reopened after going away counts its frames from 0
+        // again: what was kept is from before, and must not stand in for a
+        // frame of the new run.
+        if state.kept.back().is_some_and(|p| p.sequence >= sequence) {
+            let old: Vec<Arc<Picture>> = state.kept.drain(..).collect();
+            state.spare.extend(old.into_iter().filter_map(|p| Arc::try_unwrap(p).ok()).map(|p| p.rgb));
+            state.preview = None;
+        }
+        // A buffer of a picture nobody holds any more, else a new one.
         let mut buffer = if state.kept.len() >= KEPT_FRAMES {
-            state.kept.pop_front().map(|p| p.rgb).unwrap_or_default()
+            state.kept.pop_front().and_then(|p| Arc::try_unwrap(p).ok()).map(|p| p.rgb).unwrap_or_default()
         } else {
             state.spare.pop().unwrap_or_default()
         };
@@ -204,22 +248,14 @@ impl FrameTap {
         if (dw, dh) == (w, h) {
             buffer.copy_from_slice(rgb);
         } else {
-            let resized = fr::images::TypedImageRef::<fr::pixels::U8x3>::from_buffer(w, h, rgb)
-                .map_err(anyhow::Error::from)
-                .and_then(|src| {
-                    let mut dst = fr::images::TypedImage::<fr::pixels::U8x3>::from_buffer(dw, dh, &mut buffer)?;
-                    let options =
-                        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
-                    state.resizer.resize_typed(&src, &mut dst, &options)?;
-                    Ok(())
-                });
-            if let Err(err) = resized {
+            let TapState { resizer, .. } = &mut *state;
+            if let Err(err) = resize_rgb(resizer, rgb, w, h, &mut buffer, dw, dh) {
                 tracing::debug!(error = %err, "frame not kept for the status page");
                 state.spare.push(buffer);
                 return;
             }
         }
-        state.kept.push_back(Picture {
+        state.kept.push_back(Arc::new(Picture {
             sequence,
             captured_at,
             width: dw,
@@ -227,13 +263,13 @@ impl FrameTap {
             frame_width: w,
             frame_height: h,
             rgb: buffer,
-        });
+        }));
         state.last_stored = Some(Instant::now());
     }
 
     /// The kept picture of frame `sequence`, else the newest one kept after
     /// it (a frame or two later), else the newest of all.
-    pub fn picture(&self, sequence: Option<u64>) -> Option<Picture> {
+    pub fn picture(&self, sequence: Option<u64>) -> Option<Arc<Picture>> {
         let state = lock(&self.state);
         let found = match sequence {
             Some(s) => state.kept.iter().find(|p| p.sequence >= s).or_else(|| state.kept.back()),
@@ -247,10 +283,10 @@ impl FrameTap {
         lock(&self.state).kept.back().map(|p| (p.frame_width, p.frame_height))
     }
 
-    /// The newest kept frame as a JPEG for the page, encoded once per frame
-    /// (the caller runs it off the async runtime). `None` until a frame was
-    /// kept.
-    pub fn preview_jpeg(&self) -> Option<Arc<Vec<u8>>> {
+    /// The newest kept frame as a JPEG for the page, at most
+    /// [`PREVIEW_MAX_SIDE`] on its longer side, encoded once per frame (the
+    /// caller runs it off the async runtime). `None` until a frame was kept.
+    pub fn preview_jpeg(&self) -> Option<bytes::Bytes> {
         self.watch();
         let picture = {
             let state = lock(&self.state);
@@ -262,15 +298,16 @@ impl FrameTap {
             }
             newest.clone()
         };
-        let jpeg = match picture.jpeg(75) {
-            Ok(jpeg) => Arc::new(jpeg),
+        let sequence = picture.sequence;
+        let jpeg = match picture.downscaled(PREVIEW_MAX_SIDE).jpeg(75) {
+            Ok(jpeg) => bytes::Bytes::from(jpeg),
             Err(err) => {
                 tracing::warn!(error = %err, "preview JPEG encoding failed");
                 return None;
             }
         };
         Counters::inc(&self.counters.previews_encoded);
-        lock(&self.state).preview = Some((picture.sequence, jpeg.clone()));
+        lock(&self.state).preview = Some((sequence, jpeg.clone()));
         Some(jpeg)
     }
 }
@@ -328,8 +365,13 @@ impl ViewBoard {
         Self { region, rect, latest: vec![None; rules.len()], rules, index, history }
     }
 
-    fn record(&mut self, labels: &[crate::flow::LabelScore], second: u64) {
-        for label in labels {
+    /// This frame's reported labels replace the last frame's (a model with
+    /// many labels reports the ON ones and the highest: one not reported
+    /// now shows no score rather than an old one), and its changes set
+    /// the states of labels turned OFF below the reporting floor.
+    fn record(&mut self, labels: &[crate::flow::LabelScore], changed: &[crate::flow::LabelScore], second: u64) {
+        self.latest.fill(None);
+        for label in labels.iter().chain(changed) {
             if let Some(&i) = self.index.get(&label.name) {
                 self.latest[i] = Some((label.score, label.on));
                 if let Some(history) = self.history.get_mut(&i) {
@@ -434,11 +476,11 @@ impl CameraBoard {
             if !event.labels.is_empty()
                 && let Some(view) = views.first_mut()
             {
-                view.record(&event.labels, second);
+                view.record(&event.labels, &event.changed, second);
             }
             for region in &event.regions {
                 if let Some(view) = views.iter_mut().find(|v| v.region.as_ref() == Some(&region.id)) {
-                    view.record(&region.labels, second);
+                    view.record(&region.labels, &region.changed, second);
                 }
             }
         }
@@ -546,6 +588,20 @@ mod tests {
         assert_eq!(tap.picture(Some(6)).unwrap().sequence, 6);
         assert_eq!(tap.picture(Some(3)).unwrap().sequence, 5, "4 fell out: the oldest kept after it");
         assert_eq!(tap.picture(Some(9)).unwrap().sequence, 7, "not kept yet: the newest");
+        // The source was reopened: its frames count from 0 again.
+        tap.store(0, SystemTime::now(), 40, 30, &gradient(40, 30));
+        assert_eq!(tap.picture(Some(0)).unwrap().sequence, 0);
+        assert_eq!(tap.picture(Some(6)).unwrap().sequence, 0, "nothing from before the reopening");
+    }
+
+    #[test]
+    fn a_preview_of_a_large_snapshot_picture_is_no_larger_than_the_page_needs() {
+        let tap = FrameTap::new(true, 2000, Arc::default());
+        tap.store(1, SystemTime::now(), 1600, 1200, &gradient(1600, 1200));
+        let jpeg = tap.preview_jpeg().unwrap();
+        let decoded = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (PREVIEW_MAX_SIDE, 480));
+        assert_eq!(tap.picture(None).unwrap().width, 1600, "the kept picture stays at the snapshot size");
     }
 
     #[test]
@@ -556,7 +612,7 @@ mod tests {
         tap.store(1, SystemTime::now(), 100, 80, &gradient(100, 80));
         let jpeg = tap.preview_jpeg().unwrap();
         let again = tap.preview_jpeg().unwrap();
-        assert!(Arc::ptr_eq(&jpeg, &again));
+        assert_eq!(jpeg.as_ptr(), again.as_ptr(), "the same bytes, not encoded again");
         assert_eq!(Counters::get(&counters.previews_encoded), 1);
         let decoded = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (100, 80));
@@ -566,7 +622,7 @@ mod tests {
     fn an_outline_is_drawn_where_the_region_is_in_the_scaled_picture() {
         let tap = FrameTap::new(true, 100, Arc::default());
         tap.store(1, SystemTime::now(), 200, 100, &vec![0; 200 * 100 * 3]);
-        let mut picture = tap.picture(None).unwrap();
+        let mut picture = Arc::unwrap_or_clone(tap.picture(None).unwrap());
         picture.outline(PixelRect { x: 100.0, y: 0.0, width: 100.0, height: 100.0 }, [255, 0, 0]);
         let at = |x: usize, y: usize| &picture.rgb[(y * 100 + x) * 3..(y * 100 + x) * 3 + 3];
         assert_eq!(at(50, 25), [255, 0, 0], "left edge of the region");
@@ -639,5 +695,27 @@ mod tests {
         assert_eq!(json["views"][1]["rect"]["height"], 0.25);
         assert_eq!(json["views"][1]["labels"][1]["score"], 0.6);
         assert_eq!(json["views"][1]["labels"][0]["score"], Value::Null, "cat not reported for the region yet");
+        // A model with many labels reports the ON ones and the highest: dog
+        // fell out of the report, and turned OFF.
+        board.record(&LabelEvent {
+            sequence: 2,
+            timestamp: SystemTime::now(),
+            origin: None,
+            model: "demo".into(),
+            inference_ms: 12.0,
+            frame_ms: 20.0,
+            labels: vec![label("cat", 0.8, true)],
+            changed: vec![],
+            camera: Some("door".into()),
+            regions: vec![crate::flow::RegionLabels {
+                id: "step".into(),
+                labels: vec![],
+                changed: vec![label("dog", 0.01, false)],
+            }],
+        });
+        let json = board.to_json(0);
+        assert_eq!(json["views"][0]["labels"][1]["score"], Value::Null, "no old score for an unreported label");
+        assert_eq!(json["views"][1]["labels"][1]["on"], false, "its change reached the page");
+        assert_eq!(json["views"][1]["labels"][1]["score"], 0.01);
     }
 }

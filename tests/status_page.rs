@@ -342,7 +342,7 @@ rect = [0.25, 0.0, 0.5, 0.5]
     let (frame_topic, _, _) = topic_of("/hall/frame");
     assert_eq!(jpeg(&frame_topic).height(), 300);
     // Home Assistant: an image entity for each label's snapshot.
-    let (config_topic, body, _) = topic_of("_person_snapshot/config");
+    let (config_topic, body, _) = topic_of("_hall_person_snapshot/config");
     assert!(config_topic.starts_with("homeassistant/image/"), "{config_topic}");
     let entity: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(entity["image_topic"], whole_topic.as_str());
@@ -356,5 +356,18 @@ rect = [0.25, 0.0, 0.5, 0.5]
         })
     })
     .unwrap_or_else(|_| panic!("stats never counted the snapshots: {:?}", subscriber.latest()));
+    let mut daemon = daemon;
+    assert!(daemon.stop().success());
+
+    // Snapshots switched off: the image entities go, and with them the
+    // retained pictures they showed.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("enabled = true\nmax_size = 300\nframe_interval = \"1s\"", "enabled = false");
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::start(&["run", "--config", config.to_str().unwrap()]);
+    subscriber.wait_for(&config_topic, "", WAIT);
+    subscriber.wait_for(&whole_topic, "", WAIT);
+    subscriber.wait_for(&frame_topic, "", WAIT);
     drop(daemon);
 }

@@ -18,7 +18,7 @@ mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
@@ -39,6 +39,19 @@ use crate::status::Board;
 /// The status page: HTML, CSS and JavaScript in one file, no build step, no
 /// CDN (a camera network is often offline).
 const PAGE: &str = include_str!("page.html");
+
+/// Connections served at once; more are closed at once (a client holding
+/// many idle ones cannot take the process's file descriptors, which the
+/// cameras and the broker connection need).
+const MAX_CONNECTIONS: usize = 64;
+
+/// A client has this long to send a request's headers (slow senders are
+/// cut off).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A kept-alive connection is closed, after the request in flight, once it
+/// is this old: the page's browser opens a new one without noticing.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Everything the endpoint serves.
 pub struct Server {
@@ -70,7 +83,7 @@ pub fn router(server: Server) -> Router {
 /// an error and the daemon goes on without the endpoint: labels matter more.
 /// Serves until `shutdown` turns true (the pipeline stopped), then closes
 /// the listener, so a second `pipeline::run` in the process can bind again.
-pub async fn start(listen: SocketAddr, server: Server, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn start(listen: SocketAddr, server: Server, shutdown: tokio::sync::watch::Receiver<bool>) {
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -80,13 +93,53 @@ pub async fn start(listen: SocketAddr, server: Server, mut shutdown: tokio::sync
     };
     let address = listener.local_addr().unwrap_or(listen);
     tracing::info!(password = server.password.is_some(), listen = %address, "serving /metrics, /healthz and the status page");
+    spawn_server(listener, server, shutdown);
+}
+
+/// Accepts connections on `listener` until `shutdown` turns true, each
+/// served by hyper with a header-read timeout and a bounded lifetime, at
+/// most [`MAX_CONNECTIONS`] at once.
+fn spawn_server(listener: TcpListener, server: Server, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let app = router(server);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let full = Arc::new(crate::telemetry::RateLimit::new(Duration::from_secs(60)));
     tokio::spawn(async move {
-        let stopped = async move {
-            let _ = shutdown.wait_for(|stopped| *stopped).await;
-        };
-        if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
-            tracing::warn!(error = %err, "HTTP server stopped");
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.wait_for(|stopped| *stopped) => return,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors, usually: give it a moment.
+                    tracing::debug!(error = %err, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if let Some(suppressed) = full.check(Instant::now()) {
+                    tracing::warn!(limit = MAX_CONNECTIONS, suppressed, "too many HTTP connections; closing new ones");
+                }
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, connection).await;
+                    }
+                }
+                drop(slot);
+            });
         }
     });
 }
@@ -115,8 +168,7 @@ async fn frame(State(server): State<Shared>, Path(index): Path<String>) -> Respo
     // Encoding takes milliseconds: off the async workers.
     match tokio::task::spawn_blocking(move || tap.preview_jpeg()).await {
         Ok(Some(jpeg)) => {
-            ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "no-store")], jpeg.as_ref().clone())
-                .into_response()
+            ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "no-store")], jpeg).into_response()
         }
         Ok(None) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -156,8 +208,11 @@ async fn require_password(State(server): State<Shared>, request: Request, next: 
             next.run(request).await
         }
         (Some(_), given) => {
-            if given.is_some() {
-                tracing::warn!(path = %request.uri().path(), "HTTP request with a wrong password refused");
+            static WRONG: crate::telemetry::RateLimit = crate::telemetry::RateLimit::new(Duration::from_secs(60));
+            if given.is_some()
+                && let Some(suppressed) = WRONG.check(Instant::now())
+            {
+                tracing::warn!(path = %request.uri().path(), suppressed, "HTTP request with a wrong password refused");
             }
             let mut response =
                 (StatusCode::UNAUTHORIZED, "this labelcast asks for a password (service.http_password_file)\n")
@@ -174,10 +229,10 @@ async fn require_password(State(server): State<Shared>, request: Request, next: 
 /// The password in an `Authorization` header: basic auth's (after the
 /// first `:`), or a bearer token.
 fn presented_password(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = value.split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(rest.trim().to_string());
+        return Some(rest.to_string());
     }
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
@@ -213,16 +268,8 @@ mod tests {
     async fn serve(server: Server) -> (u16, tokio::sync::watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let app = router(server);
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-                .unwrap();
-        });
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        spawn_server(listener, server, stopped);
         (port, stop)
     }
 
@@ -290,5 +337,16 @@ mod tests {
         assert_eq!(request(port, &format!("GET / HTTP/1.1\r\nAuthorization: Basic {right}")).await.0, 200);
         assert_eq!(request(port, "GET /metrics HTTP/1.1\r\nAuthorization: Bearer correct horse").await.0, 200);
         assert_eq!(request(port, "GET /healthz HTTP/1.1").await.0, 503, "/healthz asks for nothing");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (port, _stop) = serve(server(None)).await;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(HEADER_READ_TIMEOUT * 3, stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the connection is still open after {:?}", HEADER_READ_TIMEOUT * 3);
     }
 }

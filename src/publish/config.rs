@@ -54,6 +54,7 @@ pub struct RawSnapshots {
     pub enabled: Option<bool>,
     pub max_size: Option<i64>,
     pub quality: Option<i64>,
+    pub min_interval: Option<String>,
     pub frame_interval: Option<String>,
 }
 
@@ -141,13 +142,16 @@ pub struct SnapshotConfig {
     pub max_size: u32,
     /// JPEG quality, 1-100.
     pub quality: u8,
+    /// A label's snapshot is sent at most this often (one that flaps ON and
+    /// OFF does not flood the broker with pictures).
+    pub min_interval: Duration,
     /// `None`: no latest-frame topic (the default).
     pub frame_interval: Option<Duration>,
 }
 
 impl Default for SnapshotConfig {
     fn default() -> Self {
-        Self { enabled: false, max_size: 640, quality: 80, frame_interval: None }
+        Self { enabled: false, max_size: 640, quality: 80, min_interval: Duration::from_secs(10), frame_interval: None }
     }
 }
 
@@ -181,11 +185,15 @@ pub(crate) fn validate_snapshots(raw: &RawSnapshots) -> Result<SnapshotConfig, C
             Some(interval)
         }
     };
-    let enabled = raw.enabled.unwrap_or(frame_interval.is_some());
+    let min_interval = duration("snapshots.min_interval", &raw.min_interval, defaults.min_interval)?;
+    let enabled = raw.enabled.unwrap_or(false);
     if frame_interval.is_some() && !enabled {
-        return Err(ConfigError::new("snapshots.frame_interval", "set, but snapshots.enabled is false"));
+        return Err(ConfigError::new(
+            "snapshots.frame_interval",
+            "set, but snapshots are off: add snapshots.enabled = true",
+        ));
     }
-    Ok(SnapshotConfig { enabled, max_size, quality, frame_interval })
+    Ok(SnapshotConfig { enabled, max_size, quality, min_interval, frame_interval })
 }
 
 /// The embedded broker's default address.

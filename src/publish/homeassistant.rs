@@ -75,6 +75,12 @@ pub fn snapshot_key(key: &str) -> String {
     format!("{key}_snapshot")
 }
 
+/// The picture topic a retained `image` config points at, if it is one.
+pub fn image_topic(config: &[u8]) -> Option<String> {
+    let config: Value = serde_json::from_slice(config).ok()?;
+    config["image_topic"].as_str().map(str::to_string)
+}
+
 /// The `image` entity's key for a camera's latest frame.
 pub const FRAME_KEY: &str = "latest_frame";
 
@@ -250,7 +256,8 @@ impl Discovery {
     }
 
     /// For a retained binary_sensor or image config the broker replayed: the entity
-    /// it belongs to if it is this device's and its key is not among `keys`,
+    /// it belongs to if it is this device's and its key is not among `keys`
+    /// (`image_keys` for an image),
     /// or (on the hub) it belongs to a camera device of this hub whose id is
     /// not among `cameras`; so it must be cleared. Else `None`.
     pub fn stale_label(
@@ -258,11 +265,21 @@ impl Discovery {
         topic: &str,
         payload: &[u8],
         keys: &[impl AsRef<str>],
+        image_keys: &[impl AsRef<str>],
         cameras: &[&str],
     ) -> Option<String> {
         let ours =
             |component: &str| topic.starts_with(&format!("{}/{component}/{}_", self.prefix, self.object_prefix()));
-        if payload.is_empty() || !(ours("binary_sensor") || ours("image")) {
+        // Keys are per component: a label named `cat_snapshot` and the
+        // snapshot image of `cat` share one.
+        let keys: Vec<&str> = if ours("binary_sensor") {
+            keys.iter().map(AsRef::as_ref).collect()
+        } else if ours("image") {
+            image_keys.iter().map(AsRef::as_ref).collect()
+        } else {
+            return None;
+        };
+        if payload.is_empty() {
             return None;
         }
         let config: Value = serde_json::from_slice(payload).ok()?;
@@ -271,7 +288,7 @@ impl Discovery {
         let unique_id = config["unique_id"].as_str()?;
         let name = || Some(config["name"].as_str().unwrap_or(unique_id).to_string());
         if has(&self.device_identifier()) {
-            if keys.iter().any(|key| self.unique_id(key.as_ref()) == unique_id) {
+            if keys.iter().any(|key| self.unique_id(key) == unique_id) {
                 return None;
             }
             return name();
@@ -288,6 +305,12 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_IMAGES: &[&str] = &[];
+
+    fn homeassistant_image_topic(body: &str) -> Option<String> {
+        image_topic(body.as_bytes())
+    }
 
     fn discovery() -> Discovery {
         Discovery {
@@ -399,14 +422,14 @@ mod tests {
         let d = discovery();
         let old = d.messages(&labels(&["dog"]));
         let (topic, body) = &old[0];
-        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"], &[]), Some("dog".to_string()));
-        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat", "dog"], &[]), None, "still configured");
-        assert_eq!(d.stale_label(topic, b"", &["cat"], &[]), None, "already cleared");
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"], NO_IMAGES, &[]), Some("dog".to_string()));
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat", "dog"], NO_IMAGES, &[]), None, "still configured");
+        assert_eq!(d.stale_label(topic, b"", &["cat"], NO_IMAGES, &[]), None, "already cleared");
         // Another labelcast whose device id starts the same way.
         let other = Discovery { device_id: "kitchen_2".into(), ..discovery() };
         let (topic, body) = &other.messages(&labels(&["dog"]))[0];
         assert!(topic.starts_with("homeassistant/binary_sensor/kitchen_"));
-        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"], &[]), None, "not this device's entity");
+        assert_eq!(d.stale_label(topic, body.as_bytes(), &["cat"], NO_IMAGES, &[]), None, "not this device's entity");
     }
 
     #[test]
@@ -453,15 +476,18 @@ mod tests {
         assert_eq!(config["availability_topic"], "labelcast/kitchen/available");
         let (topic, body) = &messages[1];
         // The camera still configured, its region gone: the camera clears it.
-        assert_eq!(porch.stale_label(topic, body.as_bytes(), &["cat"], &[]), Some("door cat".into()));
-        assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], &["porch"]), None);
+        assert_eq!(porch.stale_label(topic, body.as_bytes(), &["cat"], NO_IMAGES, &[]), Some("door cat".into()));
+        assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], NO_IMAGES, &["porch"]), None);
         // Another daemon whose device id is this one's and its camera's: not ours.
         let other = Discovery { device_id: "kitchen_porch".into(), ..discovery() };
         let (other_topic, other_body) = &other.messages(&entities)[1];
-        assert_eq!(hub.stale_label(other_topic, other_body.as_bytes(), &[] as &[&str], &["porch"]), None);
-        assert_eq!(porch.stale_label(other_topic, other_body.as_bytes(), &["cat"], &[]), None);
+        assert_eq!(hub.stale_label(other_topic, other_body.as_bytes(), &[] as &[&str], NO_IMAGES, &["porch"]), None);
+        assert_eq!(porch.stale_label(other_topic, other_body.as_bytes(), &["cat"], NO_IMAGES, &[]), None);
         // The camera gone: the hub clears it.
-        assert_eq!(hub.stale_label(topic, body.as_bytes(), &[] as &[&str], &["garden"]), Some("door cat".into()));
+        assert_eq!(
+            hub.stale_label(topic, body.as_bytes(), &[] as &[&str], NO_IMAGES, &["garden"]),
+            Some("door cat".into())
+        );
     }
 
     #[test]
@@ -485,7 +511,13 @@ mod tests {
         assert_eq!(config["device"]["identifiers"][0], "labelcast_kitchen");
         assert!(config.get("expire_after").is_none() && config.get("qos").is_none(), "{config}");
         // Snapshots switched off: the image entity is no longer among the keys.
-        assert_eq!(hub.stale_label(topic, body.as_bytes(), &["cat"], &[]), Some("cat snapshot".into()));
-        assert_eq!(hub.stale_label(topic, body.as_bytes(), &["cat", "cat_snapshot"], &[]), None);
+        assert_eq!(hub.stale_label(topic, body.as_bytes(), &["cat"], NO_IMAGES, &[]), Some("cat snapshot".into()));
+        assert_eq!(hub.stale_label(topic, body.as_bytes(), &["cat"], &["cat_snapshot"], &[]), None);
+        // A label named like the image's key keeps no image alive, nor the reverse.
+        assert_eq!(
+            hub.stale_label(topic, body.as_bytes(), &["cat_snapshot"], NO_IMAGES, &[]),
+            Some("cat snapshot".into())
+        );
+        assert_eq!(homeassistant_image_topic(body), Some("labelcast/kitchen/snapshot/cat".into()));
     }
 }

@@ -105,6 +105,12 @@ impl Outbox {
         self.queued.is_empty() && self.inflight.is_empty()
     }
 
+    /// The connection dropped: what was queued or in flight is lost.
+    fn forget(&mut self) {
+        self.queued.clear();
+        self.inflight.clear();
+    }
+
     fn waiting(&self) -> usize {
         self.queued.len() + self.inflight.len()
     }
@@ -426,6 +432,8 @@ impl MqttSink {
             outlet,
             snapshots,
             frame_topic: snapshot_config.frame_interval.is_some(),
+            snapshot_every: snapshot_config.min_interval,
+            last_snapshot: HashMap::new(),
             topics,
             publish_every: config.publish_every,
             cameras,
@@ -498,11 +506,14 @@ impl MqttSink {
                     publisher.publish_states();
                 }
                 _ = frame_tick.tick(), if snapshot_config.frame_interval.is_some() => {
-                    publisher.publish_frames();
+                    publisher.publish_frames(frame_every);
                 }
             }
         }
 
+        // No picture after `offline`: the encoder thread ends with its queue.
+        publisher.snapshots = None;
+        publisher.outlet.connected.store(false, Ordering::Relaxed);
         if publisher.connected {
             publisher.publish_sources();
             publisher.publish_stats();
@@ -539,6 +550,9 @@ struct Publisher {
     snapshots: Option<Snapshots>,
     /// Each camera's latest frame is published (`snapshots.frame_interval`).
     frame_topic: bool,
+    /// `snapshots.min_interval`, and when each snapshot topic was last sent.
+    snapshot_every: Duration,
+    last_snapshot: HashMap<String, Instant>,
     /// The daemon's own topics: availability and stats.
     topics: Topics,
     publish_every: u32,
@@ -589,21 +603,21 @@ impl Publisher {
             .collect()
     }
 
-    /// The keys of every entity a camera's discovery announces (label
-    /// entities, their snapshot images, the latest-frame image): the
-    /// retained configs not among them are stale.
-    fn entity_keys(&self, camera: &CameraTopics) -> Vec<String> {
-        let mut keys = Vec::new();
+    /// The keys of every entity a camera's discovery announces: its label
+    /// `binary_sensor`s, and its `image`s (snapshots, the latest frame).
+    /// Retained configs not among them are stale.
+    fn entity_keys(&self, camera: &CameraTopics) -> (Vec<String>, Vec<String>) {
+        let (mut labels, mut images) = (Vec::new(), Vec::new());
         for entity in Self::entities(camera, self.snapshots.is_some()) {
             if entity.snapshot_topic.is_some() {
-                keys.push(homeassistant::snapshot_key(&entity.key));
+                images.push(homeassistant::snapshot_key(&entity.key));
             }
-            keys.push(entity.key);
+            labels.push(entity.key);
         }
         if self.frame_topic {
-            keys.push(homeassistant::FRAME_KEY.to_string());
+            images.push(homeassistant::FRAME_KEY.to_string());
         }
-        keys
+        (labels, images)
     }
 
     /// Discovery (when on), availability, every label state and stats.
@@ -642,19 +656,32 @@ impl Publisher {
             return message.payload.as_ref() == b"online";
         }
         if message.retain {
-            let single: Vec<String> =
-                self.cameras.iter().filter(|c| c.id.is_none()).flat_map(|c| self.entity_keys(c)).collect();
+            let (mut single, mut single_images) = (Vec::new(), Vec::new());
+            for camera in self.cameras.iter().filter(|c| c.id.is_none()) {
+                let (labels, images) = self.entity_keys(camera);
+                single.extend(labels);
+                single_images.extend(images);
+            }
             let camera_ids: Vec<&str> = self.cameras.iter().filter_map(|c| c.id.as_deref()).collect();
-            let mut stale = hub.stale_label(&message.topic, &message.payload, &single, &camera_ids);
+            let mut stale = hub.stale_label(&message.topic, &message.payload, &single, &single_images, &camera_ids);
             for camera in &self.cameras {
                 if let Some(discovery) = &camera.discovery {
-                    let keys = self.entity_keys(camera);
-                    stale = stale.or_else(|| discovery.stale_label(&message.topic, &message.payload, &keys, &[]));
+                    let (labels, images) = self.entity_keys(camera);
+                    stale = stale
+                        .or_else(|| discovery.stale_label(&message.topic, &message.payload, &labels, &images, &[]));
                 }
             }
             if let Some(stale) = stale {
                 tracing::info!(entity = %stale, topic = %message.topic, "removing the Home Assistant entity of a label, region or camera no longer configured");
                 self.send(message.topic.clone(), true, String::new(), Kind::Other);
+                // A stale image entity's retained picture goes too: pictures
+                // stay on the broker only while they are asked for.
+                if let Some(picture) = homeassistant::image_topic(&message.payload)
+                    && picture.starts_with(&format!("{}/", self.topics.prefix()))
+                {
+                    tracing::info!(topic = %picture, "clearing the retained picture of a removed snapshot entity");
+                    self.send(picture, true, String::new(), Kind::Other);
+                }
             }
         }
         false
@@ -732,7 +759,8 @@ impl Publisher {
             return;
         };
         let mut changes: Vec<(String, bool)> = Vec::new();
-        let snapshots = self.snapshots.as_ref();
+        let mut pictures: Vec<(Option<Rect>, Vec<String>)> = Vec::new();
+        let snapshots = self.snapshots.is_some();
         {
             let camera = &mut self.cameras[index];
             // Only published labels have a topic.
@@ -748,15 +776,8 @@ impl Publisher {
                     }
                 }
                 // One picture for every label this view turned ON on this frame.
-                if let Some(snapshots) = snapshots
-                    && !turned_on.is_empty()
-                {
-                    snapshots.request(snapshot::Request {
-                        camera: index,
-                        sequence: Some(event.sequence),
-                        outline: view.outline,
-                        topics: turned_on,
-                    });
+                if snapshots && !turned_on.is_empty() {
+                    pictures.push((view.outline, turned_on));
                 }
             };
             record(&mut camera.views[0], &event.changed);
@@ -769,6 +790,29 @@ impl Publisher {
         if self.connected {
             for (topic, on) in changes {
                 self.send(topic, true, payload::on_off(on).into(), Kind::Other);
+            }
+        }
+        if let Some(snapshots) = &self.snapshots {
+            // A label that flaps gets one picture per `min_interval`.
+            let now = Instant::now();
+            for (outline, mut topics) in pictures {
+                topics.retain(|topic| {
+                    let due =
+                        self.last_snapshot.get(topic).is_none_or(|at| now.duration_since(*at) >= self.snapshot_every);
+                    if due {
+                        self.last_snapshot.insert(topic.clone(), now);
+                    }
+                    due
+                });
+                if !topics.is_empty() {
+                    snapshots.request(snapshot::Request {
+                        camera: index,
+                        sequence: Some(event.sequence),
+                        outline,
+                        max_age: None,
+                        topics,
+                    });
+                }
             }
         }
         let camera = &mut self.cameras[index];
@@ -815,13 +859,14 @@ impl Publisher {
     }
 
     /// Each camera's newest kept frame on its `frame` topic.
-    fn publish_frames(&self) {
+    fn publish_frames(&self, interval: Duration) {
         let Some(snapshots) = &self.snapshots else { return };
         for (index, camera) in self.cameras.iter().enumerate() {
             snapshots.request(snapshot::Request {
                 camera: index,
                 sequence: None,
                 outline: None,
+                max_age: Some(interval * 2),
                 topics: vec![camera.topics.frame()],
             });
         }
@@ -919,6 +964,12 @@ async fn drive_connection(
                 if lasted.is_some() {
                     let _ = link.send(Link { connected: false, generation });
                 }
+                // rumqttc moved what was in flight and what was still queued
+                // to its pending list, which a clean session clears on the
+                // next ConnAck: none of it will be written or acknowledged,
+                // and keeping it would shift every later message's kind and
+                // leave acknowledgements overdue for packets that are gone.
+                lock(&outbox).forget();
                 if *stop.borrow() {
                     return;
                 }
@@ -1109,6 +1160,19 @@ mod tests {
         assert_eq!(outbox.acknowledged(1), Some(Kind::Other));
         assert_eq!(outbox.acknowledged(1), None);
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_dropped_connection_forgets_what_was_queued_and_in_flight_so_later_kinds_stay_in_step() {
+        let mut outbox = Outbox::default();
+        let t0 = Instant::now();
+        outbox.queued.extend([Kind::Snapshot, Kind::Other]);
+        assert_eq!(outbox.written(7, t0), None);
+        // The connection drops: rumqttc's clean session loses both.
+        outbox.forget();
+        assert!(outbox.is_empty() && outbox.oldest().is_none(), "nothing overdue for packets that are gone");
+        outbox.queued.push_back(Kind::Labels);
+        assert_eq!(outbox.written(0, t0), Some(Kind::Labels), "the next message is counted as what it is");
     }
 
     #[test]

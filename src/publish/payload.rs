@@ -17,6 +17,10 @@ impl Topics {
     pub fn new(prefix: &str) -> Self {
         Self { prefix: prefix.trim_end_matches('/').to_string() }
     }
+    /// The prefix every topic here starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
     /// The topics of a camera or region one level down: `<prefix>/<id>/...`.
     pub fn child(&self, id: &str) -> Self {
         Self { prefix: format!("{}/{id}", self.prefix) }

@@ -41,6 +41,9 @@ pub struct Request {
     pub sequence: Option<u64>,
     /// The region to outline.
     pub outline: Option<Rect>,
+    /// A kept frame older than this is not sent (the latest-frame topic
+    /// while the camera is away).
+    pub max_age: Option<std::time::Duration>,
     /// Where to publish it (each retained).
     pub topics: Vec<String>,
 }
@@ -95,15 +98,25 @@ fn encode_and_publish(
             Counters::add(&counters.snapshots_dropped, dropped);
             continue;
         }
-        let Some(mut picture) = taps.get(request.camera).and_then(|tap| tap.picture(request.sequence)) else {
+        let Some(picture) = taps.get(request.camera).and_then(|tap| tap.picture(request.sequence)) else {
             Counters::add(&counters.snapshots_dropped, dropped);
             continue;
         };
-        if let Some(rect) = request.outline
-            && let Ok(rect) = rect.resolve(picture.frame_width, picture.frame_height)
+        if let Some(max_age) = request.max_age
+            && picture.captured_at.elapsed().is_ok_and(|age| age > max_age)
         {
-            picture.outline(rect, OUTLINE);
+            // The camera is away: its last frame is not its latest view.
+            Counters::add(&counters.snapshots_dropped, dropped);
+            continue;
         }
+        let picture = match request.outline.map(|rect| rect.resolve(picture.frame_width, picture.frame_height)) {
+            Some(Ok(rect)) => {
+                let mut outlined = std::sync::Arc::unwrap_or_clone(picture);
+                outlined.outline(rect, OUTLINE);
+                std::sync::Arc::new(outlined)
+            }
+            _ => picture,
+        };
         let jpeg = match picture.jpeg(quality) {
             Ok(jpeg) => jpeg,
             Err(err) => {

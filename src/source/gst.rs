@@ -102,7 +102,7 @@ impl GstSpec {
         match &self.kind {
             Kind::Csi { sensor, width, height, fps, .. } => format!("csi://{sensor} ({width}x{height}@{fps})"),
             Kind::Rtsp { location, .. } => redact(location),
-            Kind::Custom { pipeline } => format!("gst://{pipeline}"),
+            Kind::Custom { pipeline } => format!("gst://{}", redact_pipeline(pipeline)),
         }
     }
 
@@ -141,6 +141,37 @@ impl GstSpec {
             Kind::Custom { pipeline } => pipeline.clone(),
         }
     }
+}
+
+/// A custom pipeline for logs and the status page: every URL in it (a
+/// `location=rtsp://user:pass@...` property) redacted as [`redact`] does.
+pub fn redact_pipeline(pipeline: &str) -> String {
+    pipeline
+        .split(' ')
+        .map(|word| match word.find("://") {
+            Some(scheme_end) => {
+                // The URL starts after `property=` and an opening quote.
+                let start = word[..scheme_end].rfind(['=', '"', '\'']).map_or(0, |i| i + 1);
+                let end = word[start..].find(['"', '\'']).map_or(word.len(), |i| start + i);
+                let url = &word[start..end];
+                match url::Url::parse(url) {
+                    Ok(parsed)
+                        if !parsed.username().is_empty() || parsed.password().is_some() || parsed.query().is_some() =>
+                    {
+                        let mut clean = parsed;
+                        let _ = clean.set_username("");
+                        let _ = clean.set_password(None);
+                        clean.set_query(None);
+                        format!("{}{}{} (credentials and query hidden)", &word[..start], clean, &word[end..])
+                    }
+                    Ok(_) => word.to_string(),
+                    Err(_) => format!("{}(unparsable URL hidden){}", &word[..start], &word[end..]),
+                }
+            }
+            None => word.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `rtsp://user:pass@host:554/path?token=x` -> `rtsp://host:554/path`.
@@ -324,6 +355,18 @@ fn scrub(text: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_custom_pipeline_is_described_without_the_credentials_in_its_urls() {
+        let shown = redact_pipeline(
+            "rtspsrc location=rtsp://admin:hunter2@10.0.0.5:554/live?token=x latency=0 ! decodebin ! appsink",
+        );
+        assert!(!shown.contains("hunter2") && !shown.contains("admin") && !shown.contains("token"), "{shown}");
+        assert!(shown.contains("location=rtsp://10.0.0.5:554/live (credentials and query hidden)"), "{shown}");
+        assert_eq!(redact_pipeline("videotestsrc ! appsink"), "videotestsrc ! appsink");
+        let quoted = redact_pipeline("souphttpsrc location=\"https://u:p@cam/x.mjpg\" ! jpegdec");
+        assert!(!quoted.contains("u:p@"), "{quoted}");
+    }
 
     #[test]
     fn an_rtsp_description_keeps_the_host_and_drops_credentials_and_query() {

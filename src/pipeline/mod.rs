@@ -89,11 +89,13 @@ pub fn prepare(config: &Config) -> anyhow::Result<Vec<Prepared>> {
             .iter()
             .map(|&index| {
                 let camera = &config.cameras[index];
-                std::iter::once(labels::view_rules(&rules, &camera.labels, hysteresis, &camera.field))
+                let views = std::iter::once(labels::view_rules(&rules, &camera.labels, hysteresis, &camera.field))
                     .chain(camera.regions.iter().map(|r| labels::view_rules(&rules, &r.labels, hysteresis, &r.field)))
-                    .collect::<Result<Vec<_>, _>>()
+                    .collect::<Result<Vec<_>, _>>()?;
+                config.output.check_views(camera, &views)?;
+                Ok(views)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, crate::config::ConfigError>>()?;
         prepared.push(Prepared { engine, rules, cameras, views });
     }
     Ok(prepared)

@@ -72,6 +72,30 @@ impl OutputConfig {
         Ok(())
     }
 
+    /// With Home Assistant discovery, every published label of a camera's
+    /// views (its whole frame, then each region) gets an entity keyed
+    /// `<label>` or `<region>_<label>`: two must not share one (region
+    /// `a_b` with label `c`, and region `a` with label `b_c`).
+    pub fn check_views(
+        &self,
+        camera: &crate::source::camera::CameraConfig,
+        views: &[Vec<LabelRule>],
+    ) -> Result<(), crate::config::ConfigError> {
+        if let OutputConfig::Mqtt(mqtt) = self
+            && mqtt.homeassistant.is_some()
+        {
+            let published = |rules: &[LabelRule]| -> Vec<String> {
+                rules.iter().filter(|r| r.publish).map(|r| r.name.to_string()).collect()
+            };
+            let mut keys = views.first().map(|rules| published(rules)).unwrap_or_default();
+            for (region, rules) in camera.regions.iter().zip(views.iter().skip(1)) {
+                keys.extend(published(rules).into_iter().map(|name| format!("{}_{name}", region.id)));
+            }
+            homeassistant::check_entity_ids(&keys, &format!("{}.region", camera.field))?;
+        }
+        Ok(())
+    }
+
     /// How long the process should stay after the sink stopped: the embedded
     /// broker lives in this process and needs a moment to pass the last
     /// messages (`offline`, final stats) on to its subscribers.
@@ -98,5 +122,31 @@ impl OutputConfig {
             }),
             OutputConfig::Stdout => Box::new(stdout::StdoutSink),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str) -> LabelRule {
+        LabelRule { name: name.into(), on: 0.5, off: 0.4, publish: true, listed: true }
+    }
+
+    #[test]
+    fn a_region_label_whose_entity_would_be_another_labels_is_refused_naming_the_camera() {
+        let text = "[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n\n[[camera]]\nid = \"porch\"\nsource = \"test://pattern\"\n\
+                    [[camera.region]]\nid = \"door\"\nrect = [0.0, 0.0, 0.5, 0.5]\n";
+        let raw = crate::config::RawConfig::from_toml(text).unwrap();
+        let cameras = crate::source::camera::validate_cameras(&raw.camera, |_, _| Ok(())).unwrap();
+        let config = crate::config::Config::validate(raw).unwrap();
+        // "door cat" on the whole frame and "cat" in region "door" are both
+        // Home Assistant's `door_cat`.
+        let views = vec![vec![rule("door cat"), rule("cat")], vec![rule("door cat"), rule("cat")]];
+        let err = config.output.check_views(&cameras[0], &views).unwrap_err();
+        assert_eq!(err.field, "camera[0].region");
+        assert!(err.message.contains("door_cat"), "{err}");
+        let fine = vec![vec![rule("dog"), rule("cat")], vec![rule("dog"), rule("cat")]];
+        assert!(config.output.check_views(&cameras[0], &fine).is_ok());
     }
 }

@@ -56,7 +56,16 @@ PY
 start_daemon() {
   "$bin" --log-level warn run --config "$1" > /dev/null 2> "$work/daemon.log" &
   daemon=$!
-  until curl -sf "http://127.0.0.1:$http_port/healthz" > /dev/null; do sleep 0.2; done
+  local waited=0
+  until curl -sf "http://127.0.0.1:$http_port/healthz" > /dev/null; do
+    sleep 0.2
+    waited=$((waited + 1))
+    if ((waited > 300)) || ! kill -0 "$daemon" 2>/dev/null; then
+      echo "labelcast did not become healthy within 60 s:" >&2
+      cat "$work/daemon.log" >&2
+      exit 1
+    fi
+  done
   sleep 5
 }
 

@@ -123,7 +123,7 @@ pub struct Overrides {
     pub output: Option<String>,
     pub engine: Option<String>,
     pub threads: Option<i64>,
-    /// `/metrics` and `/healthz` address, or `off`.
+    /// The status page's, `/metrics`' and `/healthz`' address, or `off`.
     pub http_listen: Option<String>,
 }
 
@@ -511,7 +511,7 @@ fn validate_service(raw: &RawService) -> Result<ServiceConfig, ConfigError> {
                 ConfigError::new("service.http_password_file", format!("cannot read {}: {err}", path.display()))
             })?;
             let password = text.trim_end_matches(['\n', '\r']);
-            if password.len() < 8 {
+            if password.chars().count() < 8 {
                 return Err(ConfigError::new(
                     "service.http_password_file",
                     format!(
@@ -536,7 +536,7 @@ fn validate_service(raw: &RawService) -> Result<ServiceConfig, ConfigError> {
             format!(
                 "{listen} is reachable from other machines, and the status page shows the cameras' frames: set \
                  service.http_password_file to a file holding a password (HTTP basic auth; put a TLS reverse \
-                 proxy in front on an untrusted network, see README \"Status page\"), or keep 127.0.0.1"
+                 proxy in front on an untrusted network, see README \"Status page and snapshots\"), or keep 127.0.0.1"
             ),
         ));
     }

@@ -49,7 +49,7 @@ struct OverrideArgs {
     /// Inference threads.
     #[arg(long)]
     threads: Option<i64>,
-    /// Address for /metrics and /healthz (default 127.0.0.1:9464), or "off".
+    /// Address for the status page, /metrics and /healthz (default 127.0.0.1:9464), or "off".
     #[arg(long)]
     http_listen: Option<String>,
 }

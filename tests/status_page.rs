@@ -268,19 +268,8 @@ fn off_loopback_the_page_needs_a_password_and_refuses_a_request_without_it() {
     for path in ["/", "/api/status", "/metrics", "/camera/0/frame.jpg"] {
         assert_eq!(http_get(port, path).0, 401, "{path} without the password");
     }
-    let get_with = |credentials: &str| {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            stream,
-            "GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {credentials}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0)
-    };
+    let get_with =
+        |credentials: &str| http_get_with(port, "/api/status", &[&format!("Authorization: Basic {credentials}")]).0;
     // "admin:s3cret-enough" and "admin:wrong" in base64.
     assert_eq!(get_with("YWRtaW46czNjcmV0LWVub3VnaA=="), 200);
     assert_eq!(get_with("YWRtaW46d3Jvbmc="), 401);

@@ -376,10 +376,16 @@ pub fn scores_of(labels_payload: &serde_json::Value) -> HashMap<String, f64> {
 
 /// A plain HTTP GET on loopback: (status code, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_get_with(port, path, &[])
+}
+
+/// [`http_get`] with more header lines (`"Authorization: Basic ..."`).
+pub fn http_get_with(port: u16, path: &str, headers: &[&str]) -> (u16, String) {
     use std::io::Write;
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the HTTP endpoint accepts");
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);

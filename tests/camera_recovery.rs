@@ -40,10 +40,6 @@ fn start_with(device: &str, source: &str, broker: &Mosquitto, extra: &str) -> Da
     daemon
 }
 
-fn latest_stats(sub: &Subscriber, topic: &str) -> serde_json::Value {
-    serde_json::from_str(sub.payloads(topic).last().expect("a stats message")).unwrap()
-}
-
 #[test]
 fn an_unplugged_camera_is_reopened_with_its_state_published_and_labels_resume() {
     let Some(broker) = Mosquitto::start() else { return };
@@ -67,15 +63,12 @@ fn an_unplugged_camera_is_reopened_with_its_state_published_and_labels_resume() 
     wait_until(WAIT, || sub.payloads(&topic("labels")).len() >= labels_when_back + 3)
         .expect("labels keep coming after the camera is back");
 
-    wait_until(WAIT, || {
-        sub.payloads(&topic("stats")).last().is_some_and(|s| {
-            let stats: serde_json::Value = serde_json::from_str(s).unwrap();
-            stats["source_reconnects"].as_u64() >= Some(2)
-        })
-    })
-    .expect("stats count the reconnects");
-    let stats = latest_stats(&sub, &topic("stats"));
-    assert!(stats["frames_failed"].as_u64().unwrap() >= 1, "corrupt frames are counted: {stats}");
+    // The reconnects are counted, and so are the corrupt frames: whichever
+    // of them reach the decoder, since a slow machine drops stale frames
+    // (corrupt or not) before they are decoded.
+    sub.wait_for_stats(&topic("stats"), WAIT, |stats| {
+        stats["source_reconnects"].as_u64() >= Some(2) && stats["frames_failed"].as_u64() >= Some(1)
+    });
     assert!(daemon.is_running(), "{}", daemon.log());
 
     // Retained: a late subscriber learns the source state.

@@ -206,10 +206,11 @@ fn four_cameras_on_one_engine_each_publish_their_labels_and_regions_their_own() 
     assert!(ha.latest().contains_key(&format!("homeassistant/sensor/{device}_fps/config")), "hub diagnostics");
 
     // The corrupt frames were skipped and counted, not fatal.
-    let stats: serde_json::Value = serde_json::from_str(&sub.payloads(&topic("stats")).pop().unwrap()).unwrap();
-    assert!(stats["frames_failed"].as_u64().unwrap() >= 1, "{stats}");
-    assert!(stats["frames_gated"].as_u64().unwrap() >= 1, "the yard camera's fps cap: {stats}");
-    assert!(stats["views_unchanged"].as_u64().unwrap() >= 1, "the right region's motion gate: {stats}");
+    // (Frames failed, the yard camera's fps cap, the right region's motion
+    // gate.)
+    sub.wait_for_stats(&topic("stats"), WAIT, |stats| {
+        ["frames_failed", "frames_gated", "views_unchanged"].iter().all(|c| stats[c].as_u64() >= Some(1))
+    });
     // A region its gate skipped still carries its labels as last classified.
     let pair: serde_json::Value = serde_json::from_str(&sub.payloads(&topic("pair/labels")).pop().unwrap()).unwrap();
     assert_eq!(pair["regions"]["right"]["active"], serde_json::json!(["cat"]), "{pair}");

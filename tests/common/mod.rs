@@ -352,6 +352,27 @@ impl Subscriber {
     pub fn payloads(&self, topic: &str) -> Vec<String> {
         self.all().into_iter().filter(|(t, _, _)| t == topic).map(|(_, p, _)| p).collect()
     }
+
+    /// Waits for a stats message on `topic` that `check` accepts and
+    /// returns it. Counters that depend on which frames a slow machine
+    /// drops (a corrupt frame replaced in its slot before it is decoded)
+    /// are waited for, not read once.
+    pub fn wait_for_stats(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let parse = |s: &String| serde_json::from_str::<serde_json::Value>(s).expect("stats are JSON");
+        let mut found = None;
+        let _ = wait_until(timeout, || {
+            found = self.payloads(topic).iter().map(parse).find(&check);
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!("no stats on {topic} as expected within {timeout:?}; last: {:?}", self.payloads(topic).last())
+        })
+    }
 }
 
 /// `labelcast classify --json` for one photo: label -> score.

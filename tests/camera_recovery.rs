@@ -147,7 +147,9 @@ fn a_hundred_reopen_cycles_leave_descriptors_threads_and_memory_flat() {
     );
     // Sockets of /metrics requests in flight can come and go: allow two.
     assert!(fds_after <= fds_before + 2, "descriptors grew from {fds_before} to {fds_after}");
-    assert_eq!(threads_after, threads_before, "no thread is left behind by a reopen");
+    // At most as many: tokio's blocking pool lets its idle model-loading
+    // thread go after 10 s, which may fall between the two readings.
+    assert!(threads_after <= threads_before, "no thread is left behind by a reopen");
     assert!(rss_after < rss_before + 4 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
     assert!(daemon.stop().success());
 }

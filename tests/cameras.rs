@@ -183,9 +183,10 @@ fn four_cameras_on_one_engine_each_publish_their_labels_and_regions_their_own() 
     })
     .unwrap_or_else(|_| panic!("garage never went away and came back; log:\n{}", daemon.log()));
     let porch_during = porch_during.unwrap();
-    // A round of the other cameras takes about a second in a test build
-    // (the engine's own code unoptimised): two is "not stalled".
-    assert!(porch_during >= 2, "porch published {porch_during} labels while garage was away");
+    // A round of the other cameras takes about a second in a test build and
+    // several on a slow machine; an engine stalled behind the garage
+    // publishes none in those 6 s.
+    assert!(porch_during >= 1, "porch published {porch_during} labels while garage was away");
     assert_eq!(sub.latest()[&topic("porch/source")], "streaming");
     let garage_back = labels_count(&sub, &topic("garage/labels"));
     wait_until(WAIT, || labels_count(&sub, &topic("garage/labels")) > garage_back + 2).expect("garage labels resume");
@@ -304,8 +305,12 @@ fn the_pipeline_runs_twice_in_one_process_and_leaves_no_thread_behind() {
             })
             .collect();
         assert!(left.is_empty(), "round {round} left threads behind: {left:?}");
-        sub.wait_for(&format!("labelcast/{device}/available"), "offline", Duration::from_secs(10));
+        let offline =
+            || sub.payloads(&format!("labelcast/{device}/available")).iter().filter(|p| *p == "offline").count();
+        wait_until(WAIT, || offline() >= round).unwrap_or_else(|_| panic!("round {round}: no offline"));
     }
+    // Let a duplicate arrive if there were one.
+    std::thread::sleep(Duration::from_millis(500));
     let offline = sub.payloads(&format!("labelcast/{device}/available")).iter().filter(|p| *p == "offline").count();
     assert_eq!(offline, 2, "each run said offline once as it stopped");
 }
@@ -396,9 +401,9 @@ fn a_region_with_its_own_labels_and_thresholds_reports_only_those() {
     let config = dir.path().join("views.toml");
     std::fs::write(&config, &text).unwrap();
     let mut daemon = Daemon::start(&["run", "--config", config.to_str().unwrap()]);
-    wait_until(WAIT, || daemon.stdout.lock().unwrap().lines().count() >= 3)
+    wait_until(WAIT, || daemon.stdout_lines().len() >= 3)
         .unwrap_or_else(|_| panic!("no labels; log:\n{}", daemon.log()));
-    let last: serde_json::Value = serde_json::from_str(daemon.stdout.lock().unwrap().lines().last().unwrap()).unwrap();
+    let last: serde_json::Value = serde_json::from_str(daemon.stdout_lines().last().unwrap()).unwrap();
     assert!(daemon.stop().success());
     assert_eq!(last["labels"].as_object().unwrap().len(), 12, "the whole frame keeps every label: {last}");
     assert_eq!(last["active"], serde_json::json!(["cat"]), "{last}");

@@ -169,6 +169,8 @@ fn an_unreachable_broker_at_start_does_not_stop_the_daemon() {
         &format!("mqtt://127.0.0.1:{port}"),
     ]);
     daemon.wait_for_log("MQTT broker unreachable", WAIT);
+    // Said when the first labels have nowhere to go (after the first frame).
+    daemon.wait_for_log("broker away: dropping labels messages", WAIT);
     std::thread::sleep(Duration::from_secs(3));
     assert!(daemon.is_running(), "{}", daemon.log());
     let log = daemon.log();

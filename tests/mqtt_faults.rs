@@ -14,8 +14,28 @@ fn source_fast() -> &'static str {
     "test://pattern?width=64&height=48&fps=4"
 }
 
+const WAIT: Duration = Duration::from_secs(60);
+
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
+}
+
+const SIGHUP: u32 = 1;
+const SIGTERM: u32 = 15;
+
+/// Waits until the daemon has a handler for each of `signals` (the
+/// `SigCgt` mask in /proc/PID/status, bit N-1 for signal N).
+fn wait_until_caught(daemon: &Daemon, signals: &[u32]) {
+    let caught = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap_or_default();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0);
+        signals.iter().all(|s| mask & (1 << (s - 1)) != 0)
+    };
+    wait_until(WAIT, caught).unwrap_or_else(|_| panic!("signals {signals:?} never caught:\n{}", daemon.log()));
 }
 
 #[test]
@@ -25,6 +45,9 @@ fn two_daemons_with_one_client_id_back_off_and_say_why_instead_of_fighting() {
     let args = ["run", "--mqtt", &url, "--device-id", "twin", "--source", source_fast()];
     let mut first = Daemon::start(&args);
     let mut second = Daemon::start(&args);
+    // 15 s of both connecting, counted from when both have loaded the model.
+    first.wait_for_log("MQTT sink starting", WAIT);
+    second.wait_for_log("MQTT sink starting", WAIT);
     std::thread::sleep(Duration::from_secs(15));
     let connections = count(&broker.log(), "as labelcast-twin");
     let logs = format!("{}\n{}", first.log(), second.log());
@@ -56,7 +79,7 @@ fn a_broker_that_refuses_is_reported_as_refused_with_what_to_check() {
         return;
     };
     let daemon = Daemon::start(&["run", "--mqtt", &broker.url(), "--source", source_fast()]);
-    daemon.wait_for_log("refused the connection", Duration::from_secs(20));
+    daemon.wait_for_log("refused the connection", WAIT);
     let log = daemon.log();
     assert!(log.contains("not authorised") && log.contains("mqtt.password_file"), "{log}");
     assert!(!log.contains("unreachable"), "the broker answered: it is not unreachable:\n{log}");
@@ -81,7 +104,7 @@ fn a_client_id_the_broker_rejects_is_named_with_the_keep_alive_hint() {
     });
     let url = format!("mqtt://127.0.0.1:{port}");
     let daemon = Daemon::start(&["run", "--mqtt", &url, "--device-id", "cam7", "--source", source_fast()]);
-    daemon.wait_for_log("refused the connection", Duration::from_secs(20));
+    daemon.wait_for_log("refused the connection", WAIT);
     let log = daemon.log();
     assert!(log.contains("identifier rejected") && log.contains("labelcast-cam7"), "{log}");
     assert!(log.contains("mqtt.keep_alive (30s)"), "{log}");
@@ -101,7 +124,7 @@ fn healthz_is_unhealthy_when_the_broker_was_never_reached_and_says_why() {
         Daemon::start(&["run", "--config", &config, "--mqtt", "mqtt://127.0.0.1:1", "--source", source_fast()]);
     let port = metrics_port(&daemon);
     let mut last = (0, String::new());
-    let got = wait_until(Duration::from_secs(30), || {
+    let got = wait_until(WAIT, || {
         last = http_get(port, "/healthz");
         last.0 == 503 && last.1.contains("never reached")
     });
@@ -118,7 +141,7 @@ fn a_frozen_broker_shows_as_overdue_acknowledgements_and_recovers() {
     let config = healthz_config(dir.path(), "[mqtt]\nkeep_alive = \"60s\"\n");
     let daemon = Daemon::start(&["run", "--config", &config, "--mqtt", &broker.url(), "--source", source_fast()]);
     let port = metrics_port(&daemon);
-    wait_until(Duration::from_secs(30), || http_get(port, "/healthz").0 == 200).expect("healthy first");
+    wait_until(WAIT, || http_get(port, "/healthz").0 == 200).expect("healthy first");
     let pid = broker.pid().to_string();
     let signal = |sig: &str| assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
     signal("-STOP");
@@ -133,7 +156,7 @@ fn a_frozen_broker_shows_as_overdue_acknowledgements_and_recovers() {
     assert!(got.is_ok(), "a frozen broker went unnoticed: {last:?}");
     println!("frozen broker noticed after {:.1} s: {}", noticed.as_secs_f64(), last.1);
     assert!(last.1.contains("acknowledgements overdue"), "{last:?}");
-    wait_until(Duration::from_secs(30), || http_get(port, "/healthz").0 == 200).expect("healthy again once it thaws");
+    wait_until(WAIT, || http_get(port, "/healthz").0 == 200).expect("healthy again once it thaws");
 }
 
 #[test]
@@ -143,11 +166,14 @@ fn a_clean_shutdown_waits_for_acknowledgements_and_sends_offline_exactly_once() 
     for round in 0..5 {
         let mut daemon =
             Daemon::start(&["run", "--mqtt", &broker.url(), "--device-id", "clean", "--source", source_fast()]);
-        daemon.wait_for_log("first frame classified", Duration::from_secs(30));
+        daemon.wait_for_log("first frame classified", WAIT);
         std::thread::sleep(Duration::from_millis(300));
         assert!(daemon.stop().success(), "round {round}");
     }
-    wait_until(Duration::from_secs(5), || subscriber.payloads("labelcast/clean/available").len() >= 10).ok();
+    // Both the subscriber and the broker's log may trail the last stop.
+    let offlines = || subscriber.payloads("labelcast/clean/available").iter().filter(|p| *p == "offline").count();
+    let _ = wait_until(WAIT, || offlines() >= 5 && count(&broker.log(), "Client labelcast-clean disconnected.") >= 5);
+    std::thread::sleep(Duration::from_millis(500));
     let offline = subscriber.payloads("labelcast/clean/available").iter().filter(|p| *p == "offline").count();
     let log = broker.log();
     assert_eq!(
@@ -177,8 +203,8 @@ fn a_hung_camera_read_is_published_as_hung_on_the_source_topic() {
         "--source",
         "test://pattern?width=64&height=48&fps=5&hang_after=5",
     ]);
-    subscriber.wait_for("labelcast/hang/source", "streaming", Duration::from_secs(30));
-    subscriber.wait_for("labelcast/hang/source", "hung", Duration::from_secs(20));
+    subscriber.wait_for("labelcast/hang/source", "streaming", WAIT);
+    subscriber.wait_for("labelcast/hang/source", "hung", WAIT);
 }
 
 #[test]
@@ -194,7 +220,7 @@ fn a_source_that_drops_out_after_every_open_does_not_flood_the_log_or_the_broker
         "--source",
         "test://pattern?width=64&height=48&fps=0&disconnect_after=3&offline_ms=0",
     ]);
-    daemon.wait_for_log("first frame classified", Duration::from_secs(30));
+    daemon.wait_for_log("first frame classified", WAIT);
     std::thread::sleep(Duration::from_secs(10));
     let log = daemon.log();
     let (lost, back) = (count(&log, "source lost; reopening"), count(&log, "source back"));
@@ -208,19 +234,22 @@ fn a_source_that_drops_out_after_every_open_does_not_flood_the_log_or_the_broker
 
 #[test]
 fn signals_in_the_first_second_are_handled_not_fatal() {
+    // Each signal is sent as soon as the daemon catches it (SigCgt), which
+    // is before the model loads; the second HUP after the first was seen,
+    // since the kernel merges a signal sent while one is still pending.
     let mut daemon = Daemon::start(&["run", "--output", "stdout", "--source", source_fast()]);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_caught(&daemon, &[SIGHUP, SIGTERM]);
     daemon.signal("HUP");
-    std::thread::sleep(Duration::from_millis(200));
+    daemon.wait_for_log("SIGHUP received", WAIT);
     daemon.signal("HUP");
-    daemon.wait_for_log("first frame classified", Duration::from_secs(30));
+    daemon.wait_for_log("first frame classified", WAIT);
     assert!(daemon.is_running(), "SIGHUP does not end the daemon:\n{}", daemon.log());
-    assert_eq!(count(&daemon.log(), "SIGHUP received"), 2, "{}", daemon.log());
+    wait_until(WAIT, || count(&daemon.log(), "SIGHUP received") == 2).unwrap_or_else(|_| panic!("{}", daemon.log()));
 
     let mut early = Daemon::start(&["run", "--output", "stdout", "--source", source_fast()]);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_caught(&early, &[SIGTERM]);
     early.signal("TERM");
-    let status = early.wait(Duration::from_secs(10));
+    let status = early.wait(WAIT);
     assert!(status.success(), "a SIGTERM while loading is a clean stop: {status:?}\n{}", early.log());
     assert!(early.log().contains("SIGTERM received"), "{}", early.log());
 }
@@ -248,7 +277,7 @@ fn labels_in_any_script_run_with_and_without_home_assistant_discovery() {
     let config = dir.path().join("cjk-true.toml");
     let _daemon =
         Daemon::start(&["run", "--config", config.to_str().unwrap(), "--device-id", "cjk", "--source", source_fast()]);
-    wait_until(Duration::from_secs(30), || subscriber.all().len() >= 12).expect("twelve discovery configs");
+    wait_until(WAIT, || subscriber.all().len() >= 12).expect("twelve discovery configs");
     let configs: std::collections::HashMap<String, String> = subscriber.latest();
     assert_eq!(configs.len(), 12, "one entity per label, none shared: {:?}", configs.keys());
     for config in configs.values() {

@@ -114,6 +114,14 @@ impl Daemon {
         Daemon { child: Some(child), log, stdout }
     }
 
+    /// The lines written to stdout so far, without a line still being
+    /// written (stdout reaches the pipe in pieces for long lines).
+    pub fn stdout_lines(&self) -> Vec<String> {
+        let out = self.stdout.lock().unwrap();
+        let complete = out.rfind('\n').map_or("", |end| &out[..end]);
+        complete.lines().map(str::to_owned).collect()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }

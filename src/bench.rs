@@ -84,6 +84,8 @@ pub fn run_row(spec: &RowSpec) -> anyhow::Result<RowResult> {
         labels::to_scores(&mut row, meta.output);
         scores.push(row);
     }
+    // Loaded and run once: the daemon's steady allocator phase from here.
+    crate::allocator::settle();
     for i in 0..spec.warmup {
         engine.infer(&tensors[i % tensors.len()])?;
     }
@@ -363,10 +365,10 @@ pub fn render_profile(rows: &[RowResult]) -> String {
             "\n{} {} {} threads={}: {:.2} ms per inference in tract's nodes\n",
             row.spec.engine, row.spec.model_kind, row.precision, row.spec.threads, total
         ));
-        out.push_str("  kind of operator                      nodes       ms   share\n");
+        out.push_str("  kind of operator                                nodes       ms   share\n");
         for t in &row.profile.kinds {
             out.push_str(&format!(
-                "  {:<36} {:>6} {:>8.2} {:>6.1}%\n",
+                "  {:<46} {:>6} {:>8.2} {:>6.1}%\n",
                 t.kind,
                 t.nodes,
                 t.ms,

@@ -16,6 +16,7 @@
 //! TOML file and command-line flags into a checked [`config::Config`] before
 //! anything starts.
 
+pub mod allocator;
 pub mod backoff;
 pub mod bench;
 pub mod classify;

@@ -204,19 +204,6 @@ impl RateLimit {
     }
 }
 
-/// Hands memory that was freed back to the system. Loading a model frees
-/// far more than the daemon then uses (the file's tensors, tract's graphs
-/// before optimisation); glibc keeps freed heap memory for reuse, so
-/// without this the resident set stays at the loading peak. A no-op where
-/// the C library is not glibc.
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// This process's peak resident set size in KiB (`VmHWM`), where Linux reports it.
 pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -281,13 +281,14 @@ pub struct OpTime {
 pub fn op_kind(name: &str) -> &'static str {
     match name {
         n if n.starts_with("DepthWise") => "depthwise conv",
+        // Before the matrix products: tract names it OptMatMulPack.
+        n if n.contains("Pack") => "packing (activations for a matrix product)",
         n if n.contains("MatMul") || n.starts_with("EinSum") || n.starts_with("Gemm") => {
             "matrix product (1x1 conv, dense)"
         }
         n if n.starts_with("Conv") || n.contains("Im2col") || n.starts_with("Lazy") || n.contains("DirectConv") => {
             "convolution (im2col, direct)"
         }
-        n if n.contains("Pack") => "packing",
         n if n.contains("Softmax") || n.contains("LayerNorm") || n.contains("Reduce") => "softmax, norms, reductions",
         n if n.starts_with("Opt")
             || n.contains("BinChain")
@@ -300,5 +301,17 @@ pub fn op_kind(name: &str) -> &'static str {
         }
         n if n.contains("Quantize") || n.contains("Lookup") || n.contains("Cast") => "quantise, dequantise, casts",
         _ => "other (moves, reshapes...)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::op_kind;
+
+    #[test]
+    fn packing_before_a_matrix_product_is_reported_apart_from_the_product() {
+        assert_eq!(op_kind("OptMatMulPack"), "packing (activations for a matrix product)");
+        assert_eq!(op_kind("OptMatMul"), "matrix product (1x1 conv, dense)");
+        assert_eq!(op_kind("DepthWise"), "depthwise conv");
     }
 }

@@ -282,7 +282,7 @@ impl TractEngine {
                 }
                 pending.check.save(pending.cache.as_ref());
                 // The graph as quantised is gone (unless it took over): give its memory back.
-                crate::telemetry::release_freed_memory();
+                crate::allocator::release_freed_memory();
                 replacement
             }
             Err(err) => {

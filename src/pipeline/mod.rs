@@ -147,7 +147,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             return Ok(());
         }
     };
-    crate::telemetry::release_freed_memory();
+    crate::allocator::release_freed_memory();
     let several = config.cameras.len() > 1;
     let mut plans = Vec::with_capacity(config.cameras.len());
     for camera in &config.cameras {
@@ -784,6 +784,7 @@ fn spawn_inference(
             if health.mark_ready() {
                 let ms = elapsed_total.as_secs_f64() * 1e3;
                 tracing::info!(inference_ms = ms, "first frame classified: ready");
+                crate::allocator::settle();
                 Notifier::ready(&format!("ready; first frame classified in {ms:.0} ms"));
             }
             tracing::trace!(

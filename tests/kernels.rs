@@ -1,9 +1,10 @@
-//! labelcast's depthwise kernels inside tract, end to end: the demo model's
-//! scores on real photos with the AVX-512 kernel, the AVX2+FMA one, and
-//! tract's own width-inner path (instruction sets masked with tract's
-//! `TRACT_CPU_ISA`), against each other and against ONNX Runtime's FP32.
-//! The unit tests in src/engine/depthwise.rs check the kernels against the
-//! scalar contract on random shapes.
+//! labelcast's depthwise and 1x1 kernels inside tract, end to end: the demo
+//! model's scores on real photos with the AVX-512 kernels, the AVX2+FMA
+//! ones, tract's own paths (instruction sets masked with tract's
+//! `TRACT_CPU_ISA`), and tract's own matrix product for the 1x1 convolutions
+//! (`LABELCAST_TRACT_POINTWISE=off`), against each other and against ONNX
+//! Runtime's FP32. The unit tests in src/engine/depthwise.rs and
+//! src/engine/pointwise.rs check the kernels on random shapes.
 
 mod common;
 
@@ -13,15 +14,24 @@ use common::*;
 
 /// `classify --json` scores for the shipped photos, with `TRACT_CPU_ISA`.
 fn scores(isa: &str, engine: &str) -> (Vec<HashMap<String, f64>>, String) {
+    scores_with(isa, engine, "on")
+}
+
+/// [`scores`] with `LABELCAST_TRACT_POINTWISE` set to `pointwise`.
+fn scores_with(isa: &str, engine: &str, pointwise: &str) -> (Vec<HashMap<String, f64>>, String) {
     let photos = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "china.jpg", "astronaut.jpg"];
     let mut args = vec!["classify", "--json", "--engine", engine, "--model"];
     let model = demo_fp32_model();
     args.push(model.to_str().unwrap());
     let paths: Vec<String> = photos.iter().map(|p| photo(p).display().to_string()).collect();
     args.extend(paths.iter().map(String::as_str));
-    let out = run_to_end(labelcast(&args).env("TRACT_CPU_ISA", isa));
+    let out = run_to_end(labelcast(&args).env("TRACT_CPU_ISA", isa).env("LABELCAST_TRACT_POINTWISE", pointwise));
     assert!(out.status.success(), "{isa}: {}", out.stderr);
-    let info = run_to_end(labelcast(&["model-info", model.to_str().unwrap()]).env("TRACT_CPU_ISA", isa));
+    let info = run_to_end(
+        labelcast(&["model-info", model.to_str().unwrap()])
+            .env("TRACT_CPU_ISA", isa)
+            .env("LABELCAST_TRACT_POINTWISE", pointwise),
+    );
     let engine_line = info.stdout.lines().find(|l| l.starts_with("engine")).unwrap_or_default().to_string();
     (out.stdout.lines().map(|l| scores_of(&serde_json::from_str(l).unwrap())).collect(), engine_line)
 }
@@ -31,18 +41,29 @@ fn largest_difference(a: &[HashMap<String, f64>], b: &[HashMap<String, f64>]) ->
 }
 
 #[test]
-fn the_demo_model_scores_the_same_with_every_depthwise_kernel() {
+fn the_demo_model_scores_the_same_with_every_depthwise_and_1x1_kernel() {
     if !cfg!(target_arch = "x86_64") {
-        eprintln!("labelcast's depthwise kernels are x86-64 only; aarch64 runs tract's NEON kernel");
+        eprintln!("labelcast's depthwise and 1x1 kernels are x86-64 only; aarch64 runs tract's NEON kernels");
         return;
     }
     let (default, engine) = scores("", "tract");
     println!("{engine}");
     let (avx2, avx2_engine) = scores("-avx512f", "tract");
     let (tracts_own, own_engine) = scores("-avx512f,-avx2,-fma", "tract");
+    let (tracts_product, product_engine) = scores_with("", "tract", "off");
     assert!(avx2_engine.contains("labelcast_avx2_fma_depthwise") || !engine.contains("avx512f"), "{avx2_engine}");
-    assert!(own_engine.contains("tract's width-inner"), "{own_engine}");
-    for (name, other) in [("AVX2+FMA kernel", &avx2), ("tract's own path", &tracts_own)] {
+    // The 1x1 convolutions of the demo model run on labelcast's kernel
+    // wherever there is AVX2 and FMA, and on tract's product when told.
+    assert!(engine.contains("1x1 convs: labelcast"), "{engine}");
+    assert!(avx2_engine.contains("1x1 convs: labelcast avx2+fma"), "{avx2_engine}");
+    assert!(
+        own_engine.contains("tract's width-inner") && own_engine.contains("tract's matrix product"),
+        "{own_engine}"
+    );
+    assert!(product_engine.contains("1x1 convs: tract's matrix product"), "{product_engine}");
+    for (name, other) in
+        [("AVX2+FMA kernels", &avx2), ("tract's own paths", &tracts_own), ("tract's matrix product", &tracts_product)]
+    {
         let difference = largest_difference(&default, other);
         println!("{name}: largest score difference {difference:.6}");
         // Summation order and fused multiply-adds differ; the scores do not.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod depthwise;
 pub mod metadata;
 pub mod onnx_graph;
+pub mod pointwise;
 pub mod prepare;
 pub mod qdq;
 pub mod registry;
@@ -281,6 +282,7 @@ pub struct OpTime {
 pub fn op_kind(name: &str) -> &'static str {
     match name {
         n if n.starts_with("DepthWise") => "depthwise conv",
+        n if n.starts_with("PointwiseConv") => "1x1 conv (labelcast's kernel)",
         // Before the matrix products: tract names it OptMatMulPack.
         n if n.contains("Pack") => "packing (activations for a matrix product)",
         n if n.contains("MatMul") || n.starts_with("EinSum") || n.starts_with("Gemm") => {

@@ -216,8 +216,9 @@ mod tests {
 /// Verdicts of earlier checks, so that only the first start of a model
 /// (with this labelcast and tract) pays for building the graph twice: that
 /// costs about 0.13 s and 60 MB at start on the demo model. The key is the
-/// model's SHA-256, both versions, the mode and every switch that changes
-/// the rewrite, so a new labelcast (a new rewrite) checks again.
+/// model's SHA-256, both versions, the mode, every switch that changes
+/// the rewrite and the kernels that run it, so a new labelcast (a new
+/// rewrite) or another CPU checks again.
 pub struct VerdictCache {
     file: std::path::PathBuf,
 }
@@ -232,7 +233,9 @@ pub struct Verdict {
 
 impl VerdictCache {
     /// The cache entry for this model and rewrite under `dir`.
-    pub fn new(dir: &std::path::Path, model: &[u8], mode: Int8Mode, repair: bool, fault: bool) -> Self {
+    /// `kernels` names the kernels that run the rewritten graph (depthwise,
+    /// 1x1), which can differ between builds of one version and between CPUs.
+    pub fn new(dir: &std::path::Path, model: &[u8], mode: Int8Mode, repair: bool, fault: bool, kernels: &str) -> Self {
         let key = super::model_key(
             model,
             &[
@@ -241,6 +244,7 @@ impl VerdictCache {
                 mode.as_str(),
                 if repair { "repair" } else { "no-repair" },
                 if fault { "fault-drop-saturation" } else { "" },
+                kernels,
             ],
         );
         Self { file: dir.join("int8-checks").join(format!("{}.json", &key[..32])) }

@@ -47,6 +47,8 @@ struct Plan {
 /// What [`build`] reports besides the plan.
 struct Built {
     plan: Plan,
+    /// labelcast's pointwise kernel and what it replaced, where it ran.
+    pointwise: Option<(super::pointwise::Isa, super::pointwise::Rewritten)>,
     output_shape: Vec<usize>,
     graph_time: Duration,
     optimize_time: Duration,
@@ -167,7 +169,13 @@ impl TractEngine {
         let cache = match (&reference, &config.check_cache) {
             (Some(_), Some(dir)) => std::fs::read(path).ok().map(|bytes| {
                 let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
-                VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault)
+                // The kernels run the rewritten graph: another choice checks again.
+                let kernels = format!(
+                    "{}/{:?}",
+                    super::depthwise::selected().unwrap_or("tract"),
+                    super::pointwise::choice(threads)
+                );
+                VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault, &kernels)
             }),
             _ => None,
         };
@@ -240,9 +248,13 @@ impl TractEngine {
         let facts = EngineFacts {
             engine: "tract",
             engine_version: format!(
-                "tract {} (depthwise: {})",
+                "tract {} (depthwise: {}; 1x1 convs: {})",
                 env!("LABELCAST_TRACT_VERSION"),
-                super::depthwise::selected().unwrap_or("tract's width-inner")
+                super::depthwise::selected().unwrap_or("tract's width-inner"),
+                match built.pointwise {
+                    Some((isa, done)) if done.convs > 0 => format!("labelcast {} on {}", isa.name(), done.convs),
+                    _ => "tract's matrix product".to_string(),
+                }
             ),
             threads,
             output_shape: built.output_shape,
@@ -377,10 +389,20 @@ fn build(
             InputElement::F32 => f32::fact(input.model_shape()).into(),
             InputElement::U8 => u8::fact(input.model_shape()).into(),
         };
-        let model = model
+        let mut model = model
             .with_input_fact(0, fact)
-            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
             .context("tract could not analyse and optimise the graph")?;
+        // Between declutter (which settles the layout) and codegen: 1x1
+        // convolutions on channels-last activations as labelcast's own op.
+        let pointwise = match super::pointwise::choice(threads) {
+            Some(isa) => {
+                Some((isa, super::pointwise::rewrite(&mut model, isa).context("rewriting tract's 1x1 convolutions")?))
+            }
+            None => None,
+        };
+        model.optimize().context("tract could not analyse and optimise the graph")?;
         let options = RunOptions { executor: executor(threads), ..Default::default() };
         let output_shape: Vec<usize> = model
             .output_fact(0)?
@@ -392,6 +414,7 @@ fn build(
         let state = plan.spawn()?;
         Ok(Built {
             plan: Plan { state, input, scratch: Vec::new(), bytes: Vec::new() },
+            pointwise,
             output_shape,
             graph_time: loaded - started,
             optimize_time: loaded.elapsed(),

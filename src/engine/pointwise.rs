@@ -1,0 +1,756 @@
+//! Pointwise (1x1) convolutions on channels-last activations, without
+//! packing the activations, for tract on x86-64.
+//!
+//! After the depthwise kernels (`depthwise.rs`) moved tract's depthwise
+//! regions to channels-last, the 1x1 convolutions between them were most of
+//! tract's time on the demo model (`bench --profile`: 12.5 ms of matrix
+//! products plus 1.7 ms packing their activations, of 18.0 ms; ONNX Runtime
+//! runs the whole model in 10.1 ms). tract 0.23.9 runs each as a general
+//! matrix product: it copies the activations into panels first, and its
+//! x86-64 kernels, which vectorise along the positions, write a
+//! channels-last output one element at a time. With 16 or 24 input channels
+//! (the first layers, the largest maps) a tile does little arithmetic per
+//! output, so the copies and the scalar stores dominate: the first expansion
+//! ran at about 10 GMAC/s.
+//!
+//! Here a 1x1 convolution on a channels-last tensor is what it is: every
+//! position's row of `Cin` values times a `[Cin, Cout]` weight matrix. The
+//! weights are packed once into blocks of 16 (AVX2) or 32 (AVX-512F) output
+//! channels; the kernel broadcasts each input value straight from its row
+//! (no copy), accumulates `MR` positions times one block in registers, adds
+//! the bias, clamps (a following ReLU/ReLU6) and stores whole vectors along
+//! the output channels. The layout XNNPACK and ONNX Runtime use for the same
+//! layers.
+//!
+//! It goes in as a graph rewrite between tract's declutter (which settles
+//! the layout) and its codegen: a decluttered `EinSum` with a constant
+//! two-axis weight, contracting the activation's last axis into the output's
+//! last axis, with the `Add` of a per-channel constant (bias) and `Max`/`Min`
+//! of scalar constants that follow it, becomes one [`PointwiseConv`]. Only on
+//! x86-64 with AVX2 and FMA (AVX-512F where present), and only for one
+//! inference thread (tract's own product is multithreaded); aarch64 keeps
+//! tract's NEON path. `LABELCAST_TRACT_POINTWISE=off` keeps tract's own
+//! product everywhere (for comparing the two in one build).
+
+use std::sync::Arc;
+
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// The instruction set the kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// 16 output channels per block (two 8-lane vectors), 6 positions.
+    Avx2Fma,
+    /// 32 output channels per block (two 16-lane vectors), 8 positions.
+    Avx512f,
+}
+
+impl Isa {
+    /// What this CPU offers, `None` without AVX2 and FMA (or off x86-64).
+    /// tract's view of the CPU (`TRACT_CPU_ISA` masks features, as for its
+    /// own kernels) and the CPU's own answer must both have it.
+    pub fn detect() -> Option<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            use tract_onnx::prelude::tract_linalg::isa::{self, Isa as Feature, IsaReq};
+            let tracts = isa::native();
+            let wants = |features: &'static [Feature]| IsaReq::ANY.needing(features).satisfied_by(tracts);
+            if has!("avx512f") && has!("fma") && wants(&[Feature::X86_64Avx512f, Feature::X86_64Fma]) {
+                return Some(Isa::Avx512f);
+            }
+            if has!("avx2") && has!("fma") && wants(&[Feature::X86_64Avx2, Feature::X86_64Fma]) {
+                return Some(Isa::Avx2Fma);
+            }
+        }
+        None
+    }
+
+    /// Output channels per weight block.
+    pub fn block(self) -> usize {
+        match self {
+            Isa::Avx2Fma => 16,
+            Isa::Avx512f => 32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2Fma => "avx2+fma 6x16",
+            Isa::Avx512f => "avx512f 8x32",
+        }
+    }
+}
+
+/// Weights `[Cin, Cout]` packed in blocks of [`Isa::block`] output channels:
+/// block `b` holds, for each input channel `k`, the block's outputs
+/// contiguously (`data[b * cin * NR + k * NR + j]`), zero past `cout`. The
+/// bias is padded the same way.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub isa: Isa,
+    pub cin: usize,
+    pub cout: usize,
+    // Read by the x86-64 kernels only; nothing is packed elsewhere.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    data: Vec<f32>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    bias: Vec<f32>,
+    /// Lower and upper clamp (a fused ReLU/ReLU6), infinite when none.
+    pub clamp: (f32, f32),
+}
+
+impl Packed {
+    /// `weight(k, n)` gives the weight from input channel `k` to output `n`.
+    pub fn new(
+        isa: Isa,
+        cin: usize,
+        cout: usize,
+        weight: impl Fn(usize, usize) -> f32,
+        bias: Option<&[f32]>,
+        clamp: (f32, f32),
+    ) -> Packed {
+        let nr = isa.block();
+        let blocks = cout.div_ceil(nr);
+        let mut data = vec![0f32; blocks * cin * nr];
+        for b in 0..blocks {
+            for k in 0..cin {
+                for j in 0..nr.min(cout - b * nr) {
+                    data[b * cin * nr + k * nr + j] = weight(k, b * nr + j);
+                }
+            }
+        }
+        let mut padded = vec![0f32; blocks * nr];
+        if let Some(bias) = bias {
+            padded[..cout].copy_from_slice(bias);
+        }
+        Packed { isa, cin, cout, data, bias: padded, clamp }
+    }
+
+    /// `output[m, n] = clamp(sum_k input[m, k] * w[k, n] + bias[n])` for
+    /// `rows` positions; `input` is `[rows, cin]` and `output` `[rows, cout]`,
+    /// both row-major (channels-last).
+    ///
+    /// # Panics
+    /// If the slices are shorter than that (the op checks its shapes first).
+    pub fn run(&self, input: &[f32], rows: usize, output: &mut [f32]) {
+        self.run_strided(input, (self.cin, 1), rows, output)
+    }
+
+    /// [`Packed::run`] with input element `(m, k)` at `input[m * strides.0 +
+    /// k * strides.1]`: `(cin, 1)` channels-last, `(1, rows)` channels-first.
+    pub fn run_strided(&self, input: &[f32], strides: (usize, usize), rows: usize, output: &mut [f32]) {
+        if rows == 0 {
+            return;
+        }
+        let last = (rows - 1) * strides.0 + (self.cin - 1) * strides.1;
+        assert!(input.len() > last && output.len() >= rows * self.cout);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the ISA was detected on this CPU before packing (`Isa::detect`),
+        // and every element read or written is inside the slices, checked above.
+        unsafe {
+            match self.isa {
+                Isa::Avx2Fma => x86::run_avx2(self, input, strides, rows, output),
+                Isa::Avx512f => x86::run_avx512(self, input, strides, rows, output),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("Isa::detect() is None off x86-64, so nothing is packed there")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    // The accumulators are indexed by row in loops of a constant length,
+    // which the compiler unrolls into registers.
+    #![allow(clippy::needless_range_loop)]
+    use super::Packed;
+    use std::arch::x86_64::*;
+
+    /// `MR` rows from `row0` times block `b`, AVX-512F: 2 x 16 lanes.
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn tile512<const MR: usize>(
+        p: &Packed,
+        input: *const f32,
+        s: (usize, usize),
+        row0: usize,
+        b: usize,
+        output: *mut f32,
+    ) {
+        unsafe {
+            let (cin, cout) = (p.cin, p.cout);
+            let w = p.data.as_ptr().add(b * cin * 32);
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for k in 0..cin {
+                let w0 = _mm512_loadu_ps(w.add(k * 32));
+                let w1 = _mm512_loadu_ps(w.add(k * 32 + 16));
+                for r in 0..MR {
+                    let a = _mm512_set1_ps(*input.add((row0 + r) * s.0 + k * s.1));
+                    acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+                }
+            }
+            let bias0 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32));
+            let bias1 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32 + 16));
+            let lo = _mm512_set1_ps(p.clamp.0);
+            let hi = _mm512_set1_ps(p.clamp.1);
+            let valid = (cout - b * 32).min(32);
+            let m0: __mmask16 = if valid >= 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+            let m1: __mmask16 = if valid >= 32 {
+                0xffff
+            } else if valid > 16 {
+                (1u32 << (valid - 16)) as u16 - 1
+            } else {
+                0
+            };
+            for r in 0..MR {
+                let out = output.add((row0 + r) * cout + b * 32);
+                let v0 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(acc[r][0], bias0), lo), hi);
+                let v1 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(acc[r][1], bias1), lo), hi);
+                _mm512_mask_storeu_ps(out, m0, v0);
+                if m1 != 0 {
+                    _mm512_mask_storeu_ps(out.add(16), m1, v1);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn run_avx512(p: &Packed, input: &[f32], s: (usize, usize), rows: usize, output: &mut [f32]) {
+        let (a, o) = (input.as_ptr(), output.as_mut_ptr());
+        let blocks = p.cout.div_ceil(32);
+        // Rows outer, blocks inner: a tile's input rows stay in L1 across
+        // the blocks; the packed weights (at most Cin x Cout floats) in L2.
+        let mut row = 0;
+        unsafe {
+            while row + 8 <= rows {
+                for b in 0..blocks {
+                    tile512::<8>(p, a, s, row, b, o);
+                }
+                row += 8;
+            }
+            let left = rows - row;
+            for b in 0..blocks {
+                match left {
+                    0 => {}
+                    1 => tile512::<1>(p, a, s, row, b, o),
+                    2 => tile512::<2>(p, a, s, row, b, o),
+                    3 => tile512::<3>(p, a, s, row, b, o),
+                    4 => tile512::<4>(p, a, s, row, b, o),
+                    5 => tile512::<5>(p, a, s, row, b, o),
+                    6 => tile512::<6>(p, a, s, row, b, o),
+                    _ => tile512::<7>(p, a, s, row, b, o),
+                }
+            }
+        }
+    }
+
+    /// The lanes of an 8-lane masked store that are below `valid`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn mask8(valid: usize) -> __m256i {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(valid.min(8) as i32), lanes)
+    }
+
+    /// `MR` rows from `row0` times block `b`, AVX2+FMA: 2 x 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile256<const MR: usize>(
+        p: &Packed,
+        input: *const f32,
+        s: (usize, usize),
+        row0: usize,
+        b: usize,
+        output: *mut f32,
+    ) {
+        unsafe {
+            let (cin, cout) = (p.cin, p.cout);
+            let w = p.data.as_ptr().add(b * cin * 16);
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            for k in 0..cin {
+                let w0 = _mm256_loadu_ps(w.add(k * 16));
+                let w1 = _mm256_loadu_ps(w.add(k * 16 + 8));
+                for r in 0..MR {
+                    let a = _mm256_broadcast_ss(&*input.add((row0 + r) * s.0 + k * s.1));
+                    acc[r][0] = _mm256_fmadd_ps(a, w0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(a, w1, acc[r][1]);
+                }
+            }
+            let bias0 = _mm256_loadu_ps(p.bias.as_ptr().add(b * 16));
+            let bias1 = _mm256_loadu_ps(p.bias.as_ptr().add(b * 16 + 8));
+            let lo = _mm256_set1_ps(p.clamp.0);
+            let hi = _mm256_set1_ps(p.clamp.1);
+            let valid = (cout - b * 16).min(16);
+            for r in 0..MR {
+                let out = output.add((row0 + r) * cout + b * 16);
+                let v0 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(acc[r][0], bias0), lo), hi);
+                let v1 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(acc[r][1], bias1), lo), hi);
+                if valid == 16 {
+                    _mm256_storeu_ps(out, v0);
+                    _mm256_storeu_ps(out.add(8), v1);
+                } else {
+                    _mm256_maskstore_ps(out, mask8(valid), v0);
+                    if valid > 8 {
+                        _mm256_maskstore_ps(out.add(8), mask8(valid - 8), v1);
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn run_avx2(p: &Packed, input: &[f32], s: (usize, usize), rows: usize, output: &mut [f32]) {
+        let (a, o) = (input.as_ptr(), output.as_mut_ptr());
+        let blocks = p.cout.div_ceil(16);
+        let mut row = 0;
+        unsafe {
+            while row + 6 <= rows {
+                for b in 0..blocks {
+                    tile256::<6>(p, a, s, row, b, o);
+                }
+                row += 6;
+            }
+            let left = rows - row;
+            for b in 0..blocks {
+                match left {
+                    0 => {}
+                    1 => tile256::<1>(p, a, s, row, b, o),
+                    2 => tile256::<2>(p, a, s, row, b, o),
+                    3 => tile256::<3>(p, a, s, row, b, o),
+                    4 => tile256::<4>(p, a, s, row, b, o),
+                    _ => tile256::<5>(p, a, s, row, b, o),
+                }
+            }
+        }
+    }
+}
+
+/// A 1x1 convolution as one tract op: `[Cin, P]` or `[P, Cin]` in (P the
+/// positions, in the same order in both), `[P, Cout]` or `[Cout, P]` out,
+/// with its bias and clamp. A channels-first output is written
+/// channels-last into a scratch buffer first and transposed: the projections
+/// that hand channels-last maps back to the channels-first trunk.
+#[derive(Debug, Clone)]
+pub struct PointwiseConv {
+    pub packed: Arc<Packed>,
+    pub input_channels_last: bool,
+    pub output_channels_last: bool,
+    /// The output's shape (the model's input size is fixed before this runs).
+    pub output_shape: TVec<usize>,
+}
+
+impl PartialEq for PointwiseConv {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.packed, &other.packed)
+            && self.input_channels_last == other.input_channels_last
+            && self.output_channels_last == other.output_channels_last
+            && self.output_shape == other.output_shape
+    }
+}
+impl Eq for PointwiseConv {}
+
+impl Op for PointwiseConv {
+    fn name(&self) -> StaticName {
+        "PointwiseConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let p = &self.packed;
+        let layout = |last: bool| if last { "channels-last" } else { "channels-first" };
+        Ok(vec![format!(
+            "{} {} -> {} {} {:?}, clamp {:?}, {}",
+            p.cin,
+            layout(self.input_channels_last),
+            p.cout,
+            layout(self.output_channels_last),
+            self.output_shape,
+            p.clamp,
+            p.isa.name()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for PointwiseConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let p = &self.packed;
+        let input = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let rows = self.output_shape.iter().product::<usize>() / p.cout.max(1);
+        ensure!(
+            input.len() == rows * p.cin,
+            "PointwiseConv: {} input values for {} positions of {} channels",
+            input.len(),
+            rows,
+            p.cin
+        );
+        let strides = if self.input_channels_last { (p.cin, 1) } else { (1, rows) };
+        // SAFETY: every element is written below (by the kernel, or by the
+        // transpose of the scratch it wrote).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            if self.output_channels_last {
+                p.run_strided(input, strides, rows, out);
+            } else {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    // Written whole by the kernel before it is read; kept for the
+                    // next frame (at most the largest such output, 300 KB on the demo).
+                    scratch.resize(rows * p.cout, 0.0);
+                    p.run_strided(input, strides, rows, scratch);
+                    transpose(scratch, rows, p.cout, out);
+                });
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+thread_local! {
+    /// The channels-last result a channels-first output is transposed from.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `to[c * rows + r] = from[r * cols + c]`, in tiles that stay in L1.
+fn transpose(from: &[f32], rows: usize, cols: usize, to: &mut [f32]) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(cols) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    to[c * rows + r] = from[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+impl TypedOp for PointwiseConv {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+
+    as_op!();
+}
+
+/// A per-channel vector (`[1, ..., 1, cout]` or `[cout]`) or a scalar constant.
+fn constant_of(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
+    let fact = model.outlet_fact(outlet).ok()?;
+    let k = fact.konst.clone()?;
+    (k.datum_type() == f32::datum_type()).then_some(k)
+}
+
+/// The name of a binary op (`Add`, `Max`, `Min`) and its constant operand,
+/// if `node` is one with exactly one constant input.
+fn binary_with_constant(model: &TypedModel, node: &TypedNode) -> Option<(String, usize, Arc<Tensor>)> {
+    let op = node.op_as::<TypedBinOp>()?;
+    if node.inputs.len() != 2 {
+        return None;
+    }
+    let consts: Vec<Option<Arc<Tensor>>> = node.inputs.iter().map(|i| constant_of(model, *i)).collect();
+    match (&consts[0], &consts[1]) {
+        (None, Some(k)) => Some((op.0.name().to_string(), 0, k.clone())),
+        (Some(k), None) => Some((op.0.name().to_string(), 1, k.clone())),
+        _ => None,
+    }
+}
+
+/// How the rewrite went, for the `model loaded` log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    pub convs: usize,
+    pub fused_bias: usize,
+    pub fused_clamps: usize,
+}
+
+/// Whether the rewrite is turned off (`LABELCAST_TRACT_POINTWISE=off`).
+pub fn disabled_by_env() -> bool {
+    std::env::var("LABELCAST_TRACT_POINTWISE").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+}
+
+/// The kernel 1x1 convolutions get for `threads` inference threads, `None`
+/// for tract's own matrix product.
+pub fn choice(threads: usize) -> Option<Isa> {
+    Isa::detect().filter(|_| threads == 1 && !disabled_by_env())
+}
+
+/// Replaces every matching 1x1 convolution of a decluttered model (see the
+/// module doc) by a [`PointwiseConv`]; returns how many.
+pub fn rewrite(model: &mut TypedModel, isa: Isa) -> TractResult<Rewritten> {
+    let mut done = Rewritten::default();
+    for id in model.eval_order()? {
+        let Some(found) = matching(model, id, isa)? else {
+            if let Some(einsum) = model.nodes[id].op_as::<EinSum>() {
+                tracing::debug!(node = %model.nodes[id].name, axes = %einsum.axes, "an EinSum left to tract's matrix product");
+            }
+            continue;
+        };
+        let ((op, x_slot), last, fused_bias, clamps) = found;
+        let (name, x) = (format!("{}.pointwise", model.nodes[id].name), model.nodes[id].inputs[x_slot]);
+        let mut patch = TypedModelPatch::default();
+        let input = patch.tap_model(model, x)?;
+        let wire = patch.wire_node(name, op, &[input])?;
+        patch.shunt_outside(model, last, wire[0])?;
+        patch.apply(model)?;
+        done.convs += 1;
+        done.fused_bias += fused_bias as usize;
+        done.fused_clamps += clamps;
+    }
+    if done.convs > 0 {
+        model.compact()?;
+    }
+    Ok(done)
+}
+
+type Match = ((PointwiseConv, usize), OutletId, bool, usize);
+
+/// The op that replaces node `id` and the chain after it, with the input
+/// slot of the activations, the outlet it replaces, and what it fused.
+fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match>> {
+    let node = &model.nodes[id];
+    let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
+    if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(id)?;
+    let (x_slot, w_slot) = match (facts[0].konst.is_some(), facts[1].konst.is_some()) {
+        (false, true) => (0, 1),
+        (true, false) => (1, 0),
+        _ => return Ok(None),
+    };
+    let weights = facts[w_slot].konst.clone().unwrap();
+    let x_fact = facts[x_slot];
+    let output_fact = model.outlet_fact(OutletId::new(id, 0))?;
+    if weights.rank() != 2
+        || weights.datum_type() != f32::datum_type()
+        || x_fact.datum_type != f32::datum_type()
+        || output_fact.datum_type != f32::datum_type()
+    {
+        return Ok(None);
+    }
+    let (Some(x_shape), Some(out_shape)) = (x_fact.shape.as_concrete(), output_fact.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    // Roles: the contracted axis (X and W), the output channels (W and the
+    // output), the positions (X and the output, same order), and size-1
+    // axes in X alone (a batch of one summed away).
+    let (mut k_in_w, mut n_in_w) = (None, None);
+    let mut x_roles: Vec<(usize, char, usize)> = vec![]; // (place in X, role, size)
+    let mut out_roles: Vec<(usize, char, usize)> = vec![];
+    for axis in einsum.axes.iter_all_axes() {
+        let (in_x, in_w, in_out) = (&axis.inputs[x_slot], &axis.inputs[w_slot], &axis.outputs[0]);
+        match (in_x.len(), in_w.len(), in_out.len()) {
+            (1, 1, 0) => {
+                k_in_w = Some(in_w[0]);
+                x_roles.push((in_x[0], 'k', x_shape[in_x[0]]));
+            }
+            (0, 1, 1) => {
+                n_in_w = Some(in_w[0]);
+                out_roles.push((in_out[0], 'n', out_shape[in_out[0]]));
+            }
+            (1, 0, 1) => {
+                if x_shape[in_x[0]] != out_shape[in_out[0]] {
+                    return Ok(None);
+                }
+                x_roles.push((in_x[0], 'p', x_shape[in_x[0]]));
+                out_roles.push((in_out[0], 'p', out_shape[in_out[0]]));
+            }
+            (1, 0, 0) if x_shape[in_x[0]] == 1 => {}
+            (0, 0, 1) if out_shape[in_out[0]] == 1 => {}
+            _ => return Ok(None),
+        }
+    }
+    let (Some(k_in_w), Some(n_in_w)) = (k_in_w, n_in_w) else { return Ok(None) };
+    if k_in_w == n_in_w {
+        return Ok(None);
+    }
+    // Positions keep their order; size-1 axes do not count for the layout.
+    // Ties in place cannot happen (one axis per place).
+    let order = |roles: &mut Vec<(usize, char, usize)>| {
+        roles.sort_by_key(|r| r.0);
+        roles.iter().filter(|r| r.2 != 1 || r.1 != 'p').map(|r| r.1).collect::<String>()
+    };
+    let (x_order, out_order) = (order(&mut x_roles), order(&mut out_roles));
+    let positions = |order: &str, channel: char| order.replace(channel, "");
+    if positions(&x_order, 'k') != positions(&out_order, 'n') || !positions(&x_order, 'k').chars().all(|c| c == 'p') {
+        return Ok(None);
+    }
+    let x_last = x_order.ends_with('k');
+    let out_last = out_order.ends_with('n');
+    if !(x_last || x_order.starts_with('k')) || !(out_last || out_order.starts_with('n')) {
+        return Ok(None);
+    }
+    // Position dims in the same order on both sides.
+    let dims = |roles: &[(usize, char, usize)]| {
+        roles.iter().filter(|r| r.1 == 'p' && r.2 != 1).map(|r| r.2).collect::<Vec<_>>()
+    };
+    if dims(&x_roles) != dims(&out_roles) {
+        return Ok(None);
+    }
+    // Channels-first in and out is the product tract already does well
+    // (no transposition, positions contiguous): left to it.
+    if !x_last && !out_last {
+        return Ok(None);
+    }
+    let (cin, cout) = (weights.shape()[k_in_w], weights.shape()[n_in_w]);
+    if cin == 0 || cout == 0 {
+        return Ok(None);
+    }
+    // What follows: a bias (per-channel constant Add), then Max/Min with
+    // scalar constants (ReLU, ReLU6), each the only consumer of the last.
+    let mut last = OutletId::new(id, 0);
+    let mut bias: Option<Vec<f32>> = None;
+    let mut clamp = (f32::NEG_INFINITY, f32::INFINITY);
+    let mut clamps = 0;
+    while let Some(next) = model.single_succ(last.node)? {
+        if model.outlet_successors(last).len() != 1 || model.output_outlets()?.contains(&last) {
+            break;
+        }
+        let Some((name, _, k)) = binary_with_constant(model, next) else { break };
+        let next_fact = model.outlet_fact(OutletId::new(next.id, 0))?;
+        if next_fact.datum_type != f32::datum_type() || next_fact.shape.as_concrete() != Some(out_shape) {
+            break;
+        }
+        let values = k.try_as_plain_ram()?.as_slice::<f32>()?;
+        // Per channel: all of it along the output's channel axis.
+        let n_place = out_roles.iter().find(|r| r.1 == 'n').map(|r| r.0).unwrap_or(usize::MAX);
+        let per_channel = k.len() == cout
+            && k.rank() == out_shape.len()
+            && k.shape().iter().enumerate().all(|(i, &d)| if i == n_place { d == cout } else { d == 1 });
+        match name.as_str() {
+            "Add" if bias.is_none() && clamps == 0 && per_channel => bias = Some(values.to_vec()),
+            "Add" if bias.is_none() && clamps == 0 && k.len() == 1 => bias = Some(vec![values[0]; cout]),
+            "Max" if k.len() == 1 => {
+                clamp.0 = clamp.0.max(values[0]);
+                clamps += 1
+            }
+            "Min" if k.len() == 1 => {
+                clamp.1 = clamp.1.min(values[0]);
+                clamps += 1
+            }
+            _ => break,
+        }
+        last = OutletId::new(next.id, 0);
+    }
+    // A Max above a Min (an empty clamp) would not match the ops' order.
+    if clamp.0 > clamp.1 {
+        return Ok(None);
+    }
+    // Row-major [Cin, Cout] or [Cout, Cin].
+    let w = weights.try_as_plain_ram()?.as_slice::<f32>()?;
+    let weight = |k: usize, n: usize| if k_in_w == 0 { w[k * cout + n] } else { w[n * cin + k] };
+    let fused_bias = bias.is_some();
+    let packed = Packed::new(isa, cin, cout, weight, bias.as_deref(), clamp);
+    let op = PointwiseConv {
+        packed: Arc::new(packed),
+        input_channels_last: x_last,
+        output_channels_last: out_last,
+        output_shape: out_shape.into(),
+    };
+    Ok(Some(((op, x_slot), last, fused_bias, clamps)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (no dependency for test data).
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(
+        x: &[f32],
+        rows: usize,
+        cin: usize,
+        w: &[f32],
+        cout: usize,
+        bias: &[f32],
+        clamp: (f32, f32),
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * cout];
+        for m in 0..rows {
+            for n in 0..cout {
+                let mut acc = bias[n] as f64;
+                for k in 0..cin {
+                    acc += x[m * cin + k] as f64 * w[k * cout + n] as f64;
+                }
+                out[m * cout + n] = (acc as f32).max(clamp.0).min(clamp.1);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn transpose_moves_every_element_across_tile_edges() {
+        let (rows, cols) = (70, 33);
+        let from: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut to = vec![f32::NAN; rows * cols];
+        transpose(&from, rows, cols, &mut to);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(to[c * rows + r], from[r * cols + c]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernels_match_a_plain_product_on_odd_shapes_with_bias_and_clamp() {
+        let isas: Vec<Isa> = match Isa::detect() {
+            Some(Isa::Avx512f) => vec![Isa::Avx512f, Isa::Avx2Fma],
+            Some(Isa::Avx2Fma) => vec![Isa::Avx2Fma],
+            None => return,
+        };
+        for isa in isas {
+            for (seed, &(rows, cin, cout)) in [
+                (1, 1, 1),
+                (7, 3, 5),
+                (9, 16, 96),
+                (13, 24, 144),
+                (49, 320, 1280),
+                (50, 17, 33),
+                (6, 8, 16),
+                (17, 40, 31),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let x = values(seed as u64, rows * cin);
+                let w = values(100 + seed as u64, cin * cout);
+                let bias = values(200 + seed as u64, cout);
+                for clamp in [(f32::NEG_INFINITY, f32::INFINITY), (0.0, 6.0), (0.0, 0.1)] {
+                    let packed = Packed::new(isa, cin, cout, |k, n| w[k * cout + n], Some(&bias), clamp);
+                    // One spare element each side of the output: nothing is written past it.
+                    let mut out = vec![f32::NAN; rows * cout + 1];
+                    packed.run(&x, rows, &mut out[..rows * cout]);
+                    assert!(out[rows * cout].is_nan(), "{isa:?} wrote past the output");
+                    let want = reference(&x, rows, cin, &w, cout, &bias, clamp);
+                    // The same positions read channels-first.
+                    let mut channels_first = vec![0f32; rows * cin];
+                    transpose(&x, rows, cin, &mut channels_first);
+                    let mut strided = vec![f32::NAN; rows * cout];
+                    packed.run_strided(&channels_first, (1, rows), rows, &mut strided);
+                    assert_eq!(strided, out[..rows * cout], "{isa:?} {rows}x{cin}->{cout}: channels-first input");
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{isa:?} {rows}x{cin}->{cout} clamp {clamp:?}: [{}, {}] {a} vs {b}",
+                            i / cout,
+                            i % cout
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -20,8 +20,12 @@
 //!
 //! `muzzy_decay_ms:0` in both: lazily freed pages would stay counted in the
 //! resident set until the kernel wants them. `_RJEM_MALLOC_CONF` in the
-//! environment replaces both phases (jemalloc's own variable, prefixed as
-//! the crate builds it), e.g. `_RJEM_MALLOC_CONF=dirty_decay_ms:5000`.
+//! environment (jemalloc's own variable, prefixed as the crate builds it)
+//! overrides these key by key; one that names `dirty_decay_ms` holds for the
+//! whole run (no steady switch), e.g. `_RJEM_MALLOC_CONF=dirty_decay_ms:5000`.
+//! jemalloc runs no background thread here: pages freed are returned on a
+//! later allocation once their second is up, so an idle daemon (a camera
+//! gone) keeps the last frame's pages until frames come again.
 //!
 //! Elsewhere (other targets, or built without the `jemalloc` feature, e.g.
 //! for heaptrack or valgrind) the system allocator stays and
@@ -134,9 +138,10 @@ pub fn release_freed_memory() {
 /// [`STEADY_DIRTY_DECAY_MS`] for reuse by the next frames. Called once the
 /// first frame is classified; calling it again changes nothing.
 pub fn settle() {
-    // A user's own `_RJEM_MALLOC_CONF` decides both phases.
+    // A user's own `dirty_decay_ms` in `_RJEM_MALLOC_CONF` holds for the
+    // whole run; other keys there leave the phases as they are.
     #[cfg(all(feature = "jemalloc", target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
-    if std::env::var_os("_RJEM_MALLOC_CONF").is_none() {
+    if !std::env::var("_RJEM_MALLOC_CONF").is_ok_and(|conf| conf.contains("dirty_decay_ms")) {
         jemalloc::settle(STEADY_DIRTY_DECAY_MS);
     }
 }
@@ -147,7 +152,7 @@ mod tests {
 
     #[test]
     fn jemalloc_reads_the_loading_phase_from_the_compiled_in_options() {
-        if std::env::var_os("_RJEM_MALLOC_CONF").is_some() {
+        if std::env::var("_RJEM_MALLOC_CONF").is_ok_and(|conf| conf.contains("dirty_decay_ms")) {
             return;
         }
         // opt.* are the options as parsed at start; settling does not change them.
@@ -157,7 +162,7 @@ mod tests {
 
     #[test]
     fn settling_makes_the_existing_and_future_arenas_keep_freed_pages_a_second() {
-        if std::env::var_os("_RJEM_MALLOC_CONF").is_some() {
+        if std::env::var("_RJEM_MALLOC_CONF").is_ok_and(|conf| conf.contains("dirty_decay_ms")) {
             return;
         }
         // A thread of its own allocates, so more than one arena exists.

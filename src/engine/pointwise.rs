@@ -68,6 +68,16 @@ impl Isa {
         None
     }
 
+    /// Whether this CPU runs this ISA's kernels (AVX2+FMA also where
+    /// AVX-512F was found).
+    pub fn runs_here(self) -> bool {
+        match (self, Isa::detect()) {
+            (_, None) => false,
+            (Isa::Avx2Fma, Some(_)) => true,
+            (Isa::Avx512f, Some(best)) => best == Isa::Avx512f,
+        }
+    }
+
     /// Output channels per weight block.
     pub fn block(self) -> usize {
         match self {
@@ -90,28 +100,34 @@ impl Isa {
 /// bias is padded the same way.
 #[derive(Debug, Clone)]
 pub struct Packed {
-    pub isa: Isa,
-    pub cin: usize,
-    pub cout: usize,
+    isa: Isa,
+    cin: usize,
+    cout: usize,
     // Read by the x86-64 kernels only; nothing is packed elsewhere.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     data: Vec<f32>,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     bias: Vec<f32>,
-    /// Lower and upper clamp (a fused ReLU/ReLU6), infinite when none.
-    pub clamp: (f32, f32),
+    /// Lower and upper clamp (a fused ReLU/ReLU6), if fused.
+    clamp: (Option<f32>, Option<f32>),
 }
 
 impl Packed {
-    /// `weight(k, n)` gives the weight from input channel `k` to output `n`.
+    /// `weight(k, n)` gives the weight from input channel `k` to output `n`;
+    /// `clamp` the lower and upper bounds of a fused Max/Min, if any.
+    ///
+    /// # Panics
+    /// If this CPU cannot run `isa` (see [`Isa::runs_here`]), or `bias` is
+    /// not `cout` long.
     pub fn new(
         isa: Isa,
         cin: usize,
         cout: usize,
         weight: impl Fn(usize, usize) -> f32,
         bias: Option<&[f32]>,
-        clamp: (f32, f32),
+        clamp: (Option<f32>, Option<f32>),
     ) -> Packed {
+        assert!(isa.runs_here(), "{isa:?} kernels on a CPU without them");
         let nr = isa.block();
         let blocks = cout.div_ceil(nr);
         let mut data = vec![0f32; blocks * cin * nr];
@@ -127,6 +143,15 @@ impl Packed {
             padded[..cout].copy_from_slice(bias);
         }
         Packed { isa, cin, cout, data, bias: padded, clamp }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Input and output channels.
+    pub fn channels(&self) -> (usize, usize) {
+        (self.cin, self.cout)
     }
 
     /// `output[m, n] = clamp(sum_k input[m, k] * w[k, n] + bias[n])` for
@@ -194,8 +219,10 @@ mod x86 {
             }
             let bias0 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32));
             let bias1 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32 + 16));
-            let lo = _mm512_set1_ps(p.clamp.0);
-            let hi = _mm512_set1_ps(p.clamp.1);
+            // Only the bounds that were fused: max(NaN, -inf) would turn a
+            // NaN into -inf where the graph had no Max at all.
+            let (lo, hi) = (_mm512_set1_ps(p.clamp.0.unwrap_or(0.0)), _mm512_set1_ps(p.clamp.1.unwrap_or(0.0)));
+            let (has_lo, has_hi) = (p.clamp.0.is_some(), p.clamp.1.is_some());
             let valid = (cout - b * 32).min(32);
             let m0: __mmask16 = if valid >= 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
             let m1: __mmask16 = if valid >= 32 {
@@ -207,8 +234,20 @@ mod x86 {
             };
             for r in 0..MR {
                 let out = output.add((row0 + r) * cout + b * 32);
-                let v0 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(acc[r][0], bias0), lo), hi);
-                let v1 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(acc[r][1], bias1), lo), hi);
+                let mut v0 = _mm512_add_ps(acc[r][0], bias0);
+                if has_lo {
+                    v0 = _mm512_max_ps(v0, lo);
+                }
+                if has_hi {
+                    v0 = _mm512_min_ps(v0, hi);
+                }
+                let mut v1 = _mm512_add_ps(acc[r][1], bias1);
+                if has_lo {
+                    v1 = _mm512_max_ps(v1, lo);
+                }
+                if has_hi {
+                    v1 = _mm512_min_ps(v1, hi);
+                }
                 _mm512_mask_storeu_ps(out, m0, v0);
                 if m1 != 0 {
                     _mm512_mask_storeu_ps(out.add(16), m1, v1);
@@ -279,13 +318,27 @@ mod x86 {
             }
             let bias0 = _mm256_loadu_ps(p.bias.as_ptr().add(b * 16));
             let bias1 = _mm256_loadu_ps(p.bias.as_ptr().add(b * 16 + 8));
-            let lo = _mm256_set1_ps(p.clamp.0);
-            let hi = _mm256_set1_ps(p.clamp.1);
+            // Only the bounds that were fused: max(NaN, -inf) would turn a
+            // NaN into -inf where the graph had no Max at all.
+            let (lo, hi) = (_mm256_set1_ps(p.clamp.0.unwrap_or(0.0)), _mm256_set1_ps(p.clamp.1.unwrap_or(0.0)));
+            let (has_lo, has_hi) = (p.clamp.0.is_some(), p.clamp.1.is_some());
             let valid = (cout - b * 16).min(16);
             for r in 0..MR {
                 let out = output.add((row0 + r) * cout + b * 16);
-                let v0 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(acc[r][0], bias0), lo), hi);
-                let v1 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(acc[r][1], bias1), lo), hi);
+                let mut v0 = _mm256_add_ps(acc[r][0], bias0);
+                if has_lo {
+                    v0 = _mm256_max_ps(v0, lo);
+                }
+                if has_hi {
+                    v0 = _mm256_min_ps(v0, hi);
+                }
+                let mut v1 = _mm256_add_ps(acc[r][1], bias1);
+                if has_lo {
+                    v1 = _mm256_max_ps(v1, lo);
+                }
+                if has_hi {
+                    v1 = _mm256_min_ps(v1, hi);
+                }
                 if valid == 16 {
                     _mm256_storeu_ps(out, v0);
                     _mm256_storeu_ps(out.add(8), v1);
@@ -483,11 +536,16 @@ pub fn choice(threads: usize) -> Option<Isa> {
 pub fn rewrite(model: &mut TypedModel, isa: Isa) -> TractResult<Rewritten> {
     let mut done = Rewritten::default();
     for id in model.eval_order()? {
-        let Some(found) = matching(model, id, isa)? else {
-            if let Some(einsum) = model.nodes[id].op_as::<EinSum>() {
-                tracing::debug!(node = %model.nodes[id].name, axes = %einsum.axes, "an EinSum left to tract's matrix product");
+        // Anything unexpected leaves the node to tract, never fails the load.
+        let found = match matching(model, id, isa) {
+            Ok(Some(found)) => found,
+            outcome => {
+                if let Some(einsum) = model.nodes[id].op_as::<EinSum>() {
+                    let error = outcome.err().map(|e| format!("{e:#}"));
+                    tracing::debug!(node = %model.nodes[id].name, axes = %einsum.axes, error, "an EinSum left to tract's matrix product");
+                }
+                continue;
             }
-            continue;
         };
         let ((op, x_slot), last, fused_bias, clamps) = found;
         let (name, x) = (format!("{}.pointwise", model.nodes[id].name), model.nodes[id].inputs[x_slot]);
@@ -539,25 +597,30 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
     // output), the positions (X and the output, same order), and size-1
     // axes in X alone (a batch of one summed away).
     let (mut k_in_w, mut n_in_w) = (None, None);
-    let mut x_roles: Vec<(usize, char, usize)> = vec![]; // (place in X, role, size)
-    let mut out_roles: Vec<(usize, char, usize)> = vec![];
+    // (place, role, size, the axis's name): positions are matched by name.
+    let mut x_roles: Vec<(usize, char, usize, char)> = vec![];
+    let mut out_roles: Vec<(usize, char, usize, char)> = vec![];
     for axis in einsum.axes.iter_all_axes() {
         let (in_x, in_w, in_out) = (&axis.inputs[x_slot], &axis.inputs[w_slot], &axis.outputs[0]);
         match (in_x.len(), in_w.len(), in_out.len()) {
             (1, 1, 0) => {
+                // Not broadcast: the same size in X and W.
+                if x_shape[in_x[0]] != weights.shape()[in_w[0]] {
+                    return Ok(None);
+                }
                 k_in_w = Some(in_w[0]);
-                x_roles.push((in_x[0], 'k', x_shape[in_x[0]]));
+                x_roles.push((in_x[0], 'k', x_shape[in_x[0]], axis.repr));
             }
             (0, 1, 1) => {
                 n_in_w = Some(in_w[0]);
-                out_roles.push((in_out[0], 'n', out_shape[in_out[0]]));
+                out_roles.push((in_out[0], 'n', out_shape[in_out[0]], axis.repr));
             }
             (1, 0, 1) => {
                 if x_shape[in_x[0]] != out_shape[in_out[0]] {
                     return Ok(None);
                 }
-                x_roles.push((in_x[0], 'p', x_shape[in_x[0]]));
-                out_roles.push((in_out[0], 'p', out_shape[in_out[0]]));
+                x_roles.push((in_x[0], 'p', x_shape[in_x[0]], axis.repr));
+                out_roles.push((in_out[0], 'p', out_shape[in_out[0]], axis.repr));
             }
             (1, 0, 0) if x_shape[in_x[0]] == 1 => {}
             (0, 0, 1) if out_shape[in_out[0]] == 1 => {}
@@ -570,7 +633,7 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
     }
     // Positions keep their order; size-1 axes do not count for the layout.
     // Ties in place cannot happen (one axis per place).
-    let order = |roles: &mut Vec<(usize, char, usize)>| {
+    let order = |roles: &mut Vec<(usize, char, usize, char)>| {
         roles.sort_by_key(|r| r.0);
         roles.iter().filter(|r| r.2 != 1 || r.1 != 'p').map(|r| r.1).collect::<String>()
     };
@@ -584,11 +647,12 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
     if !(x_last || x_order.starts_with('k')) || !(out_last || out_order.starts_with('n')) {
         return Ok(None);
     }
-    // Position dims in the same order on both sides.
-    let dims = |roles: &[(usize, char, usize)]| {
-        roles.iter().filter(|r| r.1 == 'p' && r.2 != 1).map(|r| r.2).collect::<Vec<_>>()
+    // The same position axes in the same order on both sides (by name: two
+    // axes of one size swapped would pass a check of sizes).
+    let names = |roles: &[(usize, char, usize, char)]| {
+        roles.iter().filter(|r| r.1 == 'p' && r.2 != 1).map(|r| r.3).collect::<Vec<_>>()
     };
-    if dims(&x_roles) != dims(&out_roles) {
+    if names(&x_roles) != names(&out_roles) {
         return Ok(None);
     }
     // Channels-first in and out is the product tract already does well
@@ -604,7 +668,7 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
     // scalar constants (ReLU, ReLU6), each the only consumer of the last.
     let mut last = OutletId::new(id, 0);
     let mut bias: Option<Vec<f32>> = None;
-    let mut clamp = (f32::NEG_INFINITY, f32::INFINITY);
+    let mut clamp: (Option<f32>, Option<f32>) = (None, None);
     let mut clamps = 0;
     while let Some(next) = model.single_succ(last.node)? {
         if model.outlet_successors(last).len() != 1 || model.output_outlets()?.contains(&last) {
@@ -624,12 +688,12 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
         match name.as_str() {
             "Add" if bias.is_none() && clamps == 0 && per_channel => bias = Some(values.to_vec()),
             "Add" if bias.is_none() && clamps == 0 && k.len() == 1 => bias = Some(vec![values[0]; cout]),
-            "Max" if k.len() == 1 => {
-                clamp.0 = clamp.0.max(values[0]);
+            "Max" if k.len() == 1 && !values[0].is_nan() => {
+                clamp.0 = Some(clamp.0.map_or(values[0], |lo| lo.max(values[0])));
                 clamps += 1
             }
-            "Min" if k.len() == 1 => {
-                clamp.1 = clamp.1.min(values[0]);
+            "Min" if k.len() == 1 && !values[0].is_nan() => {
+                clamp.1 = Some(clamp.1.map_or(values[0], |hi| hi.min(values[0])));
                 clamps += 1
             }
             _ => break,
@@ -637,7 +701,9 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
         last = OutletId::new(next.id, 0);
     }
     // A Max above a Min (an empty clamp) would not match the ops' order.
-    if clamp.0 > clamp.1 {
+    if let (Some(lo), Some(hi)) = clamp
+        && lo > hi
+    {
         return Ok(None);
     }
     // Row-major [Cin, Cout] or [Cout, Cin].
@@ -676,7 +742,7 @@ mod tests {
         w: &[f32],
         cout: usize,
         bias: &[f32],
-        clamp: (f32, f32),
+        clamp: (Option<f32>, Option<f32>),
     ) -> Vec<f32> {
         let mut out = vec![0f32; rows * cout];
         for m in 0..rows {
@@ -685,10 +751,89 @@ mod tests {
                 for k in 0..cin {
                     acc += x[m * cin + k] as f64 * w[k * cout + n] as f64;
                 }
-                out[m * cout + n] = (acc as f32).max(clamp.0).min(clamp.1);
+                let v = acc as f32;
+                let v = clamp.0.map_or(v, |lo| v.max(lo));
+                out[m * cout + n] = clamp.1.map_or(v, |hi| v.min(hi));
             }
         }
         out
+    }
+
+    /// `x -> EinSum(expr) [-> + bias -> max 0 -> min 6]`: its output for a
+    /// random input, before and after [`rewrite`], and what it rewrote.
+    fn rewritten(expr: &str, x_shape: &[usize], w_shape: &[usize], tail: bool) -> (Vec<f32>, Vec<f32>, Rewritten) {
+        use tract_onnx::tract_core::ops::math;
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(x_shape)).unwrap();
+        let w = Tensor::from_shape(w_shape, &values(7, w_shape.iter().product())).unwrap();
+        let w = model.add_const("w", w).unwrap();
+        let einsum = EinSum { axes: expr.parse().unwrap(), operating_dt: f32::datum_type(), q_params: None };
+        let mut wire = model.wire_node("e", einsum, &[x, w]).unwrap()[0];
+        if tail {
+            let out = model.outlet_fact(wire).unwrap().shape.as_concrete().unwrap().to_vec();
+            let n_place = expr
+                .split("->")
+                .nth(1)
+                .unwrap()
+                .find(|c: char| {
+                    w_shape.len() == 2
+                        && expr.split(',').nth(1).unwrap().contains(c)
+                        && !expr.split(',').next().unwrap().contains(c)
+                })
+                .unwrap();
+            let mut bias_shape = vec![1; out.len()];
+            bias_shape[n_place] = out[n_place];
+            let bias = Tensor::from_shape(&bias_shape, &values(9, out[n_place])).unwrap();
+            let bias = model.add_const("bias", bias).unwrap();
+            wire = model.wire_node("b", math::add(), &[wire, bias]).unwrap()[0];
+            let scalar = |v: f32| Tensor::from_shape(&vec![1; out.len()], &[v]).unwrap();
+            let zero = model.add_const("zero", scalar(0.0)).unwrap();
+            wire = model.wire_node("relu", math::max(), &[wire, zero]).unwrap()[0];
+            let six = model.add_const("six", scalar(0.6)).unwrap();
+            wire = model.wire_node("relu6", math::min(), &[wire, six]).unwrap()[0];
+        }
+        model.select_output_outlets(&[wire]).unwrap();
+        let input = Tensor::from_shape(x_shape, &values(3, x_shape.iter().product())).unwrap();
+        let run = |model: TypedModel| -> Vec<f32> {
+            let plan = model.into_runnable_with_options(&Default::default()).unwrap();
+            let out = plan.run(tvec!(input.clone().into_tvalue())).unwrap();
+            out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let before = run(model.clone());
+        let done = rewrite(&mut model, Isa::detect().unwrap()).unwrap();
+        (before, run(model), done)
+    }
+
+    #[test]
+    fn the_rewrite_takes_1x1_convolutions_in_every_layout_and_leaves_what_it_cannot_do() {
+        if Isa::detect().is_none() {
+            return;
+        }
+        /// The einsum, X's and W's shapes, a bias and ReLU6 after it, rewritten.
+        type Case = (&'static str, &'static [usize], &'static [usize], bool, bool);
+        let cases: &[Case] = &[
+            ("hwk,kn->hwn", &[5, 7, 16], &[16, 40], true, true),
+            ("khw,nk->hwn", &[16, 5, 7], &[40, 16], true, true),
+            ("hwk,nk->nhw", &[5, 7, 16], &[40, 16], false, true),
+            ("ahwk,kn->hwn", &[1, 5, 7, 16], &[16, 3], false, true),
+            // Positions swapped, of one size: a check of sizes would pass.
+            ("hwk,kn->whn", &[7, 7, 16], &[16, 40], false, false),
+            // Channels-first in and out: tract's own product does it well.
+            ("khw,nk->nhw", &[16, 5, 7], &[40, 16], false, false),
+            // A batch axis in the weights too.
+            ("bpk,bkn->bpn", &[2, 5, 16], &[2, 16, 8], false, false),
+        ];
+        for &(expr, x, w, tail, expected) in cases {
+            let (before, after, done) = rewritten(expr, x, w, tail);
+            assert_eq!(done.convs == 1, expected, "{expr}: {done:?}");
+            if expected && tail {
+                assert_eq!((done.fused_bias, done.fused_clamps), (1, 2), "{expr}");
+            }
+            assert_eq!(before.len(), after.len(), "{expr}");
+            for (a, b) in before.iter().zip(&after) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{expr}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]
@@ -728,7 +873,7 @@ mod tests {
                 let x = values(seed as u64, rows * cin);
                 let w = values(100 + seed as u64, cin * cout);
                 let bias = values(200 + seed as u64, cout);
-                for clamp in [(f32::NEG_INFINITY, f32::INFINITY), (0.0, 6.0), (0.0, 0.1)] {
+                for clamp in [(None, None), (Some(0.0), Some(6.0)), (Some(0.0), Some(0.1)), (None, Some(0.5))] {
                     let packed = Packed::new(isa, cin, cout, |k, n| w[k * cout + n], Some(&bias), clamp);
                     // One spare element each side of the output: nothing is written past it.
                     let mut out = vec![f32::NAN; rows * cout + 1];

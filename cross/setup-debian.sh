@@ -8,6 +8,7 @@
 #   libstd-rust-web-dev:arm64  the aarch64 standard library for that compiler
 #   gcc-aarch64-linux-gnu, libc6-dev-arm64-cross  the linker and C runtime
 #   linux-libc-dev-arm64-cross, libclang-dev  headers and libclang for bindgen
+#   make                   builds jemalloc (the allocator) for aarch64
 #   qemu-user              runs the aarch64 test binaries (qemu-aarch64 -L /)
 #   libc6:arm64            the aarch64 glibc that `-L /` finds
 # Then cargo-zigbuild and zig (PyPI's ziglang), which link against glibc
@@ -23,7 +24,7 @@ if ! dpkg --print-foreign-architectures | grep -qx arm64; then
 fi
 packages=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
           linux-libc-dev-arm64-cross libclang-dev qemu-user libc6:arm64 libgcc-s1:arm64 python3-venv
-          mosquitto mosquitto-clients binutils-aarch64-linux-gnu)
+          mosquitto mosquitto-clients binutils-aarch64-linux-gnu make)
 apt_install_missing "${packages[@]}"
 /usr/bin/rustc --version
 

@@ -25,6 +25,8 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 # The v4l crate generates its V4L2 bindings with bindgen, which needs libclang.
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
+# jemalloc (the allocator, src/allocator.rs) is built from C with make.
+command -v make >/dev/null 2>&1 || need+=(make)
 if ((${#need[@]})); then apt_install "${need[@]}"; fi
 # Debian starts mosquitto as a service on port 1883 where systemd runs; the
 # tests use their own instances on free ports and do not need it.

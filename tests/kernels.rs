@@ -12,16 +12,26 @@ use std::collections::HashMap;
 
 use common::*;
 
-/// `classify --json` scores for the shipped photos, with `TRACT_CPU_ISA`.
+/// `classify --json` scores of the FP32 demo for the shipped photos, with
+/// `TRACT_CPU_ISA`.
 fn scores(isa: &str, engine: &str) -> (Vec<HashMap<String, f64>>, String) {
     scores_with(isa, engine, "on")
 }
 
 /// [`scores`] with `LABELCAST_TRACT_POINTWISE` set to `pointwise`.
 fn scores_with(isa: &str, engine: &str, pointwise: &str) -> (Vec<HashMap<String, f64>>, String) {
+    scores_of_model(&demo_fp32_model(), isa, engine, pointwise)
+}
+
+/// [`scores_with`] for any model file.
+fn scores_of_model(
+    model: &std::path::Path,
+    isa: &str,
+    engine: &str,
+    pointwise: &str,
+) -> (Vec<HashMap<String, f64>>, String) {
     let photos = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "china.jpg", "astronaut.jpg"];
     let mut args = vec!["classify", "--json", "--engine", engine, "--model"];
-    let model = demo_fp32_model();
     args.push(model.to_str().unwrap());
     let paths: Vec<String> = photos.iter().map(|p| photo(p).display().to_string()).collect();
     args.extend(paths.iter().map(String::as_str));
@@ -75,4 +85,51 @@ fn the_demo_model_scores_the_same_with_every_depthwise_and_1x1_kernel() {
         println!("ONNX Runtime FP32: largest score difference {difference:.6}");
         assert!(difference < 1e-3, "{difference}");
     }
+}
+
+#[test]
+fn the_int8_demo_keeps_its_1x1_weights_as_int8_and_scores_as_tract_does_with_them_in_float() {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("labelcast's 1x1 kernels are x86-64 only");
+        return;
+    }
+    // The shipped INT8 file in the default weights-only mode: tract folds
+    // each DequantizeLinear into float weights; labelcast's 1x1 kernel finds
+    // them on their int8 grid and keeps them as int8.
+    let model = demo_model();
+    let (int8, engine) = scores_of_model(&model, "", "tract", "on");
+    let (avx2, avx2_engine) = scores_of_model(&model, "-avx512f", "tract", "on");
+    let (float, float_engine) = scores_of_model(&model, "", "tract", "float");
+    let (product, product_engine) = scores_of_model(&model, "", "tract", "off");
+    println!("{engine}");
+    let int8_convs = |line: &str| {
+        line.split("int8 weights on ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    // Every 1x1 convolution the kernel took: the demo's weights are all int8.
+    let taken = engine
+        .split("1x1 convs: labelcast ")
+        .nth(1)
+        .and_then(|rest| rest.split(" on ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    assert!(taken.is_some_and(|n| n > 30), "{engine}");
+    assert_eq!(int8_convs(&engine), taken, "{engine}");
+    assert_eq!(int8_convs(&avx2_engine), taken, "{avx2_engine}");
+    assert_eq!(int8_convs(&float_engine), Some(0), "{float_engine}");
+    assert!(product_engine.contains("1x1 convs: tract's matrix product"), "{product_engine}");
+    for (name, other) in [
+        ("AVX2+FMA int8 weights", &avx2),
+        ("the kernel on float weights", &float),
+        ("tract's product on float weights", &product),
+    ] {
+        let difference = largest_difference(&int8, other);
+        println!("{name}: largest score difference {difference:.6}");
+        assert!(difference < 1e-3, "{name} differs by {difference}");
+    }
+    // And the FP32 file's weights are floats: none on an int8 grid.
+    let (_, fp32_engine) = scores("", "tract");
+    assert_eq!(int8_convs(&fp32_engine), Some(0), "{fp32_engine}");
 }

@@ -171,7 +171,7 @@ impl TractEngine {
                 let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
                 // The kernels run the rewritten graph: another choice checks again.
                 let kernels = format!(
-                    "{}/{:?}",
+                    "{}/{:?}/int8-grid",
                     super::depthwise::selected().unwrap_or("tract"),
                     super::pointwise::choice(threads)
                 );
@@ -252,7 +252,8 @@ impl TractEngine {
                 env!("LABELCAST_TRACT_VERSION"),
                 super::depthwise::selected().unwrap_or("tract's width-inner"),
                 match built.pointwise {
-                    Some((isa, done)) if done.convs > 0 => format!("labelcast {} on {}", isa.name(), done.convs),
+                    Some((isa, done)) if done.convs > 0 =>
+                        format!("labelcast {} on {}, int8 weights on {}", isa.name(), done.convs, done.int8_weights),
                     _ => "tract's matrix product".to_string(),
                 }
             ),

@@ -23,22 +23,33 @@ fn scores_with(isa: &str, engine: &str, pointwise: &str) -> (Vec<HashMap<String,
     scores_of_model(&demo_fp32_model(), isa, engine, pointwise)
 }
 
-/// [`scores_with`] for any model file.
+/// [`scores_with`] for any model file, on one inference thread.
 fn scores_of_model(
     model: &std::path::Path,
     isa: &str,
     engine: &str,
     pointwise: &str,
 ) -> (Vec<HashMap<String, f64>>, String) {
+    scores_on_threads(model, isa, engine, pointwise, "1")
+}
+
+/// [`scores_of_model`] on `threads` inference threads.
+fn scores_on_threads(
+    model: &std::path::Path,
+    isa: &str,
+    engine: &str,
+    pointwise: &str,
+    threads: &str,
+) -> (Vec<HashMap<String, f64>>, String) {
     let photos = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "china.jpg", "astronaut.jpg"];
-    let mut args = vec!["classify", "--json", "--engine", engine, "--model"];
+    let mut args = vec!["classify", "--json", "--threads", threads, "--engine", engine, "--model"];
     args.push(model.to_str().unwrap());
     let paths: Vec<String> = photos.iter().map(|p| photo(p).display().to_string()).collect();
     args.extend(paths.iter().map(String::as_str));
     let out = run_to_end(labelcast(&args).env("TRACT_CPU_ISA", isa).env("LABELCAST_TRACT_POINTWISE", pointwise));
     assert!(out.status.success(), "{isa}: {}", out.stderr);
     let info = run_to_end(
-        labelcast(&["model-info", model.to_str().unwrap()])
+        labelcast(&["model-info", "--threads", threads, model.to_str().unwrap()])
             .env("TRACT_CPU_ISA", isa)
             .env("LABELCAST_TRACT_POINTWISE", pointwise),
     );
@@ -100,6 +111,8 @@ fn the_int8_demo_keeps_its_1x1_weights_as_int8_and_scores_as_tract_does_with_the
     let (int8, engine) = scores_of_model(&model, "", "tract", "on");
     let (avx2, avx2_engine) = scores_of_model(&model, "-avx512f", "tract", "on");
     let (float, float_engine) = scores_of_model(&model, "", "tract", "float");
+    // On two threads the kernel splits the positions over tract's pool.
+    let (two, two_engine) = scores_on_threads(&model, "", "tract", "on", "2");
     let (product, product_engine) = scores_of_model(&model, "", "tract", "off");
     println!("{engine}");
     let int8_convs = |line: &str| {
@@ -118,10 +131,14 @@ fn the_int8_demo_keeps_its_1x1_weights_as_int8_and_scores_as_tract_does_with_the
     assert!(taken.is_some_and(|n| n > 30), "{engine}");
     assert_eq!(int8_convs(&engine), taken, "{engine}");
     assert_eq!(int8_convs(&avx2_engine), taken, "{avx2_engine}");
+    if cfg!(feature = "tract-threads") {
+        assert!(two_engine.contains("2 thread(s)") && int8_convs(&two_engine) == taken, "{two_engine}");
+    }
     assert_eq!(int8_convs(&float_engine), Some(0), "{float_engine}");
     assert!(product_engine.contains("1x1 convs: tract's matrix product"), "{product_engine}");
     for (name, other) in [
         ("AVX2+FMA int8 weights", &avx2),
+        ("two threads", &two),
         ("the kernel on float weights", &float),
         ("tract's product on float weights", &product),
     ] {

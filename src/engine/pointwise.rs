@@ -27,9 +27,11 @@
 //! two-axis weight, contracting the activation's last axis into the output's
 //! last axis, with the `Add` of a per-channel constant (bias) and `Max`/`Min`
 //! of scalar constants that follow it, becomes one [`PointwiseConv`]. Only on
-//! x86-64 with AVX2 and FMA (AVX-512F where present), and only for one
-//! inference thread (tract's own product is multithreaded); aarch64 keeps
-//! tract's NEON path. `LABELCAST_TRACT_POINTWISE=off` keeps tract's own
+//! x86-64 with AVX2 and FMA (AVX-512F where present); aarch64 keeps tract's
+//! NEON path. With two or more inference threads the positions are split
+//! over tract's own thread pool (`bench --threads 2`, five alternated runs:
+//! weights-only p50 median 12.3 ms against 14.6 with tract's multithreaded
+//! product). `LABELCAST_TRACT_POINTWISE=off` keeps tract's own
 //! product everywhere (for comparing the two in one build).
 //!
 //! Weights that are int8 values times a per-channel scale, as the default
@@ -37,8 +39,9 @@
 //! a float constant), are found from their values ([`int8_grid`]) and kept
 //! as int8: on the demo model the 1x1 weights are 4.0 M of its 4.4 M, so
 //! this is 12 MB less resident memory (`labelcast bench`: 60-63 MB -> 50 MB).
-//! Each block of 32 output channels is widened back to floats once per
-//! inference into a reused buffer and used for every position, which ran
+//! Each block of output channels (32 on AVX-512F, 16 on AVX2) is widened
+//! back to floats once per inference (per thread with several) into a
+//! reused buffer and used for every position, which ran
 //! as fast as float weights (p50 14.70 vs 14.69 ms, medians of four
 //! alternated runs); widening inside the tile, once per 8 positions, was
 //! 4 % slower. `LABELCAST_TRACT_POINTWISE=float` keeps float weights.
@@ -86,6 +89,14 @@ impl Isa {
             (_, None) => false,
             (Isa::Avx2Fma, Some(_)) => true,
             (Isa::Avx512f, Some(best)) => best == Isa::Avx512f,
+        }
+    }
+
+    /// Positions per tile.
+    pub fn rows(self) -> usize {
+        match self {
+            Isa::Avx2Fma => 6,
+            Isa::Avx512f => 8,
         }
     }
 
@@ -150,8 +161,8 @@ enum Weights {
 /// tract's graph. The tolerance covers recomputing the scale from the
 /// largest weight (one rounding of `max / qmax`, then of `q * s`); an FP32
 /// model's weights, each a free float, essentially never pass for 4 or more
-/// input channels, and where they do the int8 values reproduce them to that
-/// tolerance, as a float rounding would.
+/// input channels (with 1 to 3 they may), and where they do the int8 values
+/// reproduce them to that tolerance, as a float rounding would.
 pub fn int8_grid(cin: usize, cout: usize, weight: &impl Fn(usize, usize) -> f32) -> Option<Vec<f32>> {
     let mut scales = Vec::with_capacity(cout);
     let mut column = vec![0f32; cin];
@@ -318,7 +329,10 @@ mod x86 {
                     row = end;
                 }
             }
-            Weights::I8 { q, scale } => WIDENED.with_borrow_mut(|widened| {
+            Weights::I8 { q, scale } => {
+                // Taken out, not borrowed: nothing can find it borrowed if
+                // this thread ever runs another task before putting it back.
+                let mut widened = WIDENED.take();
                 widened.resize(cin * nr, 0.0);
                 for b in 0..blocks {
                     for (to, &from) in widened.iter_mut().zip(&q[b * cin * nr..(b + 1) * cin * nr]) {
@@ -331,7 +345,8 @@ mod x86 {
                         row = end;
                     }
                 }
-            }),
+                WIDENED.set(widened);
+            }
         }
     }
 
@@ -612,19 +627,56 @@ impl EvalOp for PointwiseConv {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
             if self.output_channels_last {
-                p.run_strided(input, strides, rows, out);
+                run_parallel(p, input, strides, rows, out);
             } else {
-                SCRATCH.with_borrow_mut(|scratch| {
-                    // Written whole by the kernel before it is read; kept for the
-                    // next frame (at most the largest such output, 300 KB on the demo).
-                    scratch.resize(rows * p.cout, 0.0);
-                    p.run_strided(input, strides, rows, scratch);
-                    transpose(scratch, rows, p.cout, out);
-                });
+                // Written whole by the kernel before it is read; kept for the
+                // next frame (at most the largest such output, 300 KB on the
+                // demo). Taken out, not borrowed, across the thread pool's
+                // scope: a thread waiting there may run other tasks.
+                let mut scratch = SCRATCH.take();
+                scratch.resize(rows * p.cout, 0.0);
+                run_parallel(p, input, strides, rows, &mut scratch);
+                transpose(&scratch, rows, p.cout, out);
+                SCRATCH.set(scratch);
             }
         }
         Ok(tvec!(output.into_tvalue()))
     }
+}
+
+/// [`Packed::run_strided`] split by positions over tract's thread pool, where
+/// the plan runs with one (`model.threads` > 1): the tiles shared out as
+/// evenly as whole tiles go, one run per thread, so every thread writes its
+/// own output rows. Returns how many runs (1: not split).
+fn run_parallel(p: &Packed, input: &[f32], strides: (usize, usize), rows: usize, output: &mut [f32]) -> usize {
+    #[cfg(feature = "tract-threads")]
+    {
+        use tract_linalg::multithread::{Executor, current_tract_executor};
+        if let Executor::MultiThread(pool) = current_tract_executor() {
+            let (tile, cout) = (p.isa.rows(), p.cout);
+            let tiles = rows.div_ceil(tile);
+            // At least two tiles each: below that the hand-over costs more.
+            let runs = pool.current_num_threads().min(tiles / 2);
+            if runs > 1 {
+                pool.scope(|scope| {
+                    let mut rest = &mut output[..rows * cout];
+                    let mut first = 0;
+                    for run in 0..runs {
+                        let end = ((run + 1) * tiles / runs * tile).min(rows);
+                        let (out, after) = std::mem::take(&mut rest).split_at_mut((end - first) * cout);
+                        rest = after;
+                        // Rows from `first` on: the same strides from there.
+                        let input = &input[first * strides.0..];
+                        scope.spawn(move |_| p.run_strided(input, strides, out.len() / cout, out));
+                        first = end;
+                    }
+                });
+                return runs;
+            }
+        }
+    }
+    p.run_strided(input, strides, rows, output);
+    1
 }
 
 thread_local! {
@@ -700,7 +752,7 @@ pub fn float_weights_by_env() -> bool {
 /// The kernel 1x1 convolutions get for `threads` inference threads, `None`
 /// for tract's own matrix product.
 pub fn choice(threads: usize) -> Option<Isa> {
-    Isa::detect().filter(|_| threads == 1 && !disabled_by_env())
+    Isa::detect().filter(|_| !disabled_by_env() && (threads == 1 || cfg!(feature = "tract-threads")))
 }
 
 /// Replaces every matching 1x1 convolution of a decluttered model (see the
@@ -1054,10 +1106,12 @@ mod tests {
                     .enumerate()
                     .map(|(i, v)| (v * 127.0).round() * (0.01 + scales[i % cout].abs() * 0.1))
                     .collect();
-                for (w, int8) in [(&w, cin < 4), (&quantised, true)] {
+                // Float weights with 4 or more input channels are never on a
+                // grid; with 1 to 3 they may be (exactly, so either is right).
+                for (w, int8) in [(&w, (cin >= 4).then_some(false)), (&quantised, Some(true))] {
                     for clamp in [(None, None), (Some(0.0), Some(6.0)), (Some(0.0), Some(0.1)), (None, Some(0.5))] {
                         let packed = Packed::new(isa, cin, cout, |k, n| w[k * cout + n], Some(&bias), clamp, true);
-                        if cin >= 4 {
+                        if let Some(int8) = int8 {
                             assert_eq!(packed.int8_weights(), int8, "{isa:?} {rows}x{cin}->{cout}");
                         }
                         // One spare element each side of the output: nothing is written past it.
@@ -1085,6 +1139,45 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "tract-threads")]
+    #[test]
+    fn split_over_threads_the_kernel_writes_what_it_writes_on_one() {
+        use tract_linalg::multithread::{Executor, multithread_tract_scope};
+        let Some(best) = Isa::detect() else { return };
+        let isas = if best == Isa::Avx512f { vec![Isa::Avx512f, Isa::Avx2Fma] } else { vec![best] };
+        let pool = Executor::multithread(3);
+        for isa in isas {
+            for (seed, &(rows, cin, cout)) in
+                [(49, 320, 64), (1000, 16, 96), (17, 8, 40), (101, 24, 31), (12, 64, 64)].iter().enumerate()
+            {
+                let x = values(seed as u64, rows * cin);
+                let w = values(50 + seed as u64, cin * cout);
+                let int8: Vec<f32> = w.iter().map(|v| (v * 127.0).round() * 0.02).collect();
+                let mut channels_first = vec![0f32; rows * cin];
+                transpose(&x, rows, cin, &mut channels_first);
+                for (weights, is_int8) in [(&w, false), (&int8, true)] {
+                    let packed =
+                        Packed::new(isa, cin, cout, |k, n| weights[k * cout + n], None, (Some(0.0), None), true);
+                    assert_eq!(packed.int8_weights(), is_int8);
+                    for (input, strides) in [(&x, (cin, 1)), (&channels_first, (1, rows))] {
+                        let mut one = vec![f32::NAN; rows * cout];
+                        packed.run_strided(input, strides, rows, &mut one);
+                        let mut split = vec![f32::NAN; rows * cout];
+                        let runs = multithread_tract_scope(pool.clone(), || {
+                            run_parallel(&packed, input, strides, rows, &mut split)
+                        });
+                        // Split three ways where there are at least 6 tiles;
+                        // 12 and 17 positions are 2 or 3 tiles: not split.
+                        assert_eq!(runs, if rows >= 49 { 3 } else { 1 }, "{isa:?} {rows} positions");
+                        // Each position's sums are the same operations in the
+                        // same order whichever tile it falls in: bit for bit.
+                        assert_eq!(one, split, "{isa:?} {rows}x{cin}->{cout} strides {strides:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn int8_grid_finds_each_channels_scale_and_refuses_float_weights() {
         let (cin, cout) = (24, 6);
@@ -1098,6 +1191,11 @@ mod tests {
         };
         let w = |k: usize, n: usize| q(k, n) * scale[n];
         let found = int8_grid(cin, cout, &w).expect("quantised weights are on a grid");
+        // The scale itself where the largest integer is 127, -128 or 90 (a
+        // channel of -1, 0 and 1 is as well 127 steps of scale/127).
+        for n in [0, 1, 2, 5] {
+            assert!((found[n] - scale[n]).abs() <= 1e-6 * scale[n], "channel {n}: {} vs {}", found[n], scale[n]);
+        }
         for n in 0..cout {
             for k in 0..cin {
                 let back = (w(k, n) / found[n]).round() * found[n];
@@ -1115,5 +1213,7 @@ mod tests {
         assert_eq!(int8_grid(cin, cout, &|k, n| if (k, n) == (7, 1) { f32::NAN } else { w(k, n) }), None);
         let unsigned = |k: usize, n: usize| (noise[k * cout + n].abs() * 255.0).round().max(129.0 - n as f32) * 0.01;
         assert_eq!(int8_grid(cin, cout, &unsigned), None);
+        // +128 steps is outside int8 (only -128 is in): no grid.
+        assert_eq!(int8_grid(cin, cout, &|k, n| if (k, n) == (5, 1) { 128.0 * scale[1] } else { w(k, n) }), None);
     }
 }

@@ -171,9 +171,10 @@ impl TractEngine {
                 let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
                 // The kernels run the rewritten graph: another choice checks again.
                 let kernels = format!(
-                    "{}/{:?}/int8-grid",
+                    "{}/{:?}/{}",
                     super::depthwise::selected().unwrap_or("tract"),
-                    super::pointwise::choice(threads)
+                    super::pointwise::choice(threads),
+                    if super::pointwise::float_weights_by_env() { "float" } else { "int8-grid" }
                 );
                 VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault, &kernels)
             }),

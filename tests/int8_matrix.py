@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -202,6 +203,32 @@ class Row:
     scores: np.ndarray | None = None
 
 
+def weights_int8_symmetric(model: onnx.ModelProto) -> bool:
+    """Whether every quantised weight (an int8 or uint8 initializer behind a
+    DequantizeLinear) is int8 with zero points of 0: what tract folds into
+    float weights on an int8 grid, which labelcast's 1x1 kernel keeps as int8
+    (int32 biases are not weights; uint8 or offset weights may not fit)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].data_type in eight_bit]
+    for node in weights:
+        if inits[node.input[0]].data_type != onnx.TensorProto.INT8:
+            return False
+        if len(node.input) > 2 and node.input[2] in inits and onnx.numpy_helper.to_array(inits[node.input[2]]).any():
+            return False
+    return bool(weights)
+
+
+def int8_1x1_convs(labelcast: Path, model: Path, env: dict) -> tuple[int, int] | None:
+    """(1x1 convolutions on labelcast's kernel, how many of them keep int8
+    weights) in the weights-only mode, from `model-info`'s engine line; None
+    where tract's own product runs them (aarch64, a CPU without AVX2+FMA)."""
+    result = run([str(labelcast), "model-info", "--int8", "weights-only", "--int8-check", "off", str(model)], env=env)
+    found = re.search(r"1x1 convs: labelcast .*? on (\d+), int8 weights on (\d+)", result.stdout)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def classify(labelcast: Path, model: Path, engine: str, mode: str, env: dict, extra: list[str] = ()) -> tuple[
         subprocess.CompletedProcess, list[dict]]:
     result = run([str(labelcast), "classify", *CENTRE_CROP, "--json", "--model", str(model), "--engine", engine,
@@ -245,9 +272,18 @@ def check_row(labelcast: Path, body: str, variant: str, model: Path, engine: str
     row.scores = np.array([[e["labels"][l]["score"] for l in labels] for e in events], dtype=np.float64)
     row.p50_ms = statistics.median(e["inference_ms"] for e in events)
     ok = row.max_diff <= TOLERANCE and row.disagree == 0
+    notes = ["self-check fell back to native"] if row.fell_back else []
+    if engine == "tract" and mode == "weights-only":
+        convs = int8_1x1_convs(labelcast, model, env)
+        if convs is not None:
+            notes.append(f"1x1 weights int8 on {convs[1]} of {convs[0]}")
+            # Any quantiser's symmetric int8 weights are found on their
+            # grid: all of them stay int8 (the scores above are theirs).
+            if weights_int8_symmetric(onnx.load(str(model), load_external_data=False)) and convs[1] != convs[0]:
+                ok = False
+                notes.append("int8 weights not kept as int8")
     row.outcome = "ok" if ok else "FAIL"
-    if row.fell_back:
-        row.note = "self-check fell back to native"
+    row.note = "; ".join(notes)
     return row
 
 

@@ -38,7 +38,7 @@
 //! weights-only INT8 mode leaves them (tract folds each DequantizeLinear into
 //! a float constant), are found from their values ([`int8_grid`]) and kept
 //! as int8: on the demo model the 1x1 weights are 4.0 M of its 4.4 M, so
-//! this is 12 MB less resident memory (`labelcast bench`: 60-63 MB -> 50 MB).
+//! this is 12 MB less resident memory (`labelcast bench`: 59-63 MB -> 50 MB).
 //! Each block of output channels (32 on AVX-512F, 16 on AVX2) is widened
 //! back to floats once per inference (per thread with several) into a
 //! reused buffer and used for every position, which ran

@@ -280,10 +280,7 @@ impl Packed {
         // SAFETY: the ISA was detected on this CPU before packing (`Isa::detect`),
         // and every element read or written is inside the slices, checked above.
         unsafe {
-            match self.isa {
-                Isa::Avx2Fma => x86::run_avx2(self, input, strides, rows, output),
-                Isa::Avx512f => x86::run_avx512(self, input, strides, rows, output),
-            }
+            x86::run(self, input, strides, rows, output)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("Isa::detect() is None off x86-64, so nothing is packed there")
@@ -295,7 +292,7 @@ mod x86 {
     // The accumulators are indexed by row in loops of a constant length,
     // which the compiler unrolls into registers.
     #![allow(clippy::needless_range_loop)]
-    use super::{Packed, Weights};
+    use super::{Isa, Packed, Weights};
     use std::arch::x86_64::*;
 
     thread_local! {
@@ -304,19 +301,15 @@ mod x86 {
         static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// Runs `tile(b, rows_from, rows_to)` over the whole output: int8
+    /// Runs `tile(w, scale, b, rows_from, rows_to)` over the whole output
+    /// in tiles of the ISA's rows by one block of its channels: int8
     /// weights block by block, each block widened to floats once and then
     /// used for every row (converting inside the tile would redo it for
     /// every 8 rows: 4 % slower on the demo), float weights rows outer (a
     /// tile's input rows stay in L1 across the blocks, the packed weights,
     /// at most Cin x Cout floats, in L2).
-    fn drive(
-        p: &Packed,
-        nr: usize,
-        mr: usize,
-        rows: usize,
-        mut tile: impl FnMut(*const f32, *const f32, usize, usize, usize),
-    ) {
+    fn drive(p: &Packed, rows: usize, mut tile: impl FnMut(*const f32, *const f32, usize, usize, usize)) {
+        let (nr, mr) = (p.isa.block(), p.isa.rows());
         let (cin, blocks) = (p.cin, p.cout.div_ceil(nr));
         match &p.weights {
             Weights::F32(data) => {
@@ -422,37 +415,6 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn run_avx512(p: &Packed, input: &[f32], s: (usize, usize), rows: usize, output: &mut [f32]) {
-        let (a, o) = (input.as_ptr(), output.as_mut_ptr());
-        let scaled = p.int8_weights();
-        drive(p, 32, 8, rows, |w, scale, b, row, end| {
-            macro_rules! tile {
-                ($mr:literal) => {
-                    // SAFETY: as in `Packed::run_strided`, with `w` and `scale`
-                    // this block's (from `drive`).
-                    unsafe {
-                        if scaled {
-                            tile512::<$mr, true>(p, (w, scale), a, s, row, b, o)
-                        } else {
-                            tile512::<$mr, false>(p, (w, scale), a, s, row, b, o)
-                        }
-                    }
-                };
-            }
-            match end - row {
-                8 => tile!(8),
-                7 => tile!(7),
-                6 => tile!(6),
-                5 => tile!(5),
-                4 => tile!(4),
-                3 => tile!(3),
-                2 => tile!(2),
-                _ => tile!(1),
-            }
-        })
-    }
-
     /// The lanes of an 8-lane masked store that are below `valid`.
     #[target_feature(enable = "avx2")]
     unsafe fn mask8(valid: usize) -> __m256i {
@@ -527,32 +489,64 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn run_avx2(p: &Packed, input: &[f32], s: (usize, usize), rows: usize, output: &mut [f32]) {
+    /// A tile kernel: its rows are its place in [`tiles`] plus one.
+    type Tile = unsafe fn(&Packed, (*const f32, *const f32), *const f32, (usize, usize), usize, usize, *mut f32);
+
+    /// The tile kernels of `isa` for 1 to [`Isa::rows`] rows, for float or
+    /// int8 (scaled) weights.
+    fn tiles(isa: Isa, scaled: bool) -> &'static [Tile] {
+        match (isa, scaled) {
+            (Isa::Avx512f, false) => &[
+                tile512::<1, false>,
+                tile512::<2, false>,
+                tile512::<3, false>,
+                tile512::<4, false>,
+                tile512::<5, false>,
+                tile512::<6, false>,
+                tile512::<7, false>,
+                tile512::<8, false>,
+            ],
+            (Isa::Avx512f, true) => &[
+                tile512::<1, true>,
+                tile512::<2, true>,
+                tile512::<3, true>,
+                tile512::<4, true>,
+                tile512::<5, true>,
+                tile512::<6, true>,
+                tile512::<7, true>,
+                tile512::<8, true>,
+            ],
+            (Isa::Avx2Fma, false) => &[
+                tile256::<1, false>,
+                tile256::<2, false>,
+                tile256::<3, false>,
+                tile256::<4, false>,
+                tile256::<5, false>,
+                tile256::<6, false>,
+            ],
+            (Isa::Avx2Fma, true) => &[
+                tile256::<1, true>,
+                tile256::<2, true>,
+                tile256::<3, true>,
+                tile256::<4, true>,
+                tile256::<5, true>,
+                tile256::<6, true>,
+            ],
+        }
+    }
+
+    /// `Packed::run_strided` on this CPU.
+    ///
+    /// # Safety
+    /// The CPU has `p.isa` (checked when packing), and every element the
+    /// tiles read or write is inside `input` and `output`.
+    pub unsafe fn run(p: &Packed, input: &[f32], s: (usize, usize), rows: usize, output: &mut [f32]) {
         let (a, o) = (input.as_ptr(), output.as_mut_ptr());
-        let scaled = p.int8_weights();
-        drive(p, 16, 6, rows, |w, scale, b, row, end| {
-            macro_rules! tile {
-                ($mr:literal) => {
-                    // SAFETY: as in `Packed::run_strided`, with `w` and `scale`
-                    // this block's (from `drive`).
-                    unsafe {
-                        if scaled {
-                            tile256::<$mr, true>(p, (w, scale), a, s, row, b, o)
-                        } else {
-                            tile256::<$mr, false>(p, (w, scale), a, s, row, b, o)
-                        }
-                    }
-                };
-            }
-            match end - row {
-                6 => tile!(6),
-                5 => tile!(5),
-                4 => tile!(4),
-                3 => tile!(3),
-                2 => tile!(2),
-                _ => tile!(1),
-            }
+        let tiles = tiles(p.isa, p.int8_weights());
+        drive(p, rows, |w, scale, b, row, end| {
+            // SAFETY: as in `Packed::run_strided`, with `w` and `scale` this
+            // block's (from `drive`) and `end - row` at most the ISA's rows.
+            unsafe { tiles[end - row - 1](p, (w, scale), a, s, row, b, o) }
         })
     }
 }

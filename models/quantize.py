@@ -23,6 +23,9 @@ Choices, and why:
   * Attention Softmax and the MatMul that applies it stay in float: tract
     turns DequantizeLinear -> Softmax -> QuantizeLinear into a 256-entry lookup
     table as if Softmax were element-wise, which gives silently wrong scores.
+  * Nodes named in the model's ``labelcast.float_nodes`` metadata stay in
+    float too (the demo's label tail: quantised, 1 - p saturated and capped
+    every grouped label's score near 0.97).
 
 The calibration photos are split: a held-back part (``--holdout-fraction``)
 is not used for calibration and measures FP32-vs-INT8 agreement.
@@ -77,6 +80,21 @@ def attention_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def float_nodes(model: onnx.ModelProto, graph: onnx.ModelProto) -> list[str]:
+    """The nodes `model`'s metadata asks to keep in float
+    (`labelcast.float_nodes`, a JSON list of node names; see
+    models/build_demo.py's label tail) that `graph` (the model as prepared
+    for quantisation) still has."""
+    import json
+
+    wanted = json.loads(labelcast_metadata(model).get("labelcast.float_nodes", "[]"))
+    names = {n.name for n in graph.graph.node}
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        print(f"labelcast.float_nodes names nodes the prepared graph does not have: {', '.join(missing)}")
+    return [n for n in wanted if n in names]
+
+
 def list_photos(paths: list[Path]) -> list[Path]:
     photos = []
     for path in paths:
@@ -109,7 +127,11 @@ def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        excluded = [] if quantize_attention or ort_defaults else attention_nodes(onnx.load(str(prepared)))
+        graph = onnx.load(str(prepared))
+        excluded = [] if quantize_attention or ort_defaults else attention_nodes(graph)
+        # Nodes the model's own metadata keeps in float (the demo's label
+        # tail: a quantised range there caps the scores it computes).
+        excluded += [] if ort_defaults else [n for n in float_nodes(model, graph) if n not in excluded]
         if ort_defaults:
             # What most people run: QDQ, uint8 activations (Relu/Clip folded
             # into the pairs), int8 per-tensor weights, MinMax calibration.

@@ -130,8 +130,12 @@ def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float 
         graph = onnx.load(str(prepared))
         excluded = [] if quantize_attention or ort_defaults else attention_nodes(graph)
         # Nodes the model's own metadata keeps in float (the demo's label
-        # tail: a quantised range there caps the scores it computes).
-        excluded += [] if ort_defaults else [n for n in float_nodes(model, graph) if n not in excluded]
+        # tail: a quantised range there caps the scores it computes). Not with
+        # --quantize-attention or --ort-defaults, which quantise every Softmax
+        # and what follows as ONNX Runtime does (test fixtures for tract's
+        # Softmax repair).
+        if not (quantize_attention or ort_defaults):
+            excluded += [n for n in float_nodes(model, graph) if n not in excluded]
         if ort_defaults:
             # What most people run: QDQ, uint8 activations (Relu/Clip folded
             # into the pairs), int8 per-tensor weights, MinMax calibration.
@@ -203,7 +207,7 @@ def main() -> None:
     parser.add_argument("--holdout-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantize-attention", action="store_true",
-                        help="also quantise Softmax and softmax x V (ONNX Runtime's default; labelcast repairs it for tract)")
+                        help="also quantise every Softmax, softmax x V and the nodes labelcast.float_nodes names (ONNX Runtime's default; labelcast repairs the Softmax for tract)")
     parser.add_argument("--target", choices=["tensorrt", "cpu"], default="tensorrt",
                         help="tensorrt: symmetric int8 activations (TensorRT's explicit quantisation; tract runs it too); "
                              "cpu: uint8 activations, what ONNX Runtime's CPU provider runs as integer kernels")

@@ -112,9 +112,15 @@ class DemoHead(torch.nn.Module):
         """[B, 1012]: the 1000 ImageNet logits, then one logit per label."""
         return self.decoder(features)
 
+    def grouped(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, 12] from `raw`'s [B, 1012]: each label's share of the
+        1000-class softmax, clamped to [1e-6, 1 - 1e-6] for the log-odds
+        (person's column is unused: it has its own logit)."""
+        return (torch.softmax(z[:, :1000], dim=1) @ self.groups).clamp(1e-6, 1 - 1e-6)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         z = self.decoder(features)
-        p = (torch.softmax(z[:, :1000], dim=1) @ self.groups).clamp(1e-6, 1 - 1e-6)
+        p = self.grouped(z)
         grouped = torch.log(p) - torch.log1p(-p)
         return grouped * (1 - self.own_logit) + z[:, 1000:] * self.own_logit
 
@@ -209,7 +215,7 @@ def train_head(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
             z = head.raw(tokens)
             kl = F.kl_div(F.log_softmax(z[:, :1000] / tau, 1), F.log_softmax(teacher_logits / tau, 1),
                           log_target=True, reduction="batchmean") * tau * tau
-            grouped = (torch.softmax(z[:, :1000], 1) @ head.groups).clamp(1e-6, 1 - 1e-6)
+            grouped = head.grouped(z)
             wg, wd = w[:, others], w[:, direct]
             bce_grouped = (F.binary_cross_entropy(grouped[:, others], y[:, others], reduction="none") * wg).sum() \
                 / wg.sum().clamp(min=1)

@@ -48,10 +48,10 @@ def main() -> None:
     # capped the grouped labels' scores near 0.97.
     import onnx
 
-    from export import labelcast_metadata
+    from quantize import float_nodes
 
-    tail = set(json.loads(labelcast_metadata(onnx.load(str(DEMO / "labelcast-demo-fp32.onnx"))).get(
-        "labelcast.float_nodes", "[]")))
+    fp32 = onnx.load(str(DEMO / "labelcast-demo-fp32.onnx"))
+    tail = set(float_nodes(fp32, fp32))
     if not tail:
         problems.append("labelcast-demo-fp32.onnx names no labelcast.float_nodes (the label tail)")
     for name in ("labelcast-demo-int8.onnx", "labelcast-demo-int8-cpu.onnx"):

@@ -128,13 +128,14 @@ def quantize(fp32: Path, out: Path, photos: list[Path], holdout_fraction: float 
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared))
-        excluded = [] if quantize_attention or ort_defaults else attention_nodes(graph)
-        # Nodes the model's own metadata keeps in float (the demo's label
-        # tail: a quantised range there caps the scores it computes). Not with
-        # --quantize-attention or --ort-defaults, which quantise every Softmax
-        # and what follows as ONNX Runtime does (test fixtures for tract's
-        # Softmax repair).
+        # Kept in float: attention, and the nodes the model's own metadata
+        # names (the demo's label tail: a quantised range there caps the
+        # scores it computes). --quantize-attention and --ort-defaults
+        # quantise every Softmax and what follows as ONNX Runtime does (test
+        # fixtures for tract's Softmax repair).
+        excluded = []
         if not (quantize_attention or ort_defaults):
+            excluded = attention_nodes(graph)
             excluded += [n for n in float_nodes(model, graph) if n not in excluded]
         if ort_defaults:
             # What most people run: QDQ, uint8 activations (Relu/Clip folded

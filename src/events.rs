@@ -139,6 +139,12 @@ impl InferenceEvents {
         self.health.inference_seconds.observe(elapsed.as_secs_f64());
     }
 
+    /// One frame classified (at least one of its views), however many
+    /// windows that took.
+    pub fn frame_classified(&self) {
+        Counters::inc(&self.counters.frames_classified);
+    }
+
     pub fn failed(&self, camera: Option<&str>, origin: &str, error: &anyhow::Error) {
         Counters::inc(&self.counters.frames_failed);
         tracing::error!(camera, error = %format!("{error:#}"), origin, "inference failed");

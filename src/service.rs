@@ -315,9 +315,10 @@ fn send(states: &[NotifyState]) {
 }
 
 /// The one-line STATUS= systemd shows in `systemctl status`.
-pub fn status_line(counters: &Counters, since: Instant, inferences_before: u64, mqtt: Option<bool>) -> String {
+pub fn status_line(counters: &Counters, since: Instant, frames_before: u64, mqtt: Option<bool>) -> String {
+    let frames = Counters::get(&counters.frames_classified);
     let inferences = Counters::get(&counters.inferences);
-    let fps = (inferences - inferences_before) as f64 / since.elapsed().as_secs_f64().max(1e-3);
+    let fps = (frames - frames_before) as f64 / since.elapsed().as_secs_f64().max(1e-3);
     let mean_ms = if inferences > 0 {
         Counters::get(&counters.inference_us_total) as f64 / inferences as f64 / 1000.0
     } else {
@@ -328,7 +329,7 @@ pub fn status_line(counters: &Counters, since: Instant, inferences_before: u64, 
         Some(false) => ", MQTT reconnecting",
         None => "",
     };
-    format!("{fps:.1} fps, inference {mean_ms:.0} ms mean, {inferences} frames{mqtt}")
+    format!("{fps:.1} fps, inference {mean_ms:.0} ms mean, {frames} frames classified{mqtt}")
 }
 
 /// Starts the watchdog thread when systemd asked for one (`WATCHDOG_USEC`),
@@ -374,7 +375,7 @@ pub fn spawn_watchdog(health: Arc<Health>, counters: Arc<Counters>, stop: Arc<At
             if !reported_hang && health.is_ready() && last_status.elapsed() >= Duration::from_secs(5) {
                 let mqtt = health.mqtt_state();
                 Notifier::status(&status_line(&counters, window.0, window.1, mqtt));
-                window = (now, Counters::get(&counters.inferences));
+                window = (now, Counters::get(&counters.frames_classified));
                 last_status = now;
             }
         }

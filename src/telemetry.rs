@@ -36,6 +36,9 @@ pub struct Counters {
     /// Reads that timed out, and times the source was reopened after going away.
     pub source_timeouts: AtomicU64,
     pub source_reconnects: AtomicU64,
+    /// Frames the model classified (each counted once, however many tiles
+    /// and regions it was run as): what `fps` counts.
+    pub frames_classified: AtomicU64,
     pub inferences: AtomicU64,
     pub labels_published: AtomicU64,
     /// `labels` messages not sent because the broker was away or the queue full.
@@ -79,6 +82,7 @@ impl Counters {
     /// The `stats` payload and the shutdown summary.
     pub fn snapshot(&self, uptime: Duration) -> Value {
         let inferences = Self::get(&self.inferences);
+        let frames = Self::get(&self.frames_classified);
         let mean_ms =
             if inferences > 0 { Self::get(&self.inference_us_total) as f64 / inferences as f64 / 1000.0 } else { 0.0 };
         let per_inference = |total: &AtomicU64| {
@@ -96,7 +100,7 @@ impl Counters {
             "preprocess_ms_mean": per_inference(&self.fit_normalise_us_total),
             "publish_ms_mean": publish_ms_mean,
             "inference_ms_mean": (mean_ms * 100.0).round() / 100.0,
-            "fps": if uptime.as_secs_f64() > 0.0 { ((inferences as f64 / uptime.as_secs_f64()) * 100.0).round() / 100.0 } else { 0.0 },
+            "fps": if uptime.as_secs_f64() > 0.0 { ((frames as f64 / uptime.as_secs_f64()) * 100.0).round() / 100.0 } else { 0.0 },
         });
         for counter in COUNTERS {
             stats[counter.stats] = json!((counter.get)(self));
@@ -149,6 +153,12 @@ pub static COUNTERS: &[CounterSpec] = &[
     ),
     counter!(source_timeouts, "source_timeouts", true, "Source reads that timed out"),
     counter!(source_reconnects, "source_reconnects", true, "Times the source was reopened after going away"),
+    counter!(
+        frames_classified,
+        "frames_classified",
+        false,
+        "Frames classified, each once however many tiles and regions it was run as"
+    ),
     counter!(inferences, "inferences", false, "Windows classified (a frame fitted as two tiles counts two)"),
     counter!(labels_published, "labels_published", false, "labels messages published"),
     counter!(labels_dropped, "labels_dropped", false, "labels messages dropped (broker away or queue full)"),
@@ -213,6 +223,16 @@ pub fn peak_rss_kib() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fps_counts_frames_classified_not_the_windows_they_were_run_as() {
+        let counters = Counters::default();
+        Counters::add(&counters.frames_classified, 10);
+        Counters::add(&counters.inferences, 20);
+        let stats = counters.snapshot(Duration::from_secs(5));
+        assert_eq!(stats["fps"], 2.0, "{stats}");
+        assert_eq!((stats["frames_classified"].as_u64(), stats["inferences"].as_u64()), (Some(10), Some(20)));
+    }
 
     #[test]
     fn a_rate_limit_lets_one_through_per_interval_and_counts_the_rest() {

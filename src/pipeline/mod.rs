@@ -778,6 +778,7 @@ fn spawn_inference(
                 continue;
             }
             camera.health.mark_classified();
+            events.frame_classified();
             if let Some(pacing) = &pacing {
                 pacing.record_inference(elapsed_total);
             }

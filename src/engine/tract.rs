@@ -171,10 +171,11 @@ impl TractEngine {
                 let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
                 // The kernels run the rewritten graph: another choice checks again.
                 let kernels = format!(
-                    "{}/{:?}/{}",
+                    "{}/{:?}/{:?}/vnni={}",
                     super::depthwise::selected().unwrap_or("tract"),
                     super::pointwise::choice(threads),
-                    if super::pointwise::float_weights_by_env() { "float" } else { "int8-grid" }
+                    super::pointwise::precision_by_env(),
+                    super::pointwise::dot_products_here()
                 );
                 VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault, &kernels)
             }),
@@ -253,8 +254,13 @@ impl TractEngine {
                 env!("LABELCAST_TRACT_VERSION"),
                 super::depthwise::selected().unwrap_or("tract's width-inner"),
                 match built.pointwise {
-                    Some((isa, done)) if done.convs > 0 =>
-                        format!("labelcast {} on {}, int8 weights on {}", isa.name(), done.convs, done.int8_weights),
+                    Some((isa, done)) if done.convs > 0 => format!(
+                        "labelcast {} on {}, int8 weights on {}, 8-bit activations (VNNI) on {}",
+                        isa.name(),
+                        done.convs,
+                        done.int8_weights,
+                        done.int8_activations
+                    ),
                     _ => "tract's matrix product".to_string(),
                 }
             ),
@@ -404,6 +410,7 @@ fn build(
             }
             None => None,
         };
+
         model.optimize().context("tract could not analyse and optimise the graph")?;
         let options = RunOptions { executor: executor(threads), ..Default::default() };
         let output_shape: Vec<usize> = model

@@ -10,29 +10,43 @@
 //! inference time).
 //!
 //! jemalloc (`tikv-jemallocator`, on Linux x86-64 and aarch64, the targets
-//! labelcast ships for) purges freed pages on a clock instead. Two phases:
+//! labelcast ships for) purges freed pages on a clock instead: a page freed
+//! is kept ten seconds (`dirty_decay_ms:10000`) for reuse, then returned.
+//! What loading frees is returned at once all the same, by an explicit purge
+//! ([`release_freed_memory`]) once the model is loaded and once the
+//! first-frame INT8 check drops the graph as quantised.
 //!
-//! - **loading**: freed pages are returned at once (`dirty_decay_ms:0`), so
-//!   the peak is the live peak of loading, not live plus what was freed;
-//! - **steady**, from the first classified frame ([`settle`]): pages a frame
-//!   freed are kept for a second (`dirty_decay_ms:1000`) so the next frame
-//!   reuses them without page faults, and then returned.
+//! The decay used to be 0 while loading and one second from the first frame
+//! on ([`settle`]). Measured on the demo model (tract, one thread, x86-64
+//! with the 8-bit 1x1 kernel, `perf stat -e page-faults` over `bench
+//! --engines tract --iterations 300`): 1.6 M page faults, about 1,500 per
+//! inference, and weights-only p50 10.9 ms; with ten seconds from the
+//! start, 175 K faults and 6.2 ms. A constant one second still faulted
+//! 646 K times (p50 6.7, p90 9.1 ms): each frame's activations are several
+//! MB, freed and allocated again within milliseconds, and jemalloc's decay
+//! curve purged part of them every frame. The daemon's resident set
+//! (`ROUNDS=1 bash benches/allocator.sh`, embedded defaults, 10 fps, INT8
+//! check cached): steady 54.6 -> 55.3 MB, peak 56.2 -> 63.4 MB, weights-only
+//! p50 10.93 -> 6.49 ms. [`settle`] still sets [`STEADY_DIRTY_DECAY_MS`] on
+//! every arena at the first frame, which now changes nothing unless
+//! `_RJEM_MALLOC_CONF` set another loading value.
 //!
-//! `muzzy_decay_ms:0` in both: lazily freed pages would stay counted in the
+//! `muzzy_decay_ms:0`: lazily freed pages would stay counted in the
 //! resident set until the kernel wants them. `_RJEM_MALLOC_CONF` in the
 //! environment (jemalloc's own variable, prefixed as the crate builds it)
 //! overrides these key by key; one that names `dirty_decay_ms` holds for the
-//! whole run (no steady switch), e.g. `_RJEM_MALLOC_CONF=dirty_decay_ms:5000`.
+//! whole run (no steady switch), e.g. `_RJEM_MALLOC_CONF=dirty_decay_ms:1000`.
 //! jemalloc runs no background thread here: pages freed are returned on a
-//! later allocation once their second is up, so an idle daemon (a camera
+//! later allocation once their time is up, so an idle daemon (a camera
 //! gone) keeps the last frame's pages until frames come again.
 //!
 //! Elsewhere (other targets, or built without the `jemalloc` feature, e.g.
 //! for heaptrack or valgrind) the system allocator stays and
 //! [`release_freed_memory`] falls back to glibc's `malloc_trim`.
 
-/// How long (ms) a freed page is kept for reuse once the daemon is steady.
-pub const STEADY_DIRTY_DECAY_MS: isize = 1000;
+/// How long (ms) a freed page is kept for reuse (see the module doc for the
+/// measurement behind ten seconds).
+pub const STEADY_DIRTY_DECAY_MS: isize = 10000;
 
 #[cfg(all(feature = "jemalloc", target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod jemalloc {
@@ -41,10 +55,11 @@ mod jemalloc {
     #[global_allocator]
     static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-    /// jemalloc's compile-time options, read before `main`: the loading phase.
+    /// jemalloc's compile-time options, read before `main` (the decay is
+    /// [`super::STEADY_DIRTY_DECAY_MS`]).
     /// The symbol carries the prefix tikv-jemalloc-sys builds jemalloc with.
     #[unsafe(export_name = "_rjem_malloc_conf")]
-    static MALLOC_CONF: &[u8; 34] = b"dirty_decay_ms:0,muzzy_decay_ms:0\0";
+    static MALLOC_CONF: &[u8; 38] = b"dirty_decay_ms:10000,muzzy_decay_ms:0\0";
 
     /// `mallctl(name, NULL, NULL, value, size)`; `value` None for a command.
     fn control<T>(name: &str, value: Option<&mut T>) -> bool {
@@ -151,17 +166,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jemalloc_reads_the_loading_phase_from_the_compiled_in_options() {
+    fn jemalloc_reads_its_decay_from_the_compiled_in_options() {
         if std::env::var("_RJEM_MALLOC_CONF").is_ok_and(|conf| conf.contains("dirty_decay_ms")) {
             return;
         }
         // opt.* are the options as parsed at start; settling does not change them.
-        assert_eq!(jemalloc::read_isize("opt.dirty_decay_ms"), Some(0), "malloc_conf was not read");
+        assert_eq!(jemalloc::read_isize("opt.dirty_decay_ms"), Some(STEADY_DIRTY_DECAY_MS), "malloc_conf was not read");
         assert_eq!(jemalloc::read_isize("opt.muzzy_decay_ms"), Some(0));
     }
 
     #[test]
-    fn settling_makes_the_existing_and_future_arenas_keep_freed_pages_a_second() {
+    fn settling_makes_the_existing_and_future_arenas_keep_freed_pages_for_the_steady_time() {
         if std::env::var("_RJEM_MALLOC_CONF").is_ok_and(|conf| conf.contains("dirty_decay_ms")) {
             return;
         }

@@ -15,6 +15,7 @@ pub mod prepare;
 pub mod qdq;
 pub mod registry;
 pub mod selfcheck;
+pub mod stem;
 pub mod tract;
 
 #[cfg(feature = "onnxruntime")]
@@ -283,6 +284,7 @@ pub fn op_kind(name: &str) -> &'static str {
     match name {
         n if n.starts_with("DepthWise") => "depthwise conv",
         n if n.starts_with("PointwiseConv") => "1x1 conv (labelcast's kernel)",
+        n if n.starts_with("StemConv") => "stem conv (labelcast's kernel)",
         // Before the matrix products: tract names it OptMatMulPack.
         n if n.contains("Pack") => "packing (activations for a matrix product)",
         n if n.contains("MatMul") || n.starts_with("EinSum") || n.starts_with("Gemm") => {

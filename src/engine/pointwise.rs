@@ -123,7 +123,11 @@ pub fn dot_products_here() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        has!("avx512vnni") && has!("avx512bw")
+        use tract_onnx::prelude::tract_linalg::isa::{self, Isa as Feature, IsaReq};
+        // tract's view too: `TRACT_CPU_ISA=-avx512vnni` masks it, as for the
+        // other kernels.
+        let tracts = IsaReq::ANY.needing(&[Feature::X86_64Avx512Vnni]).satisfied_by(isa::native());
+        has!("avx512vnni") && has!("avx512bw") && tracts
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -189,9 +193,14 @@ pub enum Precision {
     /// 32-bit integers by AVX-512 VNNI (`vpdpbusd`), then scaled back to
     /// float with the weight's per-channel scale before the bias and clamp.
     /// The quantisation error is at most half a step of each position's
-    /// scale per input, finer than the per-tensor activation scale a QDQ
-    /// model itself puts before the convolution. Where the CPU lacks
-    /// AVX-512 VNNI (or AVX-512F is masked), this is [`Precision::Int8Weights`].
+    /// scale per input. Against the per-tensor scale a QDQ model itself puts
+    /// before the convolution it follows each position's own range (finer
+    /// where a position is quieter than the tensor's calibrated range, and
+    /// never clipped); being symmetric, it spends half its steps on negative
+    /// values that a non-negative input (after a ReLU6) never has, so near
+    /// the calibrated range it is up to twice as coarse as an asymmetric
+    /// uint8 scale. Where the CPU lacks AVX-512 VNNI (or AVX-512F or VNNI is
+    /// masked with `TRACT_CPU_ISA`), this is [`Precision::Int8Weights`].
     Int8,
 }
 
@@ -526,7 +535,8 @@ mod x86 {
 
     thread_local! {
         /// The activations quantised to unsigned bytes (`rows * 4 * k4`: at
-        /// most the largest 1x1 input, 200 KB on the demo) and each
+        /// most the largest 1x1 input, 144 channels x 56 x 56 = 441 KiB on
+        /// the demo) and each
         /// position's scale, reused across layers and frames.
         static QUANTISED: std::cell::RefCell<(Vec<u8>, Vec<f32>)> =
             const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
@@ -568,7 +578,8 @@ mod x86 {
         let scale_of = |largest: f32, unordered: bool| -> (f32, f32) {
             if unordered || !largest.is_finite() {
                 (f32::NAN, 0.0)
-            } else if largest == 0.0 {
+            } else if largest == 0.0 || !(127.0 / largest).is_finite() {
+                // Zeros, or all below 127 / f32::MAX (~4e-37): the bias.
                 (0.0, 0.0)
             } else {
                 (largest / 127.0, 127.0 / largest)
@@ -1072,7 +1083,22 @@ pub fn disabled_by_env() -> bool {
     std::env::var("LABELCAST_TRACT_POINTWISE").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
 }
 
-/// What 1x1 convolutions with weights on an int8 grid compute in:
+/// What the 1x1 convolutions of a graph compute in: 8-bit activations
+/// ([`Precision::Int8`]) only in the weights-only graph of a QDQ INT8 model
+/// (`weights_only_int8`), where its quantiser put 8-bit activations before
+/// each of them; an FP32 model (whose weights may sit on an int8 grid by
+/// chance: 0/1 matrices, one to three input channels) and the graph as
+/// quantised (`native`, and the reference the INT8 check compares with)
+/// keep float activations. `LABELCAST_TRACT_POINTWISE` lowers it
+/// ([`precision_by_env`]).
+pub fn precision_for(weights_only_int8: bool) -> Precision {
+    match precision_by_env() {
+        Precision::Int8 if !weights_only_int8 => Precision::Int8Weights,
+        precision => precision,
+    }
+}
+
+/// What 1x1 convolutions with weights on an int8 grid compute in at most:
 /// [`Precision::Int8`] unless `LABELCAST_TRACT_POINTWISE` is `float` or
 /// `int8-weights` (for comparing them in one build).
 pub fn precision_by_env() -> Precision {
@@ -1090,12 +1116,13 @@ pub fn choice(threads: usize) -> Option<Isa> {
 }
 
 /// Replaces every matching 1x1 convolution of a decluttered model (see the
-/// module doc) by a [`PointwiseConv`]; returns how many.
-pub fn rewrite(model: &mut TypedModel, isa: Isa) -> TractResult<Rewritten> {
+/// module doc) by a [`PointwiseConv`] computing in `precision` (see
+/// [`precision_for`]); returns how many.
+pub fn rewrite(model: &mut TypedModel, isa: Isa, precision: Precision) -> TractResult<Rewritten> {
     let mut done = Rewritten::default();
     for id in model.eval_order()? {
         // Anything unexpected leaves the node to tract, never fails the load.
-        let found = match matching(model, id, isa) {
+        let found = match matching(model, id, isa, precision) {
             Ok(Some(found)) => found,
             outcome => {
                 if let Some(einsum) = model.nodes[id].op_as::<EinSum>() {
@@ -1128,7 +1155,7 @@ type Match = ((PointwiseConv, usize), OutletId, bool, usize);
 
 /// The op that replaces node `id` and the chain after it, with the input
 /// slot of the activations, the outlet it replaces, and what it fused.
-fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match>> {
+fn matching(model: &TypedModel, id: usize, isa: Isa, precision: Precision) -> TractResult<Option<Match>> {
     let node = &model.nodes[id];
     let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
     if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
@@ -1276,7 +1303,7 @@ fn matching(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<Match
     // probabilities, and quantising them per position would zero every one
     // under 1/254 of the largest (the FP32 demo's `person` is a sum of such).
     let positions = out_shape.iter().product::<usize>() / cout;
-    let precision = match precision_by_env() {
+    let precision = match precision {
         Precision::Int8 if positions < 2 => Precision::Int8Weights,
         precision => precision,
     };
@@ -1370,7 +1397,7 @@ mod tests {
             out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
         };
         let before = run(model.clone());
-        let done = rewrite(&mut model, Isa::detect().unwrap()).unwrap();
+        let done = rewrite(&mut model, Isa::detect().unwrap(), Precision::Int8).unwrap();
         (before, run(model), done)
     }
 
@@ -1518,6 +1545,8 @@ mod tests {
                     let packed =
                         Packed::new(isa, cin, cout, |k, n| weights[k * cout + n], None, (Some(0.0), None), precision);
                     assert_eq!(packed.int8_weights(), is_int8);
+                    let dot = is_int8 && precision == Precision::Int8 && isa == Isa::Avx512f && dot_products_here();
+                    assert_eq!(packed.int8_activations(), dot, "{isa:?} {precision:?}");
                     for (input, strides) in [(&x, (cin, 1)), (&channels_first, (1, rows))] {
                         let mut one = vec![f32::NAN; rows * cout];
                         packed.run_strided(input, strides, rows, &mut one);

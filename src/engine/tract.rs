@@ -49,6 +49,8 @@ struct Built {
     plan: Plan,
     /// labelcast's pointwise kernel and what it replaced, where it ran.
     pointwise: Option<(super::pointwise::Isa, super::pointwise::Rewritten)>,
+    /// How many convolutions became labelcast's stem op.
+    stems: usize,
     output_shape: Vec<usize>,
     graph_time: Duration,
     optimize_time: Duration,
@@ -171,11 +173,12 @@ impl TractEngine {
                 let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
                 // The kernels run the rewritten graph: another choice checks again.
                 let kernels = format!(
-                    "{}/{:?}/{:?}/vnni={}",
+                    "{}/{:?}/{:?}/vnni={}/stem={}",
                     super::depthwise::selected().unwrap_or("tract"),
                     super::pointwise::choice(threads),
                     super::pointwise::precision_by_env(),
-                    super::pointwise::dot_products_here()
+                    super::pointwise::dot_products_here(),
+                    super::stem::choice()
                 );
                 VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault, &kernels)
             }),
@@ -218,9 +221,13 @@ impl TractEngine {
         let (built, reference_built) = std::thread::scope(|scope| {
             let reference = reference.take().map(|proto| {
                 let (output_name, dir) = (output_name.clone(), dir.clone());
-                scope.spawn(move || build(proto, dir.as_deref(), input, &output_name, threads))
+                // The graph as quantised: float activations in the 1x1
+                // kernel, so the check compares against something else.
+                let precision = super::pointwise::precision_for(false);
+                scope.spawn(move || build(proto, dir.as_deref(), input, &output_name, threads, precision))
             });
-            let built = build(proto, dir.as_deref(), input, &output_name, threads);
+            let precision = super::pointwise::precision_for(mode == Some(Int8Mode::WeightsOnly));
+            let built = build(proto, dir.as_deref(), input, &output_name, threads, precision);
             (built, reference.map(|handle| handle.join().unwrap_or_else(|_| Err(anyhow::anyhow!("tract panicked")))))
         });
         let mut built = built.map_err(|err| prepare::model_error(path, err))?;
@@ -250,7 +257,7 @@ impl TractEngine {
         let facts = EngineFacts {
             engine: "tract",
             engine_version: format!(
-                "tract {} (depthwise: {}; 1x1 convs: {})",
+                "tract {} (depthwise: {}; 1x1 convs: {}; stem: {})",
                 env!("LABELCAST_TRACT_VERSION"),
                 super::depthwise::selected().unwrap_or("tract's width-inner"),
                 match built.pointwise {
@@ -262,7 +269,8 @@ impl TractEngine {
                         done.int8_activations
                     ),
                     _ => "tract's matrix product".to_string(),
-                }
+                },
+                if built.stems > 0 { "labelcast's" } else { "tract's" }
             ),
             threads,
             output_shape: built.output_shape,
@@ -360,13 +368,16 @@ impl FrameCheck {
     }
 }
 
-/// Parses, optimises and plans one graph for a fixed input.
+/// Parses, optimises and plans one graph for a fixed input; `precision` is
+/// what labelcast's 1x1 kernel computes in (see
+/// [`super::pointwise::precision_for`]).
 fn build(
     proto: pb::ModelProto,
     model_dir: Option<&str>,
     input: InputSpec,
     output_name: &str,
     threads: usize,
+    precision: super::pointwise::Precision,
 ) -> anyhow::Result<Built> {
     let built = std::panic::catch_unwind(AssertUnwindSafe(move || -> anyhow::Result<Built> {
         let started = Instant::now();
@@ -405,12 +416,18 @@ fn build(
         // Between declutter (which settles the layout) and codegen: 1x1
         // convolutions on channels-last activations as labelcast's own op.
         let pointwise = match super::pointwise::choice(threads) {
-            Some(isa) => {
-                Some((isa, super::pointwise::rewrite(&mut model, isa).context("rewriting tract's 1x1 convolutions")?))
-            }
+            Some(isa) => Some((
+                isa,
+                super::pointwise::rewrite(&mut model, isa, precision).context("rewriting tract's 1x1 convolutions")?,
+            )),
             None => None,
         };
-
+        // The stem (the first convolution, on the image) likewise.
+        let stems = if super::stem::choice() {
+            super::stem::rewrite(&mut model).context("rewriting tract's stem convolution")?
+        } else {
+            0
+        };
         model.optimize().context("tract could not analyse and optimise the graph")?;
         let options = RunOptions { executor: executor(threads), ..Default::default() };
         let output_shape: Vec<usize> = model
@@ -424,6 +441,7 @@ fn build(
         Ok(Built {
             plan: Plan { state, input, scratch: Vec::new(), bytes: Vec::new() },
             pointwise,
+            stems,
             output_shape,
             graph_time: loaded - started,
             optimize_time: loaded.elapsed(),

@@ -84,8 +84,6 @@ pub fn run_row(spec: &RowSpec) -> anyhow::Result<RowResult> {
         labels::to_scores(&mut row, meta.output);
         scores.push(row);
     }
-    // Loaded and run once: the daemon's steady allocator phase from here.
-    crate::allocator::settle();
     for i in 0..spec.warmup {
         engine.infer(&tensors[i % tensors.len()])?;
     }

@@ -294,10 +294,6 @@ fn classify(
                 let total = c.inference + c.preprocess.decode + c.preprocess.fit_normalise;
                 (c.scores, c.inference.as_secs_f64() * 1e3, total.as_secs_f64() * 1e3)
             });
-        if index == 0 {
-            // The first photo ran any first-frame check: steady from here.
-            labelcast::allocator::settle();
-        }
         let (scores, inference_ms, frame_ms) = match result {
             Ok(ok) => ok,
             Err(err) => {

@@ -173,12 +173,12 @@ impl TractEngine {
                 let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
                 // The kernels run the rewritten graph: another choice checks again.
                 let kernels = format!(
-                    "{}/{:?}/{:?}/vnni={}/stem={}",
+                    "{}/{:?}/{:?}/vnni={}/stem={:?}",
                     super::depthwise::selected().unwrap_or("tract"),
                     super::pointwise::choice(threads),
                     super::pointwise::precision_by_env(),
                     super::pointwise::dot_products_here(),
-                    super::stem::choice()
+                    super::stem::choice().map(super::stem::Simd::name)
                 );
                 VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault, &kernels)
             }),
@@ -222,12 +222,13 @@ impl TractEngine {
             let reference = reference.take().map(|proto| {
                 let (output_name, dir) = (output_name.clone(), dir.clone());
                 // The graph as quantised: float activations in the 1x1
-                // kernel, so the check compares against something else.
+                // kernel and tract's own stem, so that the check compares
+                // labelcast's kernels with something else.
                 let precision = super::pointwise::precision_for(false);
-                scope.spawn(move || build(proto, dir.as_deref(), input, &output_name, threads, precision))
+                scope.spawn(move || build(proto, dir.as_deref(), input, &output_name, threads, precision, false))
             });
             let precision = super::pointwise::precision_for(mode == Some(Int8Mode::WeightsOnly));
-            let built = build(proto, dir.as_deref(), input, &output_name, threads, precision);
+            let built = build(proto, dir.as_deref(), input, &output_name, threads, precision, true);
             (built, reference.map(|handle| handle.join().unwrap_or_else(|_| Err(anyhow::anyhow!("tract panicked")))))
         });
         let mut built = built.map_err(|err| prepare::model_error(path, err))?;
@@ -270,7 +271,10 @@ impl TractEngine {
                     ),
                     _ => "tract's matrix product".to_string(),
                 },
-                if built.stems > 0 { "labelcast's" } else { "tract's" }
+                match super::stem::choice() {
+                    Some(simd) if built.stems > 0 => format!("labelcast's {}", simd.name()),
+                    _ => "tract's".to_string(),
+                }
             ),
             threads,
             output_shape: built.output_shape,
@@ -370,7 +374,8 @@ impl FrameCheck {
 
 /// Parses, optimises and plans one graph for a fixed input; `precision` is
 /// what labelcast's 1x1 kernel computes in (see
-/// [`super::pointwise::precision_for`]).
+/// [`super::pointwise::precision_for`]), `stem` whether labelcast's stem
+/// kernel may take the first convolution.
 fn build(
     proto: pb::ModelProto,
     model_dir: Option<&str>,
@@ -378,6 +383,7 @@ fn build(
     output_name: &str,
     threads: usize,
     precision: super::pointwise::Precision,
+    stem: bool,
 ) -> anyhow::Result<Built> {
     let built = std::panic::catch_unwind(AssertUnwindSafe(move || -> anyhow::Result<Built> {
         let started = Instant::now();
@@ -423,7 +429,7 @@ fn build(
             None => None,
         };
         // The stem (the first convolution, on the image) likewise.
-        let stems = if super::stem::choice() {
+        let stems = if stem && super::stem::choice().is_some() {
             super::stem::rewrite(&mut model).context("rewriting tract's stem convolution")?
         } else {
             0

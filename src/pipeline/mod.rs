@@ -785,7 +785,6 @@ fn spawn_inference(
             if health.mark_ready() {
                 let ms = elapsed_total.as_secs_f64() * 1e3;
                 tracing::info!(inference_ms = ms, "first frame classified: ready");
-                crate::allocator::settle();
                 Notifier::ready(&format!("ready; first frame classified in {ms:.0} ms"));
             }
             tracing::trace!(

@@ -108,6 +108,15 @@ impl Isa {
         }
     }
 
+    /// The instruction set alone, for kernels other than this one's tiles
+    /// (the stem kernel's engine line).
+    pub fn features(self) -> &'static str {
+        match self {
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Avx512f => "avx512f",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx2Fma => "avx2+fma 6x16",
@@ -1052,7 +1061,7 @@ fn constant_of(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
 
 /// The name of a binary op (`Add`, `Max`, `Min`) and its constant operand,
 /// if `node` is one with exactly one constant input.
-fn binary_with_constant(model: &TypedModel, node: &TypedNode) -> Option<(String, usize, Arc<Tensor>)> {
+pub(super) fn binary_with_constant(model: &TypedModel, node: &TypedNode) -> Option<(String, usize, Arc<Tensor>)> {
     let op = node.op_as::<TypedBinOp>()?;
     if node.inputs.len() != 2 {
         return None;

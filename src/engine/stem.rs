@@ -32,6 +32,8 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::pointwise::Isa;
+
 /// Output channels per accumulator block.
 const CO: usize = 8;
 
@@ -113,48 +115,12 @@ impl TypedOp for StemConv {
     as_op!();
 }
 
-/// Which kernel runs on this CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Simd {
-    /// 16 outputs per vector.
-    Avx512f,
-    /// 8 outputs per vector.
-    Avx2Fma,
-}
-
-impl Simd {
-    /// What this CPU offers, as tract sees it too (`TRACT_CPU_ISA` masks
-    /// features, as for the other kernels); `None` without AVX2 and FMA.
-    pub fn detect() -> Option<Simd> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            use tract_onnx::prelude::tract_linalg::isa::{self, Isa as Feature, IsaReq};
-            let tracts = isa::native();
-            let wants = |features: &'static [Feature]| IsaReq::ANY.needing(features).satisfied_by(tracts);
-            if has!("avx512f") && has!("fma") && wants(&[Feature::X86_64Avx512f, Feature::X86_64Fma]) {
-                return Some(Simd::Avx512f);
-            }
-            if has!("avx2") && has!("fma") && wants(&[Feature::X86_64Avx2, Feature::X86_64Fma]) {
-                return Some(Simd::Avx2Fma);
-            }
-        }
-        None
-    }
-
-    /// For the engine line and the INT8 check's cache key.
-    pub fn name(self) -> &'static str {
-        match self {
-            Simd::Avx512f => "avx512f",
-            Simd::Avx2Fma => "avx2+fma",
-        }
-    }
-
-    fn lanes(self) -> usize {
-        match self {
-            Simd::Avx512f => 16,
-            Simd::Avx2Fma => 8,
-        }
+/// Outputs per vector of the kernel for `isa` (the CPU detection and its
+/// masking with `TRACT_CPU_ISA` are the 1x1 kernel's, [`Isa::detect`]).
+fn lanes(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512f => 16,
+        Isa::Avx2Fma => 8,
     }
 }
 
@@ -166,7 +132,7 @@ impl StemConv {
     /// If the slices are not those sizes (the op checks them first), or off
     /// a CPU with AVX2 and FMA (the rewrite only runs where they are).
     pub fn run(&self, input: &[f32], output: &mut [f32]) {
-        let simd = Simd::detect().expect("StemConv is only wired in where AVX2 and FMA are");
+        let simd = Isa::detect().expect("StemConv is only wired in where AVX2 and FMA are");
         self.run_with(simd, input, output)
     }
 
@@ -174,28 +140,24 @@ impl StemConv {
     ///
     /// # Panics
     /// As `run`, and if this CPU lacks `simd`'s features.
-    pub fn run_with(&self, simd: Simd, input: &[f32], output: &mut [f32]) {
+    pub fn run_with(&self, simd: Isa, input: &[f32], output: &mut [f32]) {
         assert_eq!(input.len(), self.cin * self.input.0 * self.input.1);
         assert_eq!(output.len(), self.cout * self.output.0 * self.output.1);
-        let available = Simd::detect();
-        assert!(
-            available == Some(simd) || (simd == Simd::Avx2Fma && available.is_some()),
-            "{simd:?} on a CPU without it"
-        );
+        assert!(simd.runs_here(), "{simd:?} on a CPU without it");
         // Taken out, not borrowed (see pointwise.rs's buffers), and kept
         // for the next frame: 610 KB on the demo's 224x224 stem.
         let mut phases = PHASES.take();
-        self.phases(input, simd.lanes(), &mut phases);
+        self.phases(input, lanes(simd), &mut phases);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the features were detected on this CPU (above); `phases`
         // is as long as the kernels read (see `phases`), `output` as checked.
         unsafe {
             match simd {
-                Simd::Avx512f => x86::rows512(self, &phases, output),
-                Simd::Avx2Fma => x86::rows256(self, &phases, output),
+                Isa::Avx512f => x86::rows512(self, &phases, output),
+                Isa::Avx2Fma => x86::rows256(self, &phases, output),
             }
         }
-        // Not reached off x86-64: `Simd::detect()` is None there, and the
+        // Not reached off x86-64: `Isa::detect()` is None there, and the
         // assert above stops first.
         #[cfg(not(target_arch = "x86_64"))]
         let _ = output;
@@ -387,8 +349,8 @@ pub fn disabled_by_env() -> bool {
 
 /// The kernel stems are rewritten for on this CPU (AVX2+FMA or AVX-512F),
 /// `None` without them or when turned off.
-pub fn choice() -> Option<Simd> {
-    Simd::detect().filter(|_| !disabled_by_env())
+pub fn choice() -> Option<Isa> {
+    Isa::detect().filter(|_| !disabled_by_env())
 }
 
 /// Replaces every matching convolution of a decluttered model (see the
@@ -502,7 +464,6 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, Outl
 type Following = (OutletId, Vec<f32>, (Option<f32>, Option<f32>));
 
 fn following(model: &TypedModel, start: OutletId, out_shape: &[usize], cout: usize) -> TractResult<Following> {
-    use tract_onnx::tract_core::ops::binary::TypedBinOp;
     let mut last = start;
     let mut added = vec![0f32; cout];
     let mut clamp: (Option<f32>, Option<f32>) = (None, None);
@@ -510,17 +471,10 @@ fn following(model: &TypedModel, start: OutletId, out_shape: &[usize], cout: usi
         if model.outlet_successors(last).len() != 1 || model.output_outlets()?.contains(&last) {
             break;
         }
-        let Some(op) = next.op_as::<TypedBinOp>() else { break };
-        let facts = model.node_input_facts(next.id)?;
-        if next.inputs.len() != 2 {
-            break;
-        }
-        let Some(k) = (if next.inputs[0] == last { facts[1] } else { facts[0] }).konst.clone() else { break };
+        // A binary op with one float constant (the 1x1 rewrite's test).
+        let Some((name, _, k)) = super::pointwise::binary_with_constant(model, next) else { break };
         let next_fact = model.outlet_fact(OutletId::new(next.id, 0))?;
-        if k.datum_type() != f32::datum_type()
-            || next_fact.datum_type != f32::datum_type()
-            || next_fact.shape.as_concrete() != Some(out_shape)
-        {
+        if next_fact.datum_type != f32::datum_type() || next_fact.shape.as_concrete() != Some(out_shape) {
             break;
         }
         let values = k.try_as_plain_ram()?.as_slice::<f32>()?;
@@ -531,7 +485,7 @@ fn following(model: &TypedModel, start: OutletId, out_shape: &[usize], cout: usi
                 let axis = out_shape.len() - 1 - i;
                 if axis == channel_axis { d == cout } else { d == 1 }
             });
-        match op.0.name() {
+        match name.as_str() {
             "Add" if clamp == (None, None) && (per_channel || k.len() == 1) => {
                 for (c, a) in added.iter_mut().enumerate() {
                     *a += values[if k.len() == 1 { 0 } else { c }];
@@ -576,7 +530,7 @@ mod tests {
         kernel: (usize, usize),
         stride: (usize, usize),
         padding: PaddingSpec,
-        simd: Simd,
+        simd: Isa,
     ) -> (Vec<f32>, Vec<f32>, usize) {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, cin, hw.0, hw.1])).unwrap();
@@ -625,9 +579,9 @@ mod tests {
 
     #[test]
     fn the_stem_kernels_match_tracts_convolution_on_every_padding_stride_and_odd_size() {
-        let simds = match Simd::detect() {
-            Some(Simd::Avx512f) => vec![Simd::Avx512f, Simd::Avx2Fma],
-            Some(Simd::Avx2Fma) => vec![Simd::Avx2Fma],
+        let simds = match Isa::detect() {
+            Some(Isa::Avx512f) => vec![Isa::Avx512f, Isa::Avx2Fma],
+            Some(Isa::Avx2Fma) => vec![Isa::Avx2Fma],
             None => {
                 eprintln!("no AVX2+FMA here: the stem stays with tract");
                 return;
@@ -664,7 +618,7 @@ mod tests {
     #[test]
     fn convolutions_the_stem_kernel_is_not_for_are_left_to_tract() {
         // The match does not depend on the CPU (nothing is run here).
-        let simd = Simd::Avx2Fma;
+        let simd = Isa::Avx2Fma;
         // Eight input channels: a matrix product has something to reuse.
         let (_, _, done) = rewritten(8, 16, (20, 20), (3, 3), (2, 2), PaddingSpec::Valid, simd);
         assert_eq!(done, 0);

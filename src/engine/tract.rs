@@ -178,7 +178,7 @@ impl TractEngine {
                     super::pointwise::choice(threads),
                     super::pointwise::precision_by_env(),
                     super::pointwise::dot_products_here(),
-                    super::stem::choice().map(super::stem::Simd::name)
+                    super::stem::choice().map(super::pointwise::Isa::features)
                 );
                 VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault, &kernels)
             }),
@@ -272,7 +272,7 @@ impl TractEngine {
                     _ => "tract's matrix product".to_string(),
                 },
                 match super::stem::choice() {
-                    Some(simd) if built.stems > 0 => format!("labelcast's {}", simd.name()),
+                    Some(simd) if built.stems > 0 => format!("labelcast's {}", simd.features()),
                     _ => "tract's".to_string(),
                 }
             ),

@@ -53,24 +53,40 @@ fn scores_with_stem(
     threads: &str,
     stem: &str,
 ) -> (Vec<HashMap<String, f64>>, String) {
+    scores_with_env(
+        model,
+        isa,
+        engine,
+        threads,
+        &[("LABELCAST_TRACT_POINTWISE", pointwise), ("LABELCAST_TRACT_STEM", stem)],
+    )
+}
+
+/// `classify --json` scores of `model` for five shipped photos and the
+/// `model-info` engine line, with `TRACT_CPU_ISA` set to `isa` and the
+/// `envs` given.
+fn scores_with_env(
+    model: &std::path::Path,
+    isa: &str,
+    engine: &str,
+    threads: &str,
+    envs: &[(&str, &str)],
+) -> (Vec<HashMap<String, f64>>, String) {
     let photos = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "china.jpg", "astronaut.jpg"];
     let mut args = vec!["classify", "--json", "--threads", threads, "--engine", engine, "--model"];
     args.push(model.to_str().unwrap());
     let paths: Vec<String> = photos.iter().map(|p| photo(p).display().to_string()).collect();
     args.extend(paths.iter().map(String::as_str));
-    let out = run_to_end(
-        labelcast(&args)
-            .env("TRACT_CPU_ISA", isa)
-            .env("LABELCAST_TRACT_POINTWISE", pointwise)
-            .env("LABELCAST_TRACT_STEM", stem),
-    );
+    let with_env = |mut command: std::process::Command| {
+        command.env("TRACT_CPU_ISA", isa);
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        command
+    };
+    let out = run_to_end(&mut with_env(labelcast(&args)));
     assert!(out.status.success(), "{isa}: {}", out.stderr);
-    let info = run_to_end(
-        labelcast(&["model-info", "--threads", threads, model.to_str().unwrap()])
-            .env("TRACT_CPU_ISA", isa)
-            .env("LABELCAST_TRACT_POINTWISE", pointwise)
-            .env("LABELCAST_TRACT_STEM", stem),
-    );
+    let info = run_to_end(&mut with_env(labelcast(&["model-info", "--threads", threads, model.to_str().unwrap()])));
     let engine_line = info.stdout.lines().find(|l| l.starts_with("engine")).unwrap_or_default().to_string();
     (out.stdout.lines().map(|l| scores_of(&serde_json::from_str(l).unwrap())).collect(), engine_line)
 }
@@ -240,6 +256,36 @@ fn the_demo_models_stem_runs_on_labelcasts_kernel_and_scores_as_on_tracts_own() 
         assert!(avx2_engine.contains("stem: labelcast's avx2+fma"), "{avx2_engine}");
         assert!(tracts_engine.contains("stem: tract's"), "{tracts_engine}");
         for (name, other) in [("tract's im2col", &tracts), ("AVX2+FMA", &avx2)] {
+            let difference = largest_difference(&ours, other);
+            println!("{}: {name}: largest score difference {difference:.6}", model.display());
+            assert!(difference < 1e-3, "{name} differs by {difference}");
+        }
+    }
+}
+
+#[test]
+fn the_demo_models_depthwise_convolutions_run_on_labelcasts_op_with_their_clamps_and_score_as_on_tracts_own() {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("labelcast's depthwise op is x86-64 only");
+        return;
+    }
+    for model in [demo_fp32_model(), demo_model()] {
+        // Float activations in the 1x1 convolutions, as in the stem's test.
+        let envs =
+            |depthwise| [("LABELCAST_TRACT_POINTWISE", "int8-weights"), ("LABELCAST_TRACT_DEPTHWISE", depthwise)];
+        let (ours, engine) = scores_with_env(&model, "", "tract", "1", &envs("on"));
+        let (tracts, tracts_engine) = scores_with_env(&model, "", "tract", "1", &envs("off"));
+        let (avx2, avx2_engine) = scores_with_env(&model, "-avx512f", "tract", "1", &envs("on"));
+        let (split, _) = scores_with_env(&model, "", "tract", "2", &envs("on"));
+        println!("{engine}");
+        // EfficientNet-Lite0 has 16 depthwise convolutions; the first reads
+        // the stem's channels-first output and stays with tract's op.
+        assert!(engine.contains("depthwise: labelcast's avx"), "{engine}");
+        let convs = count_after(&engine, "op on ");
+        assert!(convs.is_some_and(|n| n >= 15), "{engine}");
+        assert!(avx2_engine.contains("depthwise: labelcast's avx2+fma op"), "{avx2_engine}");
+        assert!(!tracts_engine.contains("op on"), "{tracts_engine}");
+        for (name, other) in [("tract's DepthWise", &tracts), ("AVX2+FMA", &avx2), ("two threads", &split)] {
             let difference = largest_difference(&ours, other);
             println!("{}: {name}: largest score difference {difference:.6}", model.display());
             assert!(difference < 1e-3, "{name} differs by {difference}");

@@ -93,7 +93,21 @@ pub unsafe fn depthwise_c_avx2(
 ) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        x86::avx2(input, output, kernel, tap_indices, offsets, bias, channels, k_stride, len, in_stride, out_stride)
+        x86::avx2::<false>(
+            input,
+            output,
+            kernel,
+            tap_indices,
+            offsets,
+            bias,
+            channels,
+            k_stride,
+            len,
+            in_stride,
+            out_stride,
+            0.0,
+            0.0,
+        )
     }
     #[cfg(not(target_arch = "x86_64"))]
     unsafe {
@@ -121,7 +135,21 @@ pub unsafe fn depthwise_c_avx512(
 ) {
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        x86::avx512(input, output, kernel, tap_indices, offsets, bias, channels, k_stride, len, in_stride, out_stride)
+        x86::avx512::<false>(
+            input,
+            output,
+            kernel,
+            tap_indices,
+            offsets,
+            bias,
+            channels,
+            k_stride,
+            len,
+            in_stride,
+            out_stride,
+            0.0,
+            0.0,
+        )
     }
     #[cfg(not(target_arch = "x86_64"))]
     unsafe {
@@ -163,14 +191,27 @@ pub unsafe fn scalar(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
+
+    /// `min(hi, max(lo, a))` when `CLAMP` (a fused ReLU/ReLU6), `a`
+    /// otherwise. The accumulator is the second operand of each, which is
+    /// what the instructions return when either is NaN: NaN stays NaN.
+    #[inline(always)]
+    unsafe fn clamp256<const CLAMP: bool>(a: __m256, lo: f32, hi: f32) -> __m256 {
+        if CLAMP { unsafe { _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), a)) } } else { a }
+    }
+
+    #[inline(always)]
+    unsafe fn clamp512<const CLAMP: bool>(a: __m512, lo: f32, hi: f32) -> __m512 {
+        if CLAMP { unsafe { _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), a)) } } else { a }
+    }
 
     /// Four 8-lane accumulators (32 channels) per pass over the taps, then
     /// one, then a masked remainder, so a layer of any width is one loop.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn avx2(
+    pub unsafe fn avx2<const CLAMP: bool>(
         input: *const f32,
         output: *mut f32,
         kernel: *const f32,
@@ -182,6 +223,8 @@ mod x86 {
         len: usize,
         in_stride: isize,
         out_stride: isize,
+        lo: f32,
+        hi: f32,
     ) {
         unsafe {
             for i in 0..len as isize {
@@ -201,10 +244,10 @@ mod x86 {
                         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(k.add(16)), a2);
                         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(24)), _mm256_loadu_ps(k.add(24)), a3);
                     }
-                    _mm256_storeu_ps(optr.add(c), a0);
-                    _mm256_storeu_ps(optr.add(c + 8), a1);
-                    _mm256_storeu_ps(optr.add(c + 16), a2);
-                    _mm256_storeu_ps(optr.add(c + 24), a3);
+                    _mm256_storeu_ps(optr.add(c), clamp256::<CLAMP>(a0, lo, hi));
+                    _mm256_storeu_ps(optr.add(c + 8), clamp256::<CLAMP>(a1, lo, hi));
+                    _mm256_storeu_ps(optr.add(c + 16), clamp256::<CLAMP>(a2, lo, hi));
+                    _mm256_storeu_ps(optr.add(c + 24), clamp256::<CLAMP>(a3, lo, hi));
                     c += 32;
                 }
                 while c + 8 <= channels {
@@ -213,7 +256,7 @@ mod x86 {
                         let k = kernel.add(kix * k_stride + c);
                         a = _mm256_fmadd_ps(_mm256_loadu_ps(iptr.offset(off).add(c)), _mm256_loadu_ps(k), a);
                     }
-                    _mm256_storeu_ps(optr.add(c), a);
+                    _mm256_storeu_ps(optr.add(c), clamp256::<CLAMP>(a, lo, hi));
                     c += 8;
                 }
                 if c < channels {
@@ -225,7 +268,7 @@ mod x86 {
                         let k = _mm256_maskload_ps(kernel.add(kix * k_stride + c), mask);
                         a = _mm256_fmadd_ps(_mm256_maskload_ps(iptr.offset(off).add(c), mask), k, a);
                     }
-                    _mm256_maskstore_ps(optr.add(c), mask, a);
+                    _mm256_maskstore_ps(optr.add(c), mask, clamp256::<CLAMP>(a, lo, hi));
                 }
             }
         }
@@ -235,7 +278,7 @@ mod x86 {
     /// masked remainder.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn avx512(
+    pub unsafe fn avx512<const CLAMP: bool>(
         input: *const f32,
         output: *mut f32,
         kernel: *const f32,
@@ -247,6 +290,8 @@ mod x86 {
         len: usize,
         in_stride: isize,
         out_stride: isize,
+        lo: f32,
+        hi: f32,
     ) {
         unsafe {
             for i in 0..len as isize {
@@ -266,10 +311,10 @@ mod x86 {
                         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(32)), _mm512_loadu_ps(k.add(32)), a2);
                         a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(48)), _mm512_loadu_ps(k.add(48)), a3);
                     }
-                    _mm512_storeu_ps(optr.add(c), a0);
-                    _mm512_storeu_ps(optr.add(c + 16), a1);
-                    _mm512_storeu_ps(optr.add(c + 32), a2);
-                    _mm512_storeu_ps(optr.add(c + 48), a3);
+                    _mm512_storeu_ps(optr.add(c), clamp512::<CLAMP>(a0, lo, hi));
+                    _mm512_storeu_ps(optr.add(c + 16), clamp512::<CLAMP>(a1, lo, hi));
+                    _mm512_storeu_ps(optr.add(c + 32), clamp512::<CLAMP>(a2, lo, hi));
+                    _mm512_storeu_ps(optr.add(c + 48), clamp512::<CLAMP>(a3, lo, hi));
                     c += 64;
                 }
                 while c + 16 <= channels {
@@ -278,7 +323,7 @@ mod x86 {
                         let k = kernel.add(kix * k_stride + c);
                         a = _mm512_fmadd_ps(_mm512_loadu_ps(iptr.offset(off).add(c)), _mm512_loadu_ps(k), a);
                     }
-                    _mm512_storeu_ps(optr.add(c), a);
+                    _mm512_storeu_ps(optr.add(c), clamp512::<CLAMP>(a, lo, hi));
                     c += 16;
                 }
                 if c < channels {
@@ -288,7 +333,7 @@ mod x86 {
                         let k = _mm512_maskz_loadu_ps(mask, kernel.add(kix * k_stride + c));
                         a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, iptr.offset(off).add(c)), k, a);
                     }
-                    _mm512_mask_storeu_ps(optr.add(c), mask, a);
+                    _mm512_mask_storeu_ps(optr.add(c), mask, clamp512::<CLAMP>(a, lo, hi));
                 }
             }
         }

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod depthwise;
+pub mod depthwise_op;
 pub mod metadata;
 pub mod onnx_graph;
 pub mod pointwise;
@@ -283,6 +284,7 @@ pub struct OpTime {
 pub fn op_kind(name: &str) -> &'static str {
     match name {
         n if n.starts_with("DepthWise") => "depthwise conv",
+        n if n.starts_with("DepthwiseConv") => "depthwise conv (labelcast's op, clamp fused)",
         n if n.starts_with("PointwiseConv") => "1x1 conv (labelcast's kernel)",
         n if n.starts_with("StemConv") => "stem conv (labelcast's kernel)",
         // Before the matrix products: tract names it OptMatMulPack.
@@ -317,5 +319,6 @@ mod tests {
         assert_eq!(op_kind("OptMatMulPack"), "packing (activations for a matrix product)");
         assert_eq!(op_kind("OptMatMul"), "matrix product (1x1 conv, dense)");
         assert_eq!(op_kind("DepthWise"), "depthwise conv");
+        assert_eq!(op_kind("DepthwiseConv"), "depthwise conv (labelcast's op, clamp fused)");
     }
 }

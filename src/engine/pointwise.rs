@@ -991,29 +991,50 @@ impl EvalOp for PointwiseConv {
 }
 
 /// [`Packed::run_strided`] split by positions over tract's thread pool, where
-/// the plan runs with one (`model.threads` > 1): the tiles shared out as
-/// evenly as whole tiles go, one run per thread, so every thread writes its
-/// own output rows. Returns how many runs (1: not split).
+/// the plan runs with one (`model.threads` > 1): at least two whole tiles
+/// per thread (below that the hand-over costs more). Returns how many runs
+/// (1: not split).
 fn run_parallel(p: &Packed, input: &[f32], strides: (usize, usize), rows: usize, output: &mut [f32]) -> usize {
+    let cout = p.cout;
+    // Rows from `first` on: the same strides from there.
+    split_rows(rows, cout, p.isa.rows(), 2, output, |first, out| {
+        p.run_strided(&input[first * strides.0..], strides, out.len() / cout, out)
+    })
+}
+
+/// Runs `run(first_row, rows)` over `rows` output rows of `row_len` values
+/// (the start of `output`), split over tract's thread pool where the plan
+/// runs with one (`model.threads` > 1): in whole `granule`s of rows, at least
+/// `min_granules` per run, as evenly as they go, one run per thread, so every
+/// thread writes its own rows. Returns how many runs (1: not split). The
+/// depthwise op (`depthwise_op.rs`) splits its output rows with it too.
+pub(super) fn split_rows<F>(
+    rows: usize,
+    row_len: usize,
+    granule: usize,
+    min_granules: usize,
+    output: &mut [f32],
+    run: F,
+) -> usize
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
     #[cfg(feature = "tract-threads")]
     {
         use tract_linalg::multithread::{Executor, current_tract_executor};
         if let Executor::MultiThread(pool) = current_tract_executor() {
-            let (tile, cout) = (p.isa.rows(), p.cout);
-            let tiles = rows.div_ceil(tile);
-            // At least two tiles each: below that the hand-over costs more.
-            let runs = pool.current_num_threads().min(tiles / 2);
+            let granules = rows.div_ceil(granule.max(1));
+            let runs = pool.current_num_threads().min(granules / min_granules.max(1));
             if runs > 1 {
                 pool.scope(|scope| {
-                    let mut rest = &mut output[..rows * cout];
+                    let mut rest = &mut output[..rows * row_len];
                     let mut first = 0;
-                    for run in 0..runs {
-                        let end = ((run + 1) * tiles / runs * tile).min(rows);
-                        let (out, after) = std::mem::take(&mut rest).split_at_mut((end - first) * cout);
+                    let run = &run;
+                    for part in 0..runs {
+                        let end = ((part + 1) * granules / runs * granule).min(rows);
+                        let (out, after) = std::mem::take(&mut rest).split_at_mut((end - first) * row_len);
                         rest = after;
-                        // Rows from `first` on: the same strides from there.
-                        let input = &input[first * strides.0..];
-                        scope.spawn(move |_| p.run_strided(input, strides, out.len() / cout, out));
+                        scope.spawn(move |_| run(first, out));
                         first = end;
                     }
                 });
@@ -1021,7 +1042,10 @@ fn run_parallel(p: &Packed, input: &[f32], strides: (usize, usize), rows: usize,
             }
         }
     }
-    p.run_strided(input, strides, rows, output);
+    // Without the thread pool (built without `tract-threads`) one run.
+    #[cfg(not(feature = "tract-threads"))]
+    let _ = (granule, min_granules);
+    run(0, &mut output[..rows * row_len]);
     1
 }
 

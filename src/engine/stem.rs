@@ -423,7 +423,7 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, Outl
     if padding[0].convoluted != oh || padding[1].convoluted != ow {
         return Ok(None);
     }
-    let (last, added, clamp) = following(model, OutletId::new(id, 0), out_shape, cout)?;
+    let (last, added, clamp, _) = following(model, OutletId::new(id, 0), out_shape, cout, out_shape.len() - 3)?;
     // A Max above a Min (an empty clamp) would not match the ops' order.
     if let (Some(lo), Some(hi)) = clamp
         && lo > hi
@@ -456,17 +456,26 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, Outl
     Ok(Some((op, last)))
 }
 
-/// What follows the convolution's output `start` that the op does itself:
-/// Adds of a per-channel (`[1, Cout, 1, 1]`, `[Cout, 1, 1]`) or scalar
-/// constant before any clamp, then Max/Min with scalar constants, each the
-/// only consumer of the last and not a model output. Returns the outlet the
-/// op replaces, the bias added, and the clamp.
-type Following = (OutletId, Vec<f32>, (Option<f32>, Option<f32>));
+/// What follows a convolution's output `start` that its op does itself:
+/// Adds of a per-channel (all of it along `channel_axis`: `[1, Cout, 1,
+/// 1]`, `[Cout, 1, 1]`, `[1, 1, 1, Cout]`...) or scalar constant before any
+/// clamp, then Max/Min with scalar constants, each the only consumer of the
+/// last and not a model output. Returns the outlet the op replaces, the bias
+/// added, the clamp, and how many Max/Min it took in. The depthwise op
+/// (`depthwise_op.rs`) calls it with the channels last.
+pub(super) type Following = (OutletId, Vec<f32>, (Option<f32>, Option<f32>), usize);
 
-fn following(model: &TypedModel, start: OutletId, out_shape: &[usize], cout: usize) -> TractResult<Following> {
+pub(super) fn following(
+    model: &TypedModel,
+    start: OutletId,
+    out_shape: &[usize],
+    cout: usize,
+    channel_axis: usize,
+) -> TractResult<Following> {
     let mut last = start;
     let mut added = vec![0f32; cout];
     let mut clamp: (Option<f32>, Option<f32>) = (None, None);
+    let mut clamps = 0;
     while let Some(next) = model.single_succ(last.node)? {
         if model.outlet_successors(last).len() != 1 || model.output_outlets()?.contains(&last) {
             break;
@@ -478,7 +487,6 @@ fn following(model: &TypedModel, start: OutletId, out_shape: &[usize], cout: usi
             break;
         }
         let values = k.try_as_plain_ram()?.as_slice::<f32>()?;
-        let channel_axis = out_shape.len() - 3;
         let per_channel = k.len() == cout
             && k.rank() <= out_shape.len()
             && k.shape().iter().rev().zip(out_shape.iter().rev()).enumerate().all(|(i, (&d, _))| {
@@ -492,16 +500,18 @@ fn following(model: &TypedModel, start: OutletId, out_shape: &[usize], cout: usi
                 }
             }
             "Max" if k.len() == 1 && !values[0].is_nan() => {
-                clamp.0 = Some(clamp.0.map_or(values[0], |lo: f32| lo.max(values[0])))
+                clamp.0 = Some(clamp.0.map_or(values[0], |lo: f32| lo.max(values[0])));
+                clamps += 1;
             }
             "Min" if k.len() == 1 && !values[0].is_nan() => {
-                clamp.1 = Some(clamp.1.map_or(values[0], |hi: f32| hi.min(values[0])))
+                clamp.1 = Some(clamp.1.map_or(values[0], |hi: f32| hi.min(values[0])));
+                clamps += 1;
             }
             _ => break,
         }
         last = OutletId::new(next.id, 0);
     }
-    Ok((last, added, clamp))
+    Ok((last, added, clamp, clamps))
 }
 
 #[cfg(test)]

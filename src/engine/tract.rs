@@ -51,6 +51,9 @@ struct Built {
     pointwise: Option<(super::pointwise::Isa, super::pointwise::Rewritten)>,
     /// How many convolutions became labelcast's stem op.
     stems: usize,
+    /// How many depthwise convolutions became labelcast's op, and how many
+    /// Max/Min they took in.
+    depthwise: (usize, usize),
     output_shape: Vec<usize>,
     graph_time: Duration,
     optimize_time: Duration,
@@ -173,12 +176,13 @@ impl TractEngine {
                 let fault = std::env::var(prepare::FAULT_DROP_SATURATION).is_ok_and(|v| v == "1");
                 // The kernels run the rewritten graph: another choice checks again.
                 let kernels = format!(
-                    "{}/{:?}/{:?}/vnni={}/stem={:?}",
+                    "{}/{:?}/{:?}/vnni={}/stem={:?}/depthwise-op={:?}",
                     super::depthwise::selected().unwrap_or("tract"),
                     super::pointwise::choice(threads),
                     super::pointwise::precision_by_env(),
                     super::pointwise::dot_products_here(),
-                    super::stem::choice().map(super::pointwise::Isa::features)
+                    super::stem::choice().map(super::pointwise::Isa::features),
+                    super::depthwise_op::choice().map(super::pointwise::Isa::features)
                 );
                 VerdictCache::new(dir, &bytes, Int8Mode::WeightsOnly, config.repair_qdq, fault, &kernels)
             }),
@@ -222,8 +226,8 @@ impl TractEngine {
             let reference = reference.take().map(|proto| {
                 let (output_name, dir) = (output_name.clone(), dir.clone());
                 // The graph as quantised: float activations in the 1x1
-                // kernel and tract's own stem, so that the check compares
-                // labelcast's kernels with something else.
+                // kernel, tract's own stem and depthwise op, so that the
+                // check compares labelcast's kernels with something else.
                 let precision = super::pointwise::precision_for(false);
                 scope.spawn(move || build(proto, dir.as_deref(), input, &output_name, threads, precision, false))
             });
@@ -260,7 +264,14 @@ impl TractEngine {
             engine_version: format!(
                 "tract {} (depthwise: {}; 1x1 convs: {}; stem: {})",
                 env!("LABELCAST_TRACT_VERSION"),
-                super::depthwise::selected().unwrap_or("tract's width-inner"),
+                match (super::depthwise_op::choice(), built.depthwise) {
+                    (Some(simd), (convs, clamps)) if convs > 0 => format!(
+                        "labelcast's {} op on {convs} with {clamps} Max/Min fused, any other on {}",
+                        simd.features(),
+                        super::depthwise::selected().unwrap_or("tract's width-inner")
+                    ),
+                    _ => super::depthwise::selected().unwrap_or("tract's width-inner").to_string(),
+                },
                 match built.pointwise {
                     Some((isa, done)) if done.convs > 0 => format!(
                         "labelcast {} on {}, int8 weights on {}, 8-bit activations (VNNI) on {}",
@@ -374,8 +385,10 @@ impl FrameCheck {
 
 /// Parses, optimises and plans one graph for a fixed input; `precision` is
 /// what labelcast's 1x1 kernel computes in (see
-/// [`super::pointwise::precision_for`]), `stem` whether labelcast's stem
-/// kernel may take the first convolution.
+/// [`super::pointwise::precision_for`]), `own_convs` whether labelcast's
+/// stem kernel and depthwise op may take those convolutions (the INT8
+/// check's reference graph keeps tract's, so that the check compares them
+/// with something else).
 fn build(
     proto: pb::ModelProto,
     model_dir: Option<&str>,
@@ -383,7 +396,7 @@ fn build(
     output_name: &str,
     threads: usize,
     precision: super::pointwise::Precision,
-    stem: bool,
+    own_convs: bool,
 ) -> anyhow::Result<Built> {
     let built = std::panic::catch_unwind(AssertUnwindSafe(move || -> anyhow::Result<Built> {
         let started = Instant::now();
@@ -428,11 +441,17 @@ fn build(
             )),
             None => None,
         };
-        // The stem (the first convolution, on the image) likewise.
-        let stems = if stem && super::stem::choice().is_some() {
+        // The stem (the first convolution, on the image) likewise, and the
+        // depthwise convolutions with the clamps after them.
+        let stems = if own_convs && super::stem::choice().is_some() {
             super::stem::rewrite(&mut model).context("rewriting tract's stem convolution")?
         } else {
             0
+        };
+        let depthwise = if own_convs && super::depthwise_op::choice().is_some() {
+            super::depthwise_op::rewrite(&mut model).context("rewriting tract's depthwise convolutions")?
+        } else {
+            (0, 0)
         };
         model.optimize().context("tract could not analyse and optimise the graph")?;
         let options = RunOptions { executor: executor(threads), ..Default::default() };
@@ -448,6 +467,7 @@ fn build(
             plan: Plan { state, input, scratch: Vec::new(), bytes: Vec::new() },
             pointwise,
             stems,
+            depthwise,
             output_shape,
             graph_time: loaded - started,
             optimize_time: loaded.elapsed(),

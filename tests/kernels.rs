@@ -281,8 +281,12 @@ fn the_demo_models_depthwise_convolutions_run_on_labelcasts_op_with_their_clamps
         // EfficientNet-Lite0 has 16 depthwise convolutions; the first reads
         // the stem's channels-first output and stays with tract's op.
         assert!(engine.contains("depthwise: labelcast's avx"), "{engine}");
-        let convs = count_after(&engine, "op on ");
-        assert!(convs.is_some_and(|n| n >= 15), "{engine}");
+        let convs = count_after(&engine, "op on ").unwrap_or(0);
+        assert!(convs >= 15, "{engine}");
+        // Each with the clamp after it: ReLU6 (FP32), and the quantiser's
+        // saturation too (INT8).
+        let clamps = count_after(&engine, &format!("op on {convs} with ")).unwrap_or(0);
+        assert!(clamps >= 2 * convs, "{engine}");
         assert!(avx2_engine.contains("depthwise: labelcast's avx2+fma op"), "{avx2_engine}");
         assert!(!tracts_engine.contains("op on"), "{tracts_engine}");
         for (name, other) in [("tract's DepthWise", &tracts), ("AVX2+FMA", &avx2), ("two threads", &split)] {

@@ -105,8 +105,7 @@ pub unsafe fn depthwise_c_avx2(
             len,
             in_stride,
             out_stride,
-            0.0,
-            0.0,
+            x86::Bounds { lo: None, hi: None },
         )
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -147,8 +146,7 @@ pub unsafe fn depthwise_c_avx512(
             len,
             in_stride,
             out_stride,
-            0.0,
-            0.0,
+            x86::Bounds { lo: None, hi: None },
         )
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -194,17 +192,45 @@ pub unsafe fn scalar(
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// `min(hi, max(lo, a))` when `CLAMP` (a fused ReLU/ReLU6), `a`
-    /// otherwise. The accumulator is the second operand of each, which is
-    /// what the instructions return when either is NaN: NaN stays NaN.
-    #[inline(always)]
-    unsafe fn clamp256<const CLAMP: bool>(a: __m256, lo: f32, hi: f32) -> __m256 {
-        if CLAMP { unsafe { _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), a)) } } else { a }
+    /// The bounds of a fused Max/Min (a ReLU/ReLU6) applied before a store:
+    /// `max(a, lo)` then `min(a, hi)`, each only where the graph had it. The
+    /// bound is the second operand, which is what the instructions return
+    /// when either is NaN: a NaN becomes the bound, as tract's own Max/Min
+    /// (`f32::max`) and the 1x1 kernel make it.
+    #[derive(Clone, Copy)]
+    pub struct Bounds {
+        pub lo: Option<f32>,
+        pub hi: Option<f32>,
     }
 
     #[inline(always)]
-    unsafe fn clamp512<const CLAMP: bool>(a: __m512, lo: f32, hi: f32) -> __m512 {
-        if CLAMP { unsafe { _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), a)) } } else { a }
+    unsafe fn clamp256<const CLAMP: bool>(mut a: __m256, b: Bounds) -> __m256 {
+        if CLAMP {
+            unsafe {
+                if let Some(lo) = b.lo {
+                    a = _mm256_max_ps(a, _mm256_set1_ps(lo));
+                }
+                if let Some(hi) = b.hi {
+                    a = _mm256_min_ps(a, _mm256_set1_ps(hi));
+                }
+            }
+        }
+        a
+    }
+
+    #[inline(always)]
+    unsafe fn clamp512<const CLAMP: bool>(mut a: __m512, b: Bounds) -> __m512 {
+        if CLAMP {
+            unsafe {
+                if let Some(lo) = b.lo {
+                    a = _mm512_max_ps(a, _mm512_set1_ps(lo));
+                }
+                if let Some(hi) = b.hi {
+                    a = _mm512_min_ps(a, _mm512_set1_ps(hi));
+                }
+            }
+        }
+        a
     }
 
     /// Four 8-lane accumulators (32 channels) per pass over the taps, then
@@ -223,8 +249,7 @@ pub(super) mod x86 {
         len: usize,
         in_stride: isize,
         out_stride: isize,
-        lo: f32,
-        hi: f32,
+        bounds: Bounds,
     ) {
         unsafe {
             for i in 0..len as isize {
@@ -244,10 +269,10 @@ pub(super) mod x86 {
                         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(16)), _mm256_loadu_ps(k.add(16)), a2);
                         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(24)), _mm256_loadu_ps(k.add(24)), a3);
                     }
-                    _mm256_storeu_ps(optr.add(c), clamp256::<CLAMP>(a0, lo, hi));
-                    _mm256_storeu_ps(optr.add(c + 8), clamp256::<CLAMP>(a1, lo, hi));
-                    _mm256_storeu_ps(optr.add(c + 16), clamp256::<CLAMP>(a2, lo, hi));
-                    _mm256_storeu_ps(optr.add(c + 24), clamp256::<CLAMP>(a3, lo, hi));
+                    _mm256_storeu_ps(optr.add(c), clamp256::<CLAMP>(a0, bounds));
+                    _mm256_storeu_ps(optr.add(c + 8), clamp256::<CLAMP>(a1, bounds));
+                    _mm256_storeu_ps(optr.add(c + 16), clamp256::<CLAMP>(a2, bounds));
+                    _mm256_storeu_ps(optr.add(c + 24), clamp256::<CLAMP>(a3, bounds));
                     c += 32;
                 }
                 while c + 8 <= channels {
@@ -256,7 +281,7 @@ pub(super) mod x86 {
                         let k = kernel.add(kix * k_stride + c);
                         a = _mm256_fmadd_ps(_mm256_loadu_ps(iptr.offset(off).add(c)), _mm256_loadu_ps(k), a);
                     }
-                    _mm256_storeu_ps(optr.add(c), clamp256::<CLAMP>(a, lo, hi));
+                    _mm256_storeu_ps(optr.add(c), clamp256::<CLAMP>(a, bounds));
                     c += 8;
                 }
                 if c < channels {
@@ -268,7 +293,7 @@ pub(super) mod x86 {
                         let k = _mm256_maskload_ps(kernel.add(kix * k_stride + c), mask);
                         a = _mm256_fmadd_ps(_mm256_maskload_ps(iptr.offset(off).add(c), mask), k, a);
                     }
-                    _mm256_maskstore_ps(optr.add(c), mask, clamp256::<CLAMP>(a, lo, hi));
+                    _mm256_maskstore_ps(optr.add(c), mask, clamp256::<CLAMP>(a, bounds));
                 }
             }
         }
@@ -290,8 +315,7 @@ pub(super) mod x86 {
         len: usize,
         in_stride: isize,
         out_stride: isize,
-        lo: f32,
-        hi: f32,
+        bounds: Bounds,
     ) {
         unsafe {
             for i in 0..len as isize {
@@ -311,10 +335,10 @@ pub(super) mod x86 {
                         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(32)), _mm512_loadu_ps(k.add(32)), a2);
                         a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(48)), _mm512_loadu_ps(k.add(48)), a3);
                     }
-                    _mm512_storeu_ps(optr.add(c), clamp512::<CLAMP>(a0, lo, hi));
-                    _mm512_storeu_ps(optr.add(c + 16), clamp512::<CLAMP>(a1, lo, hi));
-                    _mm512_storeu_ps(optr.add(c + 32), clamp512::<CLAMP>(a2, lo, hi));
-                    _mm512_storeu_ps(optr.add(c + 48), clamp512::<CLAMP>(a3, lo, hi));
+                    _mm512_storeu_ps(optr.add(c), clamp512::<CLAMP>(a0, bounds));
+                    _mm512_storeu_ps(optr.add(c + 16), clamp512::<CLAMP>(a1, bounds));
+                    _mm512_storeu_ps(optr.add(c + 32), clamp512::<CLAMP>(a2, bounds));
+                    _mm512_storeu_ps(optr.add(c + 48), clamp512::<CLAMP>(a3, bounds));
                     c += 64;
                 }
                 while c + 16 <= channels {
@@ -323,7 +347,7 @@ pub(super) mod x86 {
                         let k = kernel.add(kix * k_stride + c);
                         a = _mm512_fmadd_ps(_mm512_loadu_ps(iptr.offset(off).add(c)), _mm512_loadu_ps(k), a);
                     }
-                    _mm512_storeu_ps(optr.add(c), clamp512::<CLAMP>(a, lo, hi));
+                    _mm512_storeu_ps(optr.add(c), clamp512::<CLAMP>(a, bounds));
                     c += 16;
                 }
                 if c < channels {
@@ -333,7 +357,7 @@ pub(super) mod x86 {
                         let k = _mm512_maskz_loadu_ps(mask, kernel.add(kix * k_stride + c));
                         a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, iptr.offset(off).add(c)), k, a);
                     }
-                    _mm512_mask_storeu_ps(optr.add(c), mask, clamp512::<CLAMP>(a, lo, hi));
+                    _mm512_mask_storeu_ps(optr.add(c), mask, clamp512::<CLAMP>(a, bounds));
                 }
             }
         }

@@ -145,7 +145,6 @@ impl DepthwiseConv {
                 && first + output.len() / row.max(1) <= oh
         );
         assert!(simd.runs_here(), "DepthwiseConv: this CPU cannot run {simd:?}");
-        let (lo, hi) = (self.clamp.0.unwrap_or(f32::NEG_INFINITY), self.clamp.1.unwrap_or(f32::INFINITY));
         // The columns whose whole window is inside the image: one run.
         let inner_first = pw.div_ceil(sw).min(ow);
         let inner_end = if w + pw >= kw { ((w + pw - kw) / sw + 1).min(ow) } else { 0 }.max(inner_first);
@@ -166,19 +165,31 @@ impl DepthwiseConv {
                         n += 1;
                     }
                 }
-                // First tap inside the image (never read when there is none).
+                let out = &mut out_row[ox * c..(ox + len) * c];
+                if n == 0 {
+                    // Every tap in the padding (outputs past the image's
+                    // edge): the bias, clamped, with no pointer into the
+                    // input at all.
+                    for o in out.chunks_exact_mut(c) {
+                        for (o, b) in o.iter_mut().zip(&self.bias) {
+                            let v = self.clamp.0.map_or(*b, |lo| b.max(lo));
+                            *o = self.clamp.1.map_or(v, |hi| v.min(hi));
+                        }
+                    }
+                    return;
+                }
+                // The first tap inside the image.
                 let start = ((iy + ky_range.start as isize) * w as isize + ix + kx_range.start as isize) * c as isize;
-                let base = input.as_ptr().wrapping_offset(start);
-                let out = out_row[ox * c..].as_mut_ptr();
+                let base = input[start as usize..].as_ptr();
                 // SAFETY: every tap read is inside `input` (the ranges keep
-                // rows and columns inside the image); `len` outputs of `c`
-                // values from `out` are inside this output row; the CPU runs
-                // `simd` (asserted above).
+                // rows and columns inside the image, and `base` is the
+                // first tap's place); `len` outputs of `c` values from
+                // `out` are this slice; the CPU runs `simd` (asserted above).
                 unsafe {
                     kernel(
                         simd,
                         base,
-                        out,
+                        out.as_mut_ptr(),
                         &self.weights,
                         &taps[..n],
                         &offsets[..n],
@@ -186,8 +197,7 @@ impl DepthwiseConv {
                         c,
                         len,
                         (sw * c) as isize,
-                        lo,
-                        hi,
+                        self.clamp,
                     )
                 }
             };
@@ -219,25 +229,25 @@ unsafe fn kernel(
     channels: usize,
     len: usize,
     in_stride: isize,
-    lo: f32,
-    hi: f32,
+    clamp: (Option<f32>, Option<f32>),
 ) {
     let (k, b, c) = (weights.as_ptr(), bias.as_ptr(), channels as isize);
     #[cfg(target_arch = "x86_64")]
     unsafe {
         use super::depthwise::x86;
+        let bounds = x86::Bounds { lo: clamp.0, hi: clamp.1 };
         match simd {
             Isa::Avx512f => {
-                x86::avx512::<true>(input, output, k, taps, offsets, b, channels, channels, len, in_stride, c, lo, hi)
+                x86::avx512::<true>(input, output, k, taps, offsets, b, channels, channels, len, in_stride, c, bounds)
             }
             Isa::Avx2Fma => {
-                x86::avx2::<true>(input, output, k, taps, offsets, b, channels, channels, len, in_stride, c, lo, hi)
+                x86::avx2::<true>(input, output, k, taps, offsets, b, channels, channels, len, in_stride, c, bounds)
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (simd, input, output, k, taps, offsets, b, c, len, in_stride, lo, hi);
+        let _ = (simd, input, output, k, taps, offsets, b, c, len, in_stride, clamp);
         unreachable!("the depthwise op is only wired in on x86-64");
     }
 }
@@ -261,12 +271,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     for id in model.eval_order()? {
         // Anything unexpected leaves the node to tract, never fails the load.
         let Ok(Some((op, last, fused))) = matching(model, id) else { continue };
-        let name = format!("{}.depthwise", model.nodes[id].name);
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(model, model.nodes[id].inputs[0])?;
-        let wire = patch.wire_node(name, op, &[input])?;
-        patch.shunt_outside(model, last, wire[0])?;
-        patch.apply(model)?;
+        super::stem::replace(model, id, op, "depthwise", last)?;
         done += 1;
         clamps += fused;
     }
@@ -434,12 +439,17 @@ mod tests {
     /// The case's output as tract runs it (its own `DepthWise`, on OIHW
     /// weights: tract 0.23.9 cannot plan a depthwise convolution with HWIO
     /// or OHWI ones), the rewritten op's output with `simd` (over `split`
-    /// row ranges, as threads would), and how many convolutions and clamps
-    /// it rewrote.
+    /// row ranges, as threads would; empty where this CPU cannot run
+    /// `simd`), and how many convolutions and clamps it rewrote.
     fn rewritten(case: &Case, simd: Isa, split: usize) -> (Vec<f32>, Vec<f32>, usize, usize) {
         let Case { c, hw, .. } = *case;
-        let input = values(1, hw.0 * hw.1 * c);
-        let tensor = Tensor::from_shape(&[1, hw.0, hw.1, c], &input).unwrap();
+        rewritten_on(case, simd, split, &values(1, hw.0 * hw.1 * c))
+    }
+
+    /// [`rewritten`] on `input` (`[H, W, C]`).
+    fn rewritten_on(case: &Case, simd: Isa, split: usize, input: &[f32]) -> (Vec<f32>, Vec<f32>, usize, usize) {
+        let Case { c, hw, .. } = *case;
+        let tensor = Tensor::from_shape(&[1, hw.0, hw.1, c], input).unwrap();
         let plan = model(case, KernelFormat::OIHW).into_optimized().unwrap().into_runnable().unwrap();
         let out = plan.run(tvec!(tensor.into_tvalue())).unwrap();
         let before = out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
@@ -447,19 +457,19 @@ mod tests {
         let (done, clamps) = rewrite(&mut model).unwrap();
         let op = model.nodes.iter().find_map(|n| n.op_as::<DepthwiseConv>()).cloned();
         let after = match op {
-            Some(op) => {
+            Some(op) if simd.runs_here() => {
                 let (oh, row) = (op.output.0, op.output.1 * c);
                 let mut after = vec![f32::NAN; oh * row];
                 // Row ranges as uneven as a split gets.
                 let mut first = 0;
                 for part in 0..split {
                     let end = (part + 1) * oh / split;
-                    op.run_with(simd, &input, first, &mut after[first * row..end * row]);
+                    op.run_with(simd, input, first, &mut after[first * row..end * row]);
                     first = end;
                 }
                 after
             }
-            None => vec![],
+            _ => vec![],
         };
         (before, after, done, clamps)
     }
@@ -496,6 +506,11 @@ mod tests {
             // stride-2 3x3 with one each side).
             case(40, (15, 16), (3, 3), (2, 2), explicit([1, 1], [1, 1]), KernelFormat::OIHW),
             case(20, (8, 9), (5, 5), (2, 3), explicit([1, 2], [2, 1]), KernelFormat::OHWI),
+            // Padding as large as the kernel (whole output rows and
+            // columns in the padding: the bias alone), and a stride larger
+            // than the kernel (inputs skipped).
+            case(9, (4, 5), (3, 3), (1, 1), explicit([3, 4], [3, 3]), KernelFormat::OIHW),
+            case(16, (10, 11), (2, 2), (3, 3), explicit([1, 0], [2, 1]), KernelFormat::OIHW),
             case(1, (6, 6), (1, 1), (1, 1), PaddingSpec::Valid, KernelFormat::OIHW),
         ];
         for simd in simds() {
@@ -513,14 +528,16 @@ mod tests {
                 }
             }
             // Both bounds bite in every case but the single-channel 1x1 one
-            // (36 outputs of one weight, which may all fall inside).
-            assert!(bit >= cases.len() - 1, "{simd:?}: the clamp bit at both ends in only {bit} cases");
+            // (36 outputs of one weight, which may all fall inside) and
+            // the one whose outputs are mostly the bias alone.
+            assert!(bit >= cases.len() - 2, "{simd:?}: the clamp bit at both ends in only {bit} cases");
         }
     }
 
     #[test]
     fn convolutions_the_depthwise_op_is_not_for_are_left_to_tract() {
-        // The match does not depend on the CPU (nothing is run here).
+        // The match does not depend on the CPU (`rewritten` runs the op
+        // only where the CPU can; aarch64 checks the match alone).
         let simd = Isa::Avx2Fma;
         let case = |kernel, stride| Case {
             c: 8,
@@ -538,31 +555,26 @@ mod tests {
     }
 
     #[test]
-    fn a_nan_input_gives_nan_outputs_through_the_clamp() {
-        let Some(simd) = Isa::detect() else { return };
-        let op = DepthwiseConv {
-            channels: 16,
+    fn a_nan_input_comes_out_as_tract_makes_it_through_the_clamp() {
+        let case = Case {
+            c: 16,
+            hw: (5, 5),
             kernel: (3, 3),
             stride: (1, 1),
-            pad: (1, 1),
-            input: (3, 3),
-            output: (3, 3),
-            weights: vec![1.0; 9 * 16],
-            bias: vec![0.0; 16],
-            clamp: (Some(0.0), Some(6.0)),
-            output_shape: tvec!(3, 3, 16),
+            padding: PaddingSpec::Explicit(tvec!(1, 1), tvec!(1, 1)),
+            format: KernelFormat::OIHW,
         };
-        let mut input = vec![1.0f32; 9 * 16];
-        input[4 * 16 + 3] = f32::NAN;
-        let mut output = vec![0.0; 9 * 16];
-        op.run_with(simd, &input, 0, &mut output);
-        // Channel 3 of every position (all see the centre) is NaN, the rest
-        // clamped to 6 at most.
-        for (i, v) in output.iter().enumerate() {
-            if i % 16 == 3 {
-                assert!(v.is_nan(), "[{i}] {v}");
-            } else {
-                assert!((4.0..=6.0).contains(v), "[{i}] {v}");
+        let mut input = values(1, 5 * 5 * 16);
+        input[12 * 16 + 3] = f32::NAN;
+        input[0] = f32::INFINITY;
+        for simd in simds() {
+            let (before, after, done, _) = rewritten_on(&case, simd, 1, &input);
+            assert_eq!((done, before.len()), (1, after.len()));
+            // tract's Max and Min are `f32::max`/`min`: a NaN becomes the
+            // bound; the op's clamp keeps that, NaN for NaN.
+            assert!(!before.iter().any(|v| v.is_nan()), "tract's clamp let a NaN through");
+            for (j, (a, b)) in before.iter().zip(&after).enumerate() {
+                assert!(a == b || (a - b).abs() <= 1e-5, "{simd:?} [{j}]: tract {a} vs {b}");
             }
         }
     }

@@ -1,5 +1,5 @@
-//! Pointwise (1x1) convolutions on channels-last activations, without
-//! packing the activations, for tract on x86-64.
+//! Pointwise (1x1) convolutions without packing the activations, for tract
+//! on x86-64 (channels-last activations first of all, channels-first too).
 //!
 //! After the depthwise kernels (`depthwise.rs`) moved tract's depthwise
 //! regions to channels-last, the 1x1 convolutions between them were most of

@@ -360,18 +360,32 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     for id in model.eval_order()? {
         // Anything unexpected leaves the node to tract, never fails the load.
         let Ok(Some((op, last))) = matching(model, id) else { continue };
-        let name = format!("{}.stem", model.nodes[id].name);
-        let mut patch = TypedModelPatch::default();
-        let input = patch.tap_model(model, model.nodes[id].inputs[0])?;
-        let wire = patch.wire_node(name, op, &[input])?;
-        patch.shunt_outside(model, last, wire[0])?;
-        patch.apply(model)?;
+        replace(model, id, op, "stem", last)?;
         done += 1;
     }
     if done > 0 {
         model.compact()?;
     }
     Ok(done)
+}
+
+/// Wires `op` on node `id`'s first input (named after the node, with
+/// `suffix`) in place of everything from the node up to `last`: the
+/// convolution and the ops after it that `op` took in. The depthwise op
+/// (`depthwise_op.rs`) is wired in the same way.
+pub(super) fn replace<O: TypedOp>(
+    model: &mut TypedModel,
+    id: usize,
+    op: O,
+    suffix: &str,
+    last: OutletId,
+) -> TractResult<()> {
+    let name = format!("{}.{suffix}", model.nodes[id].name);
+    let mut patch = TypedModelPatch::default();
+    let input = patch.tap_model(model, model.nodes[id].inputs[0])?;
+    let wire = patch.wire_node(name, op, &[input])?;
+    patch.shunt_outside(model, last, wire[0])?;
+    patch.apply(model)
 }
 
 /// The op that replaces `Conv` node `id` and the chain after it, with the

@@ -7,8 +7,8 @@
 //! give an error naming it, never take the daemon down.
 //!
 //! A rewritten INT8 graph (weights-only) is checked against the graph as
-//! quantised at load ([`super::selfcheck`]): both are built side by side,
-//! compared on a probe picture, and again on the first real frame before
+//! quantised at load ([`super::selfcheck`]): both are built, one after the
+//! other, compared on a probe picture, and again on the first real frame before
 //! its scores are returned; on disagreement the engine runs the graph as
 //! quantised.
 
@@ -224,7 +224,8 @@ impl TractEngine {
         // seconds) against 74.9-75.0 MB now, for about 0.2 s more before
         // the first label (0.75-0.78 against 0.96-1.02 s), once per model.
         // Each build takes its proto and drops it once tract has parsed it,
-        // so the file's tensors are not held beside tract's own while it optimises.
+        // so the file's tensors are not held beside tract's own while it
+        // optimises (the graph as quantised's proto waits for its build).
         let proto = std::mem::take(&mut prepared.proto);
         let precision = super::pointwise::precision_for(mode == Some(Int8Mode::WeightsOnly));
         let built = build(proto, dir.as_deref(), input, &output_name, threads, precision, true);

@@ -27,10 +27,11 @@
 //! the two in one build).
 
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::cnn::KernelFormat;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::pointwise::Isa;
+use super::stem::{FloatConv, float_conv, following};
 
 /// The largest kernel side the op takes (7x7: EfficientNet's and
 /// MobileNetV3's largest); the taps of one call live on the stack.
@@ -284,31 +285,11 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<(usize, usize)> {
 /// The op that replaces `Conv` node `id` and the chain after it, the outlet
 /// it replaces and how many Max/Min it took in.
 fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseConv, OutletId, usize)>> {
-    let node = &model.nodes[id];
-    let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
+    let Some(FloatConv { conv, weights, bias, x_shape, out_shape }) = float_conv(model, id)? else { return Ok(None) };
     let spec = &conv.pool_spec;
-    if conv.q_params.is_some()
-        || node.inputs.len() != 3
-        || spec.kernel_shape.len() != 2
-        || spec.dilations().iter().any(|&d| d != 1)
-        || spec.input_channels != spec.output_channels
-        || conv.group != spec.input_channels
-    {
+    if spec.input_channels != spec.output_channels || conv.group != spec.input_channels {
         return Ok(None);
     }
-    let facts = model.node_input_facts(id)?;
-    let (Some(weights), Some(bias)) = (facts[1].konst.clone(), facts[2].konst.clone()) else { return Ok(None) };
-    let output_fact = model.outlet_fact(OutletId::new(id, 0))?;
-    if facts[0].datum_type != f32::datum_type()
-        || output_fact.datum_type != f32::datum_type()
-        || weights.datum_type() != f32::datum_type()
-        || bias.datum_type() != f32::datum_type()
-    {
-        return Ok(None);
-    }
-    let (Some(x_shape), Some(out_shape)) = (facts[0].shape.as_concrete(), output_fact.shape.as_concrete()) else {
-        return Ok(None);
-    };
     // Channels-last, a batch of one (or none).
     let (h, w, c, oh, ow) = match (spec.data_format, x_shape, out_shape) {
         (DataFormat::NHWC, &[1, h, w, c], &[1, oh, ow, oc]) if oc == c => (h, w, c, oh, ow),
@@ -334,16 +315,11 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseConv,
     if padding[0].convoluted != oh || padding[1].convoluted != ow {
         return Ok(None);
     }
-    let (last, added, clamp, clamps) =
-        super::stem::following(model, OutletId::new(id, 0), out_shape, c, out_shape.len() - 1)?;
-    // A Max above a Min (an empty clamp) would not match the ops' order.
-    if let (Some(lo), Some(hi)) = clamp
-        && lo > hi
-    {
+    let Some((last, bias, clamp, clamps)) =
+        following(model, OutletId::new(id, 0), out_shape, &bias, out_shape.len() - 1)?
+    else {
         return Ok(None);
-    }
-    let own = bias.try_as_plain_ram()?.as_slice::<f32>()?;
-    let bias: Vec<f32> = (0..c).map(|ch| own[if own.len() == 1 { 0 } else { ch }] + added[ch]).collect();
+    };
     let given = weights.try_as_plain_ram()?.as_slice::<f32>()?;
     let mut packed = vec![0f32; kh * kw * c];
     for ky in 0..kh {
@@ -371,7 +347,7 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(DepthwiseConv,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::cnn::{Conv, PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::math;
 
     fn values(seed: u64, n: usize) -> Vec<f32> {

@@ -1354,11 +1354,12 @@ fn matching(model: &TypedModel, id: usize, isa: Isa, precision: Precision) -> Tr
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// A small deterministic generator (no dependency for test data).
-    fn values(seed: u64, n: usize) -> Vec<f32> {
+    /// A small deterministic generator (no dependency for test data); the
+    /// stem's tests use it too.
+    pub(in crate::engine) fn values(seed: u64, n: usize) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {

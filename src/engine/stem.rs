@@ -388,15 +388,24 @@ pub(super) fn replace<O: TypedOp>(
     patch.apply(model)
 }
 
-/// The op that replaces `Conv` node `id` and the chain after it, with the
-/// outlet it replaces.
-fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, OutletId)>> {
+/// A decluttered `Conv` node that a direct op of labelcast's may take: two
+/// spatial axes, no dilation, not quantised, float input and output, with
+/// constant float weights and bias (its three inputs). The stem and the
+/// depthwise op (`depthwise_op.rs`) start their matches from it.
+pub(super) struct FloatConv<'a> {
+    pub conv: &'a Conv,
+    pub weights: Arc<Tensor>,
+    pub bias: Arc<Tensor>,
+    pub x_shape: &'a [usize],
+    pub out_shape: &'a [usize],
+}
+
+/// Node `id` as a [`FloatConv`], `None` if it is not one.
+pub(super) fn float_conv(model: &TypedModel, id: usize) -> TractResult<Option<FloatConv<'_>>> {
     let node = &model.nodes[id];
     let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
     let spec = &conv.pool_spec;
     if conv.q_params.is_some()
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
         || node.inputs.len() != 3
         || spec.kernel_shape.len() != 2
         || spec.dilations().iter().any(|&d| d != 1)
@@ -416,6 +425,17 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, Outl
     let (Some(x_shape), Some(out_shape)) = (facts[0].shape.as_concrete(), output_fact.shape.as_concrete()) else {
         return Ok(None);
     };
+    Ok(Some(FloatConv { conv, weights, bias, x_shape, out_shape }))
+}
+
+/// The op that replaces `Conv` node `id` and the chain after it, with the
+/// outlet it replaces.
+fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, OutletId)>> {
+    let Some(FloatConv { conv, weights, bias, x_shape, out_shape }) = float_conv(model, id)? else { return Ok(None) };
+    let spec = &conv.pool_spec;
+    if conv.group != 1 || conv.kernel_fmt != KernelFormat::OIHW {
+        return Ok(None);
+    }
     // Channels-first, a batch of one (or none).
     let (cin, h, w, cout, oh, ow) = match (spec.data_format, x_shape, out_shape) {
         (DataFormat::NCHW, &[1, cin, h, w], &[1, cout, oh, ow]) => (cin, h, w, cout, oh, ow),
@@ -437,15 +457,10 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, Outl
     if padding[0].convoluted != oh || padding[1].convoluted != ow {
         return Ok(None);
     }
-    let (last, added, clamp, _) = following(model, OutletId::new(id, 0), out_shape, cout, out_shape.len() - 3)?;
-    // A Max above a Min (an empty clamp) would not match the ops' order.
-    if let (Some(lo), Some(hi)) = clamp
-        && lo > hi
-    {
+    let Some((last, bias, clamp, _)) = following(model, OutletId::new(id, 0), out_shape, &bias, out_shape.len() - 3)?
+    else {
         return Ok(None);
-    }
-    let own = bias.try_as_plain_ram()?.as_slice::<f32>()?;
-    let bias: Vec<f32> = (0..cout).map(|c| own[if own.len() == 1 { 0 } else { c }] + added[c]).collect();
+    };
     let oihw = weights.try_as_plain_ram()?.as_slice::<f32>()?;
     let taps = cin * kh * kw;
     let mut packed = vec![0f32; cout.div_ceil(CO) * taps * CO];
@@ -474,8 +489,10 @@ fn matching(model: &TypedModel, id: usize) -> TractResult<Option<(StemConv, Outl
 /// Adds of a per-channel (all of it along `channel_axis`: `[1, Cout, 1,
 /// 1]`, `[Cout, 1, 1]`, `[1, 1, 1, Cout]`...) or scalar constant before any
 /// clamp, then Max/Min with scalar constants, each the only consumer of the
-/// last and not a model output. Returns the outlet the op replaces, the bias
-/// added, the clamp, and how many Max/Min it took in. The depthwise op
+/// last and not a model output. Returns the outlet the op replaces, the
+/// convolution's own bias (`[Cout]` or one value) plus what was added, the
+/// clamp, and how many Max/Min it took in; `None` for a Max above a Min
+/// (an empty clamp, which the op's order would not match). The depthwise op
 /// (`depthwise_op.rs`) calls it with the channels last.
 pub(super) type Following = (OutletId, Vec<f32>, (Option<f32>, Option<f32>), usize);
 
@@ -483,11 +500,16 @@ pub(super) fn following(
     model: &TypedModel,
     start: OutletId,
     out_shape: &[usize],
-    cout: usize,
+    own_bias: &Tensor,
     channel_axis: usize,
-) -> TractResult<Following> {
+) -> TractResult<Option<Following>> {
+    let cout = out_shape[channel_axis];
+    let own = own_bias.try_as_plain_ram()?.as_slice::<f32>()?;
+    if !(own.len() == cout || own.len() == 1) {
+        return Ok(None);
+    }
     let mut last = start;
-    let mut added = vec![0f32; cout];
+    let mut added: Vec<f32> = (0..cout).map(|c| own[if own.len() == 1 { 0 } else { c }]).collect();
     let mut clamp: (Option<f32>, Option<f32>) = (None, None);
     let mut clamps = 0;
     while let Some(next) = model.single_succ(last.node)? {
@@ -525,7 +547,12 @@ pub(super) fn following(
         }
         last = OutletId::new(next.id, 0);
     }
-    Ok((last, added, clamp, clamps))
+    if let (Some(lo), Some(hi)) = clamp
+        && lo > hi
+    {
+        return Ok(None);
+    }
+    Ok(Some((last, added, clamp, clamps)))
 }
 
 #[cfg(test)]
@@ -534,15 +561,7 @@ mod tests {
     use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::math;
 
-    fn values(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::super::pointwise::tests::values;
 
     /// `image -> Conv -> Max lo -> Min hi` in tract: its output before and
     /// after [`rewrite`] (the rewritten graph run with `simd`), and how many

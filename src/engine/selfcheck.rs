@@ -211,14 +211,28 @@ mod tests {
         assert!(summary.contains("DISAGREES") && summary.contains("0.9000"), "{summary}");
         assert_eq!(check.max_difference(), Some(0.9));
     }
+
+    #[test]
+    fn the_verdict_cache_key_covers_the_engine_sources() {
+        // build.rs hashed the files under src/engine: an empty walk would
+        // give FNV-1a's offset basis and leave kernel changes out of the key.
+        let hash = env!("LABELCAST_ENGINE_SOURCE");
+        assert_eq!(hash.len(), 16, "{hash}");
+        assert_ne!(hash, "cbf29ce484222325", "build.rs found no engine sources");
+        let dir = std::env::temp_dir();
+        let a = VerdictCache::new(&dir, b"model", Int8Mode::WeightsOnly, false, false, "k");
+        assert_eq!(a.path(), VerdictCache::new(&dir, b"model", Int8Mode::WeightsOnly, false, false, "k").path());
+        assert_ne!(a.path(), VerdictCache::new(&dir, b"model", Int8Mode::WeightsOnly, false, false, "k2").path());
+    }
 }
 
 /// Verdicts of earlier checks, so that only the first start of a model
 /// (with this labelcast and tract) pays for building the graph twice: that
 /// costs about 0.13 s and 60 MB at start on the demo model. The key is the
-/// model's SHA-256, both versions, the mode, every switch that changes
-/// the rewrite and the kernels that run it, so a new labelcast (a new
-/// rewrite) or another CPU checks again.
+/// model's SHA-256, both versions, a hash of the engine's sources (build.rs),
+/// the mode, every switch that changes the rewrite and the kernels that run
+/// it, so a new labelcast, a build with changed rewrites or kernels under
+/// the same version, or another CPU checks again.
 pub struct VerdictCache {
     file: std::path::PathBuf,
 }
@@ -241,6 +255,7 @@ impl VerdictCache {
             &[
                 env!("CARGO_PKG_VERSION"),
                 env!("LABELCAST_TRACT_VERSION"),
+                env!("LABELCAST_ENGINE_SOURCE"),
                 mode.as_str(),
                 if repair { "repair" } else { "no-repair" },
                 if fault { "fault-drop-saturation" } else { "" },

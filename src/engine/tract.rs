@@ -15,7 +15,6 @@
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -135,10 +134,8 @@ impl Plan {
 struct FrameCheck {
     check: Arc<SelfCheck>,
     output: OutputKind,
-    /// The configured graph's scores for the frame sent.
-    ours: Option<Vec<f32>>,
-    to_reference: Option<mpsc::Sender<Tensor>>,
-    from_reference: mpsc::Receiver<anyhow::Result<(Vec<f32>, Plan)>>,
+    /// The graph as quantised, kept for the first real frame.
+    reference: Plan,
     cache: Option<VerdictCache>,
 }
 
@@ -219,10 +216,13 @@ impl TractEngine {
         // The configured graph, then the graph as quantised, one after the
         // other, with what each stage frees purged before the next (in
         // `build` and around the probe): built side by side on two threads,
-        // as until this round, a start without a cached verdict peaked at
-        // 100.5 MB on the demo model (jemalloc keeps freed pages ten
-        // seconds) against 74.9-75.0 MB now, for about 0.2 s more before
+        // as until the last round, a start without a cached verdict peaked
+        // at 100.5 MB on the demo model (jemalloc keeps freed pages ten
+        // seconds) against 74.9-75.0 MB then, for about 0.2 s more before
         // the first label (0.75-0.78 against 0.96-1.02 s), once per model.
+        // The peak is now the graph as quantised's declutter, with the
+        // configured graph built (see `infer` for the first frame). Built
+        // in the other order, it was 74.4-75.0 MB.
         // Each build takes its proto and drops it once tract has parsed it,
         // so the file's tensors are not held beside tract's own while it
         // optimises (the graph as quantised's proto waits for its build).
@@ -260,7 +260,7 @@ impl TractEngine {
             } else {
                 tracing::info!(model = %path.display(), difference, tolerance = selfcheck.tolerance, "weights-only INT8 agrees with the graph as quantised on the probe; checking the first frame too");
                 selfcheck.save(cache.as_ref());
-                frame_check = Some(FrameCheck::start(reference, selfcheck.clone(), output_kind, cache)?);
+                frame_check = Some(FrameCheck { check: selfcheck.clone(), output: output_kind, reference, cache });
             }
             check = Some(selfcheck);
         } else if let Some(check) = &check {
@@ -306,23 +306,21 @@ impl TractEngine {
         Ok(TractEngine { info, plan: built.plan, frame_check })
     }
 
-    /// Waits for the graph as quantised to finish the first frame and
-    /// compares: on disagreement it takes over, and its scores for that frame
-    /// are returned (to be used instead of the rewritten graph's).
-    fn finish_frame_check(&mut self) -> Option<Vec<f32>> {
-        let pending = self.frame_check.take()?;
-        let outcome =
-            pending.from_reference.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the reference thread ended")));
-        let ours = pending.ours.unwrap_or_default();
-        match outcome {
-            Ok((theirs, reference)) => {
-                let difference = selfcheck::difference(&ours, &selfcheck::as_scores(theirs.clone(), pending.output));
-                pending.check.record_frame(difference);
+    /// Runs the graph as quantised on the first frame and compares it with
+    /// `ours`, the rewritten graph's scores (`None` when it failed): on
+    /// disagreement the graph as quantised takes over and its scores for
+    /// that frame are returned (to be used instead of the rewritten graph's).
+    fn finish_frame_check(&mut self, pending: FrameCheck, input: &Tensor, ours: Option<&[f32]>) -> Option<Vec<f32>> {
+        let FrameCheck { check, output, mut reference, cache } = pending;
+        match reference.run(input) {
+            Ok(theirs) => {
+                let ours = ours.map(|scores| selfcheck::as_scores(scores.to_vec(), output)).unwrap_or_default();
+                let difference = selfcheck::difference(&ours, &selfcheck::as_scores(theirs.clone(), output));
+                check.record_frame(difference);
                 let mut replacement = None;
-                if difference > pending.check.tolerance {
+                if difference > check.tolerance {
                     // An error is not possible here (the daemon runs): fall back either way.
-                    let _ =
-                        disagree(&self.info.path, Int8Check::Fallback, &pending.check, difference, "the first frame");
+                    let _ = disagree(&self.info.path, Int8Check::Fallback, &check, difference, "the first frame");
                     self.plan = reference;
                     self.info.int8_mode = Some(Int8Mode::Native);
                     replacement = Some(theirs);
@@ -330,7 +328,7 @@ impl TractEngine {
                     tracing::info!(model = %self.info.path.display(), difference, "weights-only INT8 agrees with the graph as quantised on the first frame");
                     drop(reference);
                 }
-                pending.check.save(pending.cache.as_ref());
+                check.save(cache.as_ref());
                 // The graph as quantised is gone (unless it took over): give its memory back.
                 crate::allocator::release_freed_memory();
                 replacement
@@ -367,27 +365,6 @@ fn disagree(path: &Path, policy: Int8Check, check: &SelfCheck, difference: f32, 
         "INT8 self-check: the rewritten graph disagrees with the graph as quantised; running native instead (slower, right)"
     );
     Ok(())
-}
-
-impl FrameCheck {
-    fn start(
-        mut reference: Plan,
-        check: Arc<SelfCheck>,
-        output: OutputKind,
-        cache: Option<VerdictCache>,
-    ) -> anyhow::Result<FrameCheck> {
-        let (to_reference, frames) = mpsc::channel::<Tensor>();
-        let (results, from_reference) = mpsc::channel();
-        std::thread::Builder::new().name("int8-check".into()).spawn(move || {
-            // The first frame only; the plan goes back to the engine, which
-            // keeps it if the check fails and drops it otherwise.
-            if let Ok(frame) = frames.recv() {
-                let outcome = reference.run(&frame).map(|scores| (scores, reference));
-                let _ = results.send(outcome);
-            }
-        })?;
-        Ok(FrameCheck { check, output, ours: None, to_reference: Some(to_reference), from_reference, cache })
-    }
 }
 
 /// Parses, optimises and plans one graph for a fixed input; `precision` is
@@ -499,28 +476,30 @@ impl Engine for TractEngine {
 
     fn infer(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
         self.info.check_input(input)?;
-        let Some(sender) = self.frame_check.as_mut().and_then(|pending| pending.to_reference.take()) else {
+        let Some(pending) = self.frame_check.take() else {
             return self.plan.run(input);
         };
-        // The first real frame: the graph as quantised runs it on its own
-        // thread while this one runs the rewritten graph, and the scores go
-        // out only once the two were compared, so no result from a graph
-        // that turns out to be wrong is ever published (the probe picture
-        // alone can miss one). Costs the first frame the longer of the two.
-        let _ = sender.send(input.clone());
-        let scores = match self.plan.run(input) {
-            Ok(scores) => scores,
+        // The first real frame: the graph as quantised runs it too, and the
+        // scores go out only once the two were compared, so no result from
+        // a graph that turns out to be wrong is ever published (the probe
+        // picture alone can miss one). One after the other on this thread,
+        // with what the first freed purged before the second: run side by
+        // side on two threads (until this round), the two graphs' first
+        // runs took a first start's peak to 77.1-77.6 MB on the demo model
+        // against 70.5-71.9 MB now (VmHWM, four alternated starts each),
+        // with no difference in the time to the first label beyond the
+        // spread (1.04-1.19 s against 1.07-1.12 s).
+        let scores = self.plan.run(input);
+        crate::allocator::release_freed_memory();
+        match scores {
+            Ok(scores) => match self.finish_frame_check(pending, input, Some(&scores)) {
+                Some(theirs) => Ok(theirs),
+                None => Ok(scores),
+            },
             // The rewritten graph failed where the graph as quantised may
             // not have: with nothing of ours to compare, the check counts it
             // as a disagreement and the graph as quantised takes over.
-            Err(err) => return self.finish_frame_check().ok_or(err),
-        };
-        if let Some(pending) = self.frame_check.as_mut() {
-            pending.ours = Some(selfcheck::as_scores(scores.clone(), pending.output));
-        }
-        match self.finish_frame_check() {
-            Some(theirs) => Ok(theirs),
-            None => Ok(scores),
+            Err(err) => self.finish_frame_check(pending, input, None).ok_or(err),
         }
     }
 }

@@ -4,8 +4,9 @@ rebuilding it (models/build_demo.py takes most of an hour):
 * the shipped files are the ones the build wrote (models/demo/SHA256SUMS);
 * the FP32 and INT8 accuracy figures in models/demo/accuracy.json (which
   MODEL_CARD.md and the README quote) are what the shipped models score on
-  the evaluation set now, recomputed with ONNX Runtime from the photos,
-  fetched from their packages and checked against their SHA-256.
+  both evaluation sets (models/eval_set.py) now, recomputed with ONNX
+  Runtime from the photos, fetched from their packages and checked against
+  their SHA-256.
 
     python models/check_demo.py [--pool models/.pool]
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 import eval_set
 import pool
@@ -60,14 +63,25 @@ def main() -> None:
         quantised = sorted(n.name for n in graph.node if n.name in tail and any(o in quantising for o in n.output))
         if quantised:
             problems.append(f"models/demo/{name}: the label tail is quantised at {', '.join(quantised)}")
+    # accuracy.json: set 1's runs at the top level (as before set 2 was
+    # added), set 2's and both sets' under their names.
     claimed = json.loads((DEMO / "accuracy.json").read_text())
-    items = eval_set.photos(args.pool)
+    claimed_by_set = {"set 1": claimed, "set 2": claimed.get("set 2", {}), "both sets": claimed.get("both sets", {})}
+    by_set = {s.name: eval_set.photos(args.pool, s) for s in eval_set.SETS}
     for name, model in [("FP32", DEMO / "labelcast-demo-fp32.onnx"), ("INT8", DEMO / "labelcast-demo-int8.onnx"),
                         ("INT8 (cpu)", DEMO / "labelcast-demo-int8-cpu.onnx")]:
-        now = eval_set.figures(LABELS, eval_set.model_thresholds(model, LABELS), eval_set.scores(model, items), items)
-        close(claimed[name], now, name, problems)
-        print(f"{name}: mAP {now['map']:.3f}, found {now['found']} of {now['present']}, "
-              f"{now['false_labels']} false labels on {now['photos']} photos")
+        thresholds = eval_set.model_thresholds(model, LABELS)
+        per_set = {s: eval_set.scores(model, items) for s, items in by_set.items()}
+        now = {s: eval_set.figures(LABELS, thresholds, per_set[s], by_set[s]) for s in by_set}
+        now["both sets"] = eval_set.figures(LABELS, thresholds, np.concatenate(list(per_set.values())),
+                                            [p for items in by_set.values() for p in items])
+        for s, figures in now.items():
+            if name not in claimed_by_set[s]:
+                problems.append(f"accuracy.json has no {name} figures for {s}")
+                continue
+            close(claimed_by_set[s][name], figures, f"{s}: {name}", problems)
+            print(f"{s}, {name}: mAP {figures['map']:.3f}, found {figures['found']} of {figures['present']}, "
+                  f"{figures['false_labels']} false labels on {figures['photos']} photos")
     if problems:
         raise SystemExit("the demo model's card does not match the shipped model:\n  " + "\n  ".join(problems))
     print("the shipped demo model and its accuracy figures agree")

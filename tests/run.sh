@@ -50,7 +50,7 @@ mkdir -p "$work/ort"
 (cd models && ../.venv/bin/python quantize.py demo/labelcast-demo-fp32.onnx "$work/ort-default-int8.onnx" --calibration ../calibration/images --holdout-fraction 0.34 --ort-defaults)
 .venv/bin/python tests/fixtures/make_ort_reference.py "$work/ort-default-int8.onnx" "$work/ort/ort-default-int8.json"
 
-stage "the shipped demo model: file hashes and its accuracy figures on the evaluation set (models/check_demo.py)"
+stage "the shipped demo model: file hashes and its accuracy figures on both evaluation sets (models/check_demo.py)"
 # The evaluation photos come from Debian and PyPI packages (models/pool.py):
 # apt-get download needs current package lists.
 as_root apt-get update -qq

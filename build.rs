@@ -25,8 +25,9 @@ fn locked_version(lock: &str, package: &str) -> Option<String> {
     Some(lock[start..end].to_string())
 }
 
-/// FNV-1a (64-bit) over every file under `dir`, paths and contents, in
-/// sorted order: stable across Rust versions, unlike `DefaultHasher`.
+/// FNV-1a (64-bit) over every Rust file under `dir` (not an editor's swap
+/// files), paths and contents, in sorted order: stable across Rust
+/// versions, unlike `DefaultHasher`.
 fn engine_source_hash(dir: &std::path::Path) -> u64 {
     fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -42,9 +43,13 @@ fn engine_source_hash(dir: &std::path::Path) -> u64 {
     files(dir, &mut paths);
     paths.sort();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for path in paths {
-        let bytes = std::fs::read(&path).unwrap_or_default();
-        for byte in path.to_string_lossy().as_bytes().iter().chain(&bytes) {
+    for path in paths.iter().filter(|p| p.extension().is_some_and(|e| e == "rs")) {
+        let name = path.to_string_lossy();
+        let bytes = std::fs::read(path).unwrap_or_default();
+        // Each file as its name, its length and its bytes, so that no two
+        // different trees hash the same stream.
+        let lengths = [name.len() as u64, bytes.len() as u64].map(u64::to_le_bytes);
+        for byte in name.as_bytes().iter().chain(lengths.iter().flatten()).chain(&bytes) {
             hash ^= u64::from(*byte);
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
         }

@@ -213,12 +213,13 @@ mod tests {
     }
 
     #[test]
-    fn the_verdict_cache_key_covers_the_engine_sources() {
+    fn the_verdict_cache_key_covers_the_engine_sources_and_the_kernels() {
         // build.rs hashed the files under src/engine: an empty walk would
         // give FNV-1a's offset basis and leave kernel changes out of the key.
         let hash = env!("LABELCAST_ENGINE_SOURCE");
         assert_eq!(hash.len(), 16, "{hash}");
         assert_ne!(hash, "cbf29ce484222325", "build.rs found no engine sources");
+        assert!(VerdictCache::key_parts(Int8Mode::WeightsOnly, false, false, "k").contains(&hash));
         let dir = std::env::temp_dir();
         let a = VerdictCache::new(&dir, b"model", Int8Mode::WeightsOnly, false, false, "k");
         assert_eq!(a.path(), VerdictCache::new(&dir, b"model", Int8Mode::WeightsOnly, false, false, "k").path());
@@ -250,19 +251,21 @@ impl VerdictCache {
     /// `kernels` names the kernels that run the rewritten graph (depthwise,
     /// 1x1), which can differ between builds of one version and between CPUs.
     pub fn new(dir: &std::path::Path, model: &[u8], mode: Int8Mode, repair: bool, fault: bool, kernels: &str) -> Self {
-        let key = super::model_key(
-            model,
-            &[
-                env!("CARGO_PKG_VERSION"),
-                env!("LABELCAST_TRACT_VERSION"),
-                env!("LABELCAST_ENGINE_SOURCE"),
-                mode.as_str(),
-                if repair { "repair" } else { "no-repair" },
-                if fault { "fault-drop-saturation" } else { "" },
-                kernels,
-            ],
-        );
+        let key = super::model_key(model, &Self::key_parts(mode, repair, fault, kernels));
         Self { file: dir.join("int8-checks").join(format!("{}.json", &key[..32])) }
+    }
+
+    /// What the key hashes besides the model's bytes.
+    fn key_parts<'a>(mode: Int8Mode, repair: bool, fault: bool, kernels: &'a str) -> [&'a str; 7] {
+        [
+            env!("CARGO_PKG_VERSION"),
+            env!("LABELCAST_TRACT_VERSION"),
+            env!("LABELCAST_ENGINE_SOURCE"),
+            mode.as_str(),
+            if repair { "repair" } else { "no-repair" },
+            if fault { "fault-drop-saturation" } else { "" },
+            kernels,
+        ]
     }
 
     pub fn path(&self) -> &std::path::Path {

@@ -29,8 +29,9 @@ use crate::config::{ConfigError, Int8Check, Int8Mode, ModelConfig, OutputKind};
 pub struct TractEngine {
     info: ModelInfo,
     plan: Plan,
-    /// The graph as quantised, waiting on its own thread for the first real
-    /// frame; [`Engine::infer`] compares on that frame before returning.
+    /// The graph as quantised, kept for the first real frame:
+    /// [`Engine::infer`] runs it after the configured graph and compares
+    /// before returning.
     frame_check: Option<FrameCheck>,
 }
 
@@ -124,13 +125,19 @@ impl Plan {
 
     fn run(&mut self, input: &Tensor) -> anyhow::Result<Vec<f32>> {
         let tensor = self.model_input(input)?;
-        let outputs = self.state.run(tvec!(tensor.into_tvalue())).context("tract could not run the model")?;
+        // A panic inside tract (or one of labelcast's ops) is this frame's
+        // error, not the end of the inference thread: nothing above the
+        // engine catches one, and the INT8 check's graph as quantised runs
+        // here too.
+        let outputs = std::panic::catch_unwind(AssertUnwindSafe(|| self.state.run(tvec!(tensor.into_tvalue()))))
+            .map_err(|panic| anyhow::anyhow!("tract panicked running the model: {}", panic_message(&panic)))?
+            .context("tract could not run the model")?;
         let scores = outputs[0].to_plain_array_view::<f32>().context("the model's output is not float")?;
         Ok(scores.iter().copied().collect())
     }
 }
 
-/// The background comparison of the first real frame.
+/// The INT8 check's comparison on the first real frame, still to run.
 struct FrameCheck {
     check: Arc<SelfCheck>,
     output: OutputKind,
@@ -216,13 +223,13 @@ impl TractEngine {
         // The configured graph, then the graph as quantised, one after the
         // other, with what each stage frees purged before the next (in
         // `build` and around the probe): built side by side on two threads,
-        // as until the last round, a start without a cached verdict peaked
-        // at 100.5 MB on the demo model (jemalloc keeps freed pages ten
-        // seconds) against 74.9-75.0 MB then, for about 0.2 s more before
-        // the first label (0.75-0.78 against 0.96-1.02 s), once per model.
-        // The peak is now the graph as quantised's declutter, with the
-        // configured graph built (see `infer` for the first frame). Built
-        // in the other order, it was 74.4-75.0 MB.
+        // a start without a cached verdict peaked at 100.5 MB on the demo
+        // model (jemalloc keeps freed pages ten seconds) against 74.9-75.0 MB
+        // built in turn, for about 0.2 s more before the first label
+        // (0.75-0.78 against 0.96-1.02 s), once per model; with the first
+        // frame's check in turn too (see `infer`), 70.5-71.9 MB, its peak
+        // the graph as quantised's declutter with the configured graph
+        // built. Built in the other order: 74.4-75.0 MB.
         // Each build takes its proto and drops it once tract has parsed it,
         // so the file's tensors are not held beside tract's own while it
         // optimises (the graph as quantised's proto waits for its build).
@@ -462,7 +469,16 @@ fn build(
             optimize_time: loaded.elapsed(),
         })
     }));
-    built.unwrap_or_else(|_| Err(anyhow::anyhow!("tract panicked while loading it")))
+    built.unwrap_or_else(|panic| Err(anyhow::anyhow!("tract panicked while loading it: {}", panic_message(&panic))))
+}
+
+/// The text a panic carried (`panic!("...")` gives a `&str` or a `String`).
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 impl Engine for TractEngine {
@@ -484,9 +500,9 @@ impl Engine for TractEngine {
         // a graph that turns out to be wrong is ever published (the probe
         // picture alone can miss one). One after the other on this thread,
         // with what the first freed purged before the second: run side by
-        // side on two threads (until this round), the two graphs' first
-        // runs took a first start's peak to 77.1-77.6 MB on the demo model
-        // against 70.5-71.9 MB now (VmHWM, four alternated starts each),
+        // side on two threads, the two graphs' first runs took a first
+        // start's peak to 77.1-77.6 MB on the demo model against 70.5-71.9
+        // MB in turn (VmHWM, four alternated starts each),
         // with no difference in the time to the first label beyond the
         // spread (1.04-1.19 s against 1.07-1.12 s).
         let scores = self.plan.run(input);
@@ -543,4 +559,62 @@ fn executor(threads: usize) -> Option<tract_linalg::multithread::Executor> {
 #[cfg(not(feature = "tract-threads"))]
 fn executor(_threads: usize) -> Option<tract_onnx::prelude::tract_linalg::multithread::Executor> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use tract_onnx::tract_core::internal::*;
+
+    use super::{InputElement, InputSpec, Plan};
+    use crate::engine::InputLayout;
+
+    /// An op that panics when run, standing in for a bug in tract or in one
+    /// of labelcast's ops.
+    #[derive(Debug, Clone, Hash, PartialEq, Eq)]
+    struct Panics;
+
+    impl Op for Panics {
+        fn name(&self) -> StaticName {
+            "Panics".into()
+        }
+
+        op_as_typed_op!();
+    }
+
+    impl EvalOp for Panics {
+        op_out_of_plan!();
+
+        fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+            if inputs[0].len() > 0 {
+                panic!("a bug in an op");
+            }
+            Ok(inputs)
+        }
+    }
+
+    impl TypedOp for Panics {
+        fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+            Ok(tvec!(inputs[0].without_value()))
+        }
+
+        as_op!();
+    }
+
+    #[test]
+    fn a_panic_while_running_the_graph_is_an_error_for_each_frame_not_the_end_of_the_thread() {
+        let shape = [1, 3, 2, 2];
+        let mut model = TypedModel::default();
+        let source = model.add_source("image", f32::fact(shape)).unwrap();
+        let out = model.wire_node("panics", Panics, &[source]).unwrap();
+        model.select_output_outlets(&out).unwrap();
+        let plan = model.into_runnable().unwrap();
+        let state = plan.spawn().unwrap();
+        let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape };
+        let mut plan = Plan { state, input, scratch: Vec::new(), bytes: Vec::new() };
+        let frame = crate::flow::Tensor::zeros(shape);
+        for _ in 0..2 {
+            let err = plan.run(&frame).expect_err("the op panicked");
+            assert!(format!("{err:#}").contains("tract panicked running the model: a bug in an op"), "{err:#}");
+        }
+    }
 }

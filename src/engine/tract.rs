@@ -227,9 +227,9 @@ impl TractEngine {
         // model (jemalloc keeps freed pages ten seconds) against 74.9-75.0 MB
         // built in turn, for about 0.2 s more before the first label
         // (0.75-0.78 against 0.96-1.02 s), once per model; with the first
-        // frame's check in turn too (see `infer`), 70.5-71.9 MB, its peak
+        // frame's check in turn too (see `infer`), 65.6-67.4 MB, its peak
         // the graph as quantised's declutter with the configured graph
-        // built. Built in the other order: 74.4-75.0 MB.
+        // built. Built in the other order: 70.1-70.2 MB (quiet machine).
         // Each build takes its proto and drops it once tract has parsed it,
         // so the file's tensors are not held beside tract's own while it
         // optimises (the graph as quantised's proto waits for its build).
@@ -501,8 +501,9 @@ impl Engine for TractEngine {
         // picture alone can miss one). One after the other on this thread,
         // with what the first freed purged before the second: run side by
         // side on two threads, the two graphs' first runs took a first
-        // start's peak to 77.1-77.6 MB on the demo model against 70.5-71.9
-        // MB in turn (VmHWM, four alternated starts each),
+        // start's peak to 72.6-73.2 MB on the demo model against 66.8-67.4
+        // MB in turn (VmHWM, four alternated starts each, quiet machine;
+        // 77.1-77.6 against 70.5-71.9 while other jobs ran),
         // with no difference in the time to the first label beyond the
         // spread (1.04-1.19 s against 1.07-1.12 s).
         let scores = self.plan.run(input);

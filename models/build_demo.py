@@ -383,26 +383,20 @@ def accuracy(out: Path, pool_dir: Path, teacher=None) -> dict:
     teacher is at hand) the ImageNet teacher at one threshold of 0.25, as
     the issue that asked for this model measured it; set 1's at the top
     level, set 2's and both sets' under those names (models/eval_set.py)."""
-    models = {"FP32": out / "labelcast-demo-fp32.onnx", "INT8": out / "labelcast-demo-int8.onnx",
-              "INT8 (cpu)": out / "labelcast-demo-int8-cpu.onnx"}
-    thresholds = eval_set.model_thresholds(models["FP32"], LABELS)
-    by_set = {s.name: eval_set.photos(pool_dir, s) for s in eval_set.SETS}
-    scores = {s: {name: eval_set.scores(model, items) for name, model in models.items()} for s, items in by_set.items()}
+    thresholds = eval_set.model_thresholds(out / eval_set.DEMO_FILES["FP32"], LABELS)
+    by_set = eval_set.photos_by_set(pool_dir)
+    runs: dict[str, dict] = {name: {} for name in by_set}
+
+    def add(run: str, thresholds: list[float], score) -> None:
+        per_set = {s.name: score(by_set[s.name]) for s in eval_set.SETS}
+        for name, result in eval_set.figures_by_set(LABELS, thresholds, per_set, by_set).items():
+            runs[name][run] = result
+
+    for run, file in eval_set.DEMO_FILES.items():
+        add(run, thresholds, lambda items, model=out / file: eval_set.scores(model, items))
     if teacher is not None:
-        for s, items in by_set.items():
-            scores[s]["teacher (ImageNet, 0.25)"] = teacher_scores(teacher, items)
-    first = eval_set.SETS[0].name
-    by_set[eval_set.BOTH] = [p for items in by_set.values() for p in items]
-    scores[eval_set.BOTH] = {name: np.concatenate([scores[s.name][name] for s in eval_set.SETS]) for name in scores[first]}
-    result: dict = {}
-    for s, items in by_set.items():
-        runs = {name: eval_set.figures(LABELS, [0.25] * len(LABELS) if name.startswith("teacher") else thresholds,
-                                       rows, items) for name, rows in scores[s].items()}
-        if s == first:
-            result.update(runs)
-        else:
-            result[s] = runs
-    return result
+        add("teacher (ImageNet, 0.25)", [0.25] * len(LABELS), lambda items: teacher_scores(teacher, items))
+    return eval_set.as_accuracy(runs)
 
 
 def refigure(out: Path, pool_dir: Path) -> None:

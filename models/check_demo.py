@@ -17,8 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 import eval_set
 import pool
 from labels import LABELS
@@ -67,17 +65,12 @@ def main() -> None:
             problems.append(f"models/demo/{name}: the label tail is quantised at {', '.join(quantised)}")
     # accuracy.json: set 1's runs at the top level (as before set 2 was
     # added), set 2's and both sets' under their names.
-    claimed = json.loads((DEMO / "accuracy.json").read_text())
-    first = eval_set.SETS[0].name
-    claimed_by_set = {s: claimed if s == first else claimed.get(s, {}) for s in [x.name for x in eval_set.SETS] + [eval_set.BOTH]}
-    by_set = {s.name: eval_set.photos(args.pool, s) for s in eval_set.SETS}
-    for name, model in [("FP32", DEMO / "labelcast-demo-fp32.onnx"), ("INT8", DEMO / "labelcast-demo-int8.onnx"),
-                        ("INT8 (cpu)", DEMO / "labelcast-demo-int8-cpu.onnx")]:
-        thresholds = eval_set.model_thresholds(model, LABELS)
-        per_set = {s: eval_set.scores(model, items) for s, items in by_set.items()}
-        now = {s: eval_set.figures(LABELS, thresholds, per_set[s], by_set[s]) for s in by_set}
-        now[eval_set.BOTH] = eval_set.figures(LABELS, thresholds, np.concatenate(list(per_set.values())),
-                                            [p for items in by_set.values() for p in items])
+    claimed_by_set = eval_set.runs_by_set(json.loads((DEMO / "accuracy.json").read_text()))
+    by_set = eval_set.photos_by_set(args.pool)
+    for name, file in eval_set.DEMO_FILES.items():
+        model = DEMO / file
+        per_set = {s.name: eval_set.scores(model, by_set[s.name]) for s in eval_set.SETS}
+        now = eval_set.figures_by_set(LABELS, eval_set.model_thresholds(model, LABELS), per_set, by_set)
         for s, figures in now.items():
             if name not in claimed_by_set[s]:
                 problems.append(f"accuracy.json has no {name} figures for {s}")

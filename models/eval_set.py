@@ -50,6 +50,9 @@ class EvalSet:
 SET_1 = EvalSet("set 1", DEMO / "eval_labels.toml", tuple(pool.EVALUATION))
 SET_2 = EvalSet("set 2", DEMO / "eval2_labels.toml", tuple(pool.EVALUATION_2))
 SETS = (SET_1, SET_2)
+# The shipped demo files, by the name their figures go under.
+DEMO_FILES = {"FP32": "labelcast-demo-fp32.onnx", "INT8": "labelcast-demo-int8.onnx",
+              "INT8 (cpu)": "labelcast-demo-int8-cpu.onnx"}
 # The name of the two sets' photos taken together.
 BOTH = "both sets"
 # Set 2 was labelled after the build with this recipe hash and is blind for
@@ -82,6 +85,38 @@ def photos(pool_dir: Path, which: EvalSet = SET_1) -> list[EvalPhoto]:
             raise SystemExit(f"{path} is not the photo that was labelled (SHA-256 differs)")
         out.append(EvalPhoto(path, f"{name}:{e['path']}", frozenset(e["labels"])))
     return out
+
+
+def photos_by_set(pool_dir: Path) -> dict[str, list[EvalPhoto]]:
+    """Each set's photos by its name, then [`BOTH`]: all of them, in `SETS`
+    order (the order [`figures_by_set`] concatenates scores in)."""
+    by_set = {s.name: photos(pool_dir, s) for s in SETS}
+    by_set[BOTH] = [p for s in SETS for p in by_set[s.name]]
+    return by_set
+
+
+def figures_by_set(labels: list[str], thresholds: list[float], scores_by_set: dict[str, np.ndarray],
+                   by_set: dict[str, list[EvalPhoto]]) -> dict[str, dict]:
+    """[`figures`] for each set from its rows of scores, and for [`BOTH`]
+    from all of them (`by_set` as [`photos_by_set`] gives it)."""
+    rows = {s.name: scores_by_set[s.name] for s in SETS}
+    rows[BOTH] = np.concatenate([rows[s.name] for s in SETS])
+    return {name: figures(labels, thresholds, rows[name], items) for name, items in by_set.items()}
+
+
+def as_accuracy(runs_by_set: dict[str, dict]) -> dict:
+    """models/demo/accuracy.json's layout: the first set's runs at the top
+    level (as before the second set was added), the others' under their
+    set's name. [`runs_by_set`] reads it back."""
+    first = SETS[0].name
+    return {**runs_by_set[first], **{name: runs for name, runs in runs_by_set.items() if name != first}}
+
+
+def runs_by_set(accuracy: dict) -> dict[str, dict]:
+    """The runs per set (and [`BOTH`]) in an accuracy.json ([`as_accuracy`]);
+    a set it lacks has none."""
+    first = SETS[0].name
+    return {name: accuracy if name == first else accuracy.get(name, {}) for name in [s.name for s in SETS] + [BOTH]}
 
 
 def scores(model: Path, items: list[EvalPhoto]) -> np.ndarray:
@@ -156,17 +191,14 @@ def main() -> None:
     parser.add_argument("--pool", type=Path, default=Path(__file__).resolve().parent / ".pool")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    by_set = {s.name: photos(args.pool, s) for s in SETS}
-    by_set[BOTH] = [p for s in SETS for p in by_set[s.name]]
+    by_set = photos_by_set(args.pool)
     results: dict[str, dict] = {name: {} for name in by_set}
     labels = None
     for model in args.models:
         labels = json.loads(labelcast_metadata(onnx.load(str(model), load_external_data=False))["labelcast.labels"])
-        thresholds = model_thresholds(model, labels)
         per_set = {s.name: scores(model, by_set[s.name]) for s in SETS}
-        per_set[BOTH] = np.concatenate([per_set[s.name] for s in SETS])
-        for name, items in by_set.items():
-            results[name][model.name] = figures(labels, thresholds, per_set[name], items)
+        for name, result in figures_by_set(labels, model_thresholds(model, labels), per_set, by_set).items():
+            results[name][model.name] = result
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -511,8 +511,9 @@ impl Engine for TractEngine {
         // The first real frame: the graph as quantised runs it too, and the
         // scores go out only once the two were compared, so no result from
         // a graph that turns out to be wrong is ever published (the probe
-        // picture alone can miss one). One after the other on this thread,
-        // with what the first freed purged before the second: run side by
+        // picture alone can miss one). One after the other (each on its
+        // pool's first thread where it has one, else on this thread), with
+        // what the first freed purged before the second: run side by
         // side on two threads, the two graphs' first runs took a first
         // start's peak to 72.6-73.2 MB on the demo model against 66.8-67.4
         // MB in turn (VmHWM, four alternated starts each, quiet machine;
@@ -576,40 +577,47 @@ fn executor(_threads: usize) -> Option<Executor> {
 }
 
 /// Runs a plan (`work`) on the first thread of tract's pool where it has one,
-/// else here.
+/// else here. Each plan has a pool of its own (`build` makes one per plan),
+/// so its frames run one at a time.
 ///
 /// Why: an op split over the pool from outside it (tract's products,
 /// labelcast's kernels through `pointwise::split_rows`) wakes every pool
 /// thread and sleeps the caller until they are done, once per op, about
 /// fifty times a frame on the demo; from a pool thread the caller runs a
-/// share itself and wakes one other thread. Always the first thread (a
+/// share itself and wakes the others. Always the first thread (a
 /// `broadcast` the others return from at once), not any (`install`), so
 /// that every frame's tensors come from the same thread's allocator arena:
 /// `install` ran on either and held 61-65 MB steady against 53-54 on two
-/// threads. Measured here on two threads: `labelcast bench` INT8
-/// weights-only p50 3.70 ms against 4.23-5.28 from outside the pool (5.2 on
-/// one thread); 640x480 JPEG frames end to end (tract, centre crop, three
-/// rounds) 182-264 frames/s against 169-187.
+/// threads (two alternated runs each). Measured here on two threads:
+/// `labelcast bench` INT8 weights-only p50 3.70-3.72 ms (two runs) against
+/// 4.23-5.28 (three) from outside the pool, one thread 4.54-5.44 (seven);
+/// end to end, the README's `benches/e2e.sh` table.
 fn on_pool_thread<T: Send>(
     executor: Option<&Executor>,
     work: impl FnOnce() -> TractResult<T> + Send,
 ) -> TractResult<T> {
     #[cfg(feature = "tract-threads")]
     if let Some(Executor::MultiThread(pool)) = executor {
+        use tract_linalg::multithread::multithread_tract_scope;
         let work = std::sync::Mutex::new(Some(work));
         // The lock is let go before the work runs (the guard ends with the
-        // `take`), so a panic in it propagates without poisoning anything.
+        // `take`). A panic is caught on the pool thread and raised again
+        // here: tract sets its thread-local executor (this pool) around the
+        // plan and restores it only on a normal return, so a panic left
+        // unwinding through it would leave the pool thread holding its own
+        // pool, which then never ends. The scope around it restores it.
         let ran = pool.broadcast(|thread| {
             let work = (thread.index() == 0).then(|| work.lock().ok()?.take()).flatten()?;
-            Some(work())
+            Some(multithread_tract_scope(Executor::SingleThread, || std::panic::catch_unwind(AssertUnwindSafe(work))))
         });
         // `broadcast` runs on every thread, thread 0 included, and returns
-        // in thread order.
-        return ran
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or_else(|| Err(anyhow::anyhow!("tract's thread pool did not run the model")));
+        // in thread order: the work has run unless the lock was poisoned,
+        // which nothing holding it can do.
+        return match ran.into_iter().flatten().next() {
+            Some(Ok(result)) => result,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Err(anyhow::anyhow!("tract's thread pool did not run the model")),
+        };
     }
     #[cfg(not(feature = "tract-threads"))]
     let _ = executor;
@@ -663,53 +671,65 @@ mod tests {
         let out = model.wire_node("panics", Panics, &[source]).unwrap();
         model.select_output_outlets(&out).unwrap();
         let plan = model.into_runnable().unwrap();
-        // On this thread, and on tract's pool (a panic there reaches the
-        // caller through the pool).
-        for executor in [None, super::executor(2)] {
-            let state = plan.spawn().unwrap();
-            let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape };
-            let mut plan = Plan { state, input, scratch: Vec::new(), bytes: Vec::new(), executor };
-            let frame = crate::flow::Tensor::zeros(shape);
-            for _ in 0..2 {
-                let err = plan.run(&frame).expect_err("the op panicked");
-                assert!(format!("{err:#}").contains("tract panicked running the model: a bug in an op"), "{err:#}");
-            }
+        let state = plan.spawn().unwrap();
+        let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape };
+        let mut plan = Plan { state, input, scratch: Vec::new(), bytes: Vec::new(), executor: None };
+        let frame = crate::flow::Tensor::zeros(shape);
+        for _ in 0..2 {
+            let err = plan.run(&frame).expect_err("the op panicked");
+            assert!(format!("{err:#}").contains("tract panicked running the model: a bug in an op"), "{err:#}");
         }
     }
 
     /// Plans on tract's thread pool (only in builds with one).
     #[cfg(feature = "tract-threads")]
     mod on_the_pool {
+        use std::sync::Mutex;
+
+        use tract_linalg::multithread::Executor;
         use tract_onnx::tract_core::internal::*;
 
         use crate::engine::InputLayout;
-        use crate::engine::tract::{InputElement, InputSpec, Plan};
+        use crate::engine::tract::{InputElement, InputSpec, Plan, executor};
 
-        /// An op that notes the thread it runs on and passes its input through.
+        /// What [`Probe`] saw on each run: its thread, and how many parts
+        /// `split_rows` split four rows into there.
+        static SEEN: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+
+        /// An op that notes where it runs and splits a little work over
+        /// tract's pool as labelcast's kernels do, then passes its input
+        /// through; a NaN first value makes it panic instead (a bug in an
+        /// op), naming its thread.
         #[derive(Debug, Clone, Hash, PartialEq, Eq)]
-        struct NotesThread;
+        struct Probe;
 
-        static THREADS_SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-        impl Op for NotesThread {
+        impl Op for Probe {
             fn name(&self) -> StaticName {
-                "NotesThread".into()
+                "Probe".into()
             }
 
             op_as_typed_op!();
         }
 
-        impl EvalOp for NotesThread {
+        impl EvalOp for Probe {
             op_out_of_plan!();
 
             fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
                 let name = std::thread::current().name().unwrap_or("unnamed").to_string();
-                THREADS_SEEN.lock().unwrap().push(name);
+                if inputs[0].try_as_plain_ram()?.as_slice::<f32>()?[0].is_nan() {
+                    panic!("a bug in an op on {name}");
+                }
+                let mut rows = [0f32; 4];
+                let parts = crate::engine::pointwise::split_rows(4, 1, 1, 1, &mut rows, |first, out| {
+                    out.iter_mut().enumerate().for_each(|(i, v)| *v = (first + i) as f32)
+                });
+                assert_eq!(rows, [0.0, 1.0, 2.0, 3.0]);
+                SEEN.lock().unwrap().push((name, parts));
                 Ok(inputs)
             }
         }
 
-        impl TypedOp for NotesThread {
+        impl TypedOp for Probe {
             fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
                 Ok(tvec!(inputs[0].without_value()))
             }
@@ -717,40 +737,59 @@ mod tests {
             as_op!();
         }
 
-        #[test]
-        fn on_two_threads_every_frame_runs_on_the_first_thread_of_the_pool_and_scores_the_same() {
-            let shape = [1, 3, 2, 2];
+        const SHAPE: [usize; 4] = [1, 3, 2, 2];
+
+        /// A `Probe` plan on `executor`'s pool (`None`: this thread).
+        fn plan(executor: Option<Executor>) -> Plan {
             let mut model = TypedModel::default();
-            let source = model.add_source("image", f32::fact(shape)).unwrap();
-            let out = model.wire_node("notes", NotesThread, &[source]).unwrap();
+            let source = model.add_source("image", f32::fact(SHAPE)).unwrap();
+            let out = model.wire_node("probe", Probe, &[source]).unwrap();
             model.select_output_outlets(&out).unwrap();
-            let plan = model.into_runnable().unwrap();
-            let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape };
-            let mut pooled = Plan {
-                state: plan.spawn().unwrap(),
-                input,
-                scratch: Vec::new(),
-                bytes: Vec::new(),
-                executor: crate::engine::tract::executor(2),
-            };
-            let mut here =
-                Plan { state: plan.spawn().unwrap(), input, scratch: Vec::new(), bytes: Vec::new(), executor: None };
+            let options = RunOptions { executor: executor.clone(), ..Default::default() };
+            let state = model.into_runnable_with_options(&options).unwrap().spawn().unwrap();
+            let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape: SHAPE };
+            Plan { state, input, scratch: Vec::new(), bytes: Vec::new(), executor }
+        }
+
+        // One test for both, as they share `SEEN`.
+        #[test]
+        fn on_two_threads_every_frame_runs_on_the_pools_first_thread_which_splits_work_and_survives_a_panic() {
+            let pool = executor(2);
+            let Some(Executor::MultiThread(threads)) = &pool else { panic!("two threads make a pool") };
+            let threads = threads.clone();
+            let mut pooled = plan(pool);
             let values: Vec<f32> = (0..12).map(|v| v as f32 * 0.5 - 2.0).collect();
-            let frame = crate::flow::Tensor { shape, data: values.clone() };
-            THREADS_SEEN.lock().unwrap().clear();
+            let frame = crate::flow::Tensor { shape: SHAPE, data: values.clone() };
+            SEEN.lock().unwrap().clear();
             for _ in 0..8 {
                 assert_eq!(pooled.run(&frame).unwrap(), values);
             }
-            let seen = std::mem::take(&mut *THREADS_SEEN.lock().unwrap());
-            assert_eq!(
-                seen,
-                vec!["tract-default-0".to_string(); 8],
-                "one thread of the pool, the same for every frame"
-            );
+            let seen = std::mem::take(&mut *SEEN.lock().unwrap());
+            // The same pool thread every frame, with tract's pool set for
+            // the ops there and both threads taking a part.
+            assert_eq!(seen, vec![("tract-default-0".to_string(), 2); 8]);
+            let held = std::sync::Arc::strong_count(&threads);
+
+            // A panic on the pool is that frame's error; the thread it ran
+            // on keeps no hold on the pool; the next frame runs as before.
+            let mut broken = frame.clone();
+            broken.data[0] = f32::NAN;
+            for _ in 0..2 {
+                let err = pooled.run(&broken).expect_err("the op panicked");
+                let err = format!("{err:#}");
+                assert!(err.contains("tract panicked running the model: a bug in an op on tract-default-0"), "{err}");
+            }
+            assert_eq!(std::sync::Arc::strong_count(&threads), held, "a pool thread still holds its pool");
+            assert_eq!(pooled.run(&frame).unwrap(), values);
+            assert_eq!(std::mem::take(&mut *SEEN.lock().unwrap()), vec![("tract-default-0".to_string(), 2)]);
+
+            // Without a pool: the caller's thread, nothing split.
+            let mut here = plan(None);
             assert_eq!(here.run(&frame).unwrap(), values);
-            let seen = std::mem::take(&mut *THREADS_SEEN.lock().unwrap());
+            let seen = std::mem::take(&mut *SEEN.lock().unwrap());
             assert_eq!(seen.len(), 1);
-            assert_ne!(seen[0], "tract-default-0", "without a pool the plan runs on the caller's thread");
+            assert_ne!(seen[0].0, "tract-default-0", "without a pool the plan runs on the caller's thread");
+            assert_eq!(seen[0].1, 1);
         }
     }
 }

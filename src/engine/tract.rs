@@ -626,36 +626,52 @@ fn on_pool_thread<T: Send>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use tract_onnx::tract_core::internal::*;
 
-    use super::{InputElement, InputSpec, Plan};
+    use super::{Executor, InputElement, InputSpec, Plan};
     use crate::engine::InputLayout;
 
-    /// An op that panics when run, standing in for a bug in tract or in one
-    /// of labelcast's ops.
-    #[derive(Debug, Clone, Hash, PartialEq, Eq)]
-    struct Panics;
+    /// What [`Probe`] saw on each run that did not panic: its thread, and
+    /// how many parts `split_rows` split four rows into there.
+    static SEEN: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
 
-    impl Op for Panics {
+    /// An op that notes where it runs and splits a little work over
+    /// tract's pool as labelcast's kernels do (one part without a pool),
+    /// then passes its input through; a NaN first value makes it panic
+    /// instead, naming its thread, standing in for a bug in tract or in
+    /// one of labelcast's ops.
+    #[derive(Debug, Clone, Hash, PartialEq, Eq)]
+    struct Probe;
+
+    impl Op for Probe {
         fn name(&self) -> StaticName {
-            "Panics".into()
+            "Probe".into()
         }
 
         op_as_typed_op!();
     }
 
-    impl EvalOp for Panics {
+    impl EvalOp for Probe {
         op_out_of_plan!();
 
         fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-            if inputs[0].len() > 0 {
-                panic!("a bug in an op");
+            let name = std::thread::current().name().unwrap_or("unnamed").to_string();
+            if inputs[0].try_as_plain_ram()?.as_slice::<f32>()?[0].is_nan() {
+                panic!("a bug in an op on {name}");
             }
+            let mut rows = [0f32; 4];
+            let parts = crate::engine::pointwise::split_rows(4, 1, 1, 1, &mut rows, |first, out| {
+                out.iter_mut().enumerate().for_each(|(i, v)| *v = (first + i) as f32)
+            });
+            assert_eq!(rows, [0.0, 1.0, 2.0, 3.0]);
+            SEEN.lock().unwrap().push((name, parts));
             Ok(inputs)
         }
     }
 
-    impl TypedOp for Panics {
+    impl TypedOp for Probe {
         fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
             Ok(tvec!(inputs[0].without_value()))
         }
@@ -663,18 +679,31 @@ mod tests {
         as_op!();
     }
 
+    const SHAPE: [usize; 4] = [1, 3, 2, 2];
+
+    /// A `Probe` plan on `executor`'s pool (`None`: the caller's thread).
+    fn plan(executor: Option<Executor>) -> Plan {
+        let mut model = TypedModel::default();
+        let source = model.add_source("image", f32::fact(SHAPE)).unwrap();
+        let out = model.wire_node("probe", Probe, &[source]).unwrap();
+        model.select_output_outlets(&out).unwrap();
+        let options = RunOptions { executor: executor.clone(), ..Default::default() };
+        let state = model.into_runnable_with_options(&options).unwrap().spawn().unwrap();
+        let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape: SHAPE };
+        Plan { state, input, scratch: Vec::new(), bytes: Vec::new(), executor }
+    }
+
+    /// A frame `Probe` panics on.
+    fn broken_frame() -> crate::flow::Tensor {
+        let mut frame = crate::flow::Tensor::zeros(SHAPE);
+        frame.data[0] = f32::NAN;
+        frame
+    }
+
     #[test]
     fn a_panic_while_running_the_graph_is_an_error_for_each_frame_not_the_end_of_the_thread() {
-        let shape = [1, 3, 2, 2];
-        let mut model = TypedModel::default();
-        let source = model.add_source("image", f32::fact(shape)).unwrap();
-        let out = model.wire_node("panics", Panics, &[source]).unwrap();
-        model.select_output_outlets(&out).unwrap();
-        let plan = model.into_runnable().unwrap();
-        let state = plan.spawn().unwrap();
-        let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape };
-        let mut plan = Plan { state, input, scratch: Vec::new(), bytes: Vec::new(), executor: None };
-        let frame = crate::flow::Tensor::zeros(shape);
+        let mut plan = plan(None);
+        let frame = broken_frame();
         for _ in 0..2 {
             let err = plan.run(&frame).expect_err("the op panicked");
             assert!(format!("{err:#}").contains("tract panicked running the model: a bug in an op"), "{err:#}");
@@ -684,72 +713,10 @@ mod tests {
     /// Plans on tract's thread pool (only in builds with one).
     #[cfg(feature = "tract-threads")]
     mod on_the_pool {
-        use std::sync::Mutex;
-
         use tract_linalg::multithread::Executor;
-        use tract_onnx::tract_core::internal::*;
 
-        use crate::engine::InputLayout;
-        use crate::engine::tract::{InputElement, InputSpec, Plan, executor};
-
-        /// What [`Probe`] saw on each run: its thread, and how many parts
-        /// `split_rows` split four rows into there.
-        static SEEN: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
-
-        /// An op that notes where it runs and splits a little work over
-        /// tract's pool as labelcast's kernels do, then passes its input
-        /// through; a NaN first value makes it panic instead (a bug in an
-        /// op), naming its thread.
-        #[derive(Debug, Clone, Hash, PartialEq, Eq)]
-        struct Probe;
-
-        impl Op for Probe {
-            fn name(&self) -> StaticName {
-                "Probe".into()
-            }
-
-            op_as_typed_op!();
-        }
-
-        impl EvalOp for Probe {
-            op_out_of_plan!();
-
-            fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-                let name = std::thread::current().name().unwrap_or("unnamed").to_string();
-                if inputs[0].try_as_plain_ram()?.as_slice::<f32>()?[0].is_nan() {
-                    panic!("a bug in an op on {name}");
-                }
-                let mut rows = [0f32; 4];
-                let parts = crate::engine::pointwise::split_rows(4, 1, 1, 1, &mut rows, |first, out| {
-                    out.iter_mut().enumerate().for_each(|(i, v)| *v = (first + i) as f32)
-                });
-                assert_eq!(rows, [0.0, 1.0, 2.0, 3.0]);
-                SEEN.lock().unwrap().push((name, parts));
-                Ok(inputs)
-            }
-        }
-
-        impl TypedOp for Probe {
-            fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-                Ok(tvec!(inputs[0].without_value()))
-            }
-
-            as_op!();
-        }
-
-        const SHAPE: [usize; 4] = [1, 3, 2, 2];
-
-        /// A `Probe` plan on `executor`'s pool (`None`: this thread).
-        fn plan(executor: Option<Executor>) -> Plan {
-            let mut model = TypedModel::default();
-            let source = model.add_source("image", f32::fact(SHAPE)).unwrap();
-            let out = model.wire_node("probe", Probe, &[source]).unwrap();
-            model.select_output_outlets(&out).unwrap();
-            let options = RunOptions { executor: executor.clone(), ..Default::default() };
-            let state = model.into_runnable_with_options(&options).unwrap().spawn().unwrap();
-            let input = InputSpec { layout: InputLayout::Nchw, element: InputElement::F32, shape: SHAPE };
-            Plan { state, input, scratch: Vec::new(), bytes: Vec::new(), executor }
-        }
+        use super::{SEEN, broken_frame, plan};
+        use crate::engine::tract::executor;
 
         // One test for both, as they share `SEEN`.
         #[test]
@@ -759,7 +726,7 @@ mod tests {
             let threads = threads.clone();
             let mut pooled = plan(pool);
             let values: Vec<f32> = (0..12).map(|v| v as f32 * 0.5 - 2.0).collect();
-            let frame = crate::flow::Tensor { shape: SHAPE, data: values.clone() };
+            let frame = crate::flow::Tensor { shape: super::SHAPE, data: values.clone() };
             SEEN.lock().unwrap().clear();
             for _ in 0..8 {
                 assert_eq!(pooled.run(&frame).unwrap(), values);
@@ -772,8 +739,7 @@ mod tests {
 
             // A panic on the pool is that frame's error; the thread it ran
             // on keeps no hold on the pool; the next frame runs as before.
-            let mut broken = frame.clone();
-            broken.data[0] = f32::NAN;
+            let broken = broken_frame();
             for _ in 0..2 {
                 let err = pooled.run(&broken).expect_err("the op panicked");
                 let err = format!("{err:#}");

@@ -237,7 +237,7 @@ impl TractEngine {
         // other, with what each stage frees purged before the next (in
         // `build` and around the probe): built side by side on two threads,
         // a start without a cached verdict peaked at 100.5 MB on the demo
-        // model (jemalloc keeps freed pages ten seconds) against 74.9-75.0 MB
+        // model (jemalloc then kept freed pages ten seconds) against 74.9-75.0 MB
         // built in turn, for about 0.2 s more before the first label
         // (0.75-0.78 against 0.96-1.02 s), once per model; with the first
         // frame's check in turn too (see `infer`), 65.6-67.4 MB, its peak
@@ -407,7 +407,7 @@ fn build(
         let parsed = tract_onnx::onnx().parse(&proto, model_dir).context("tract could not read the graph")?;
         drop(proto);
         // Loading builds and drops whole graphs: what each stage freed goes
-        // back before the next allocates (jemalloc would keep it ten seconds).
+        // back before the next allocates (jemalloc keeps it until released).
         crate::allocator::release_freed_memory();
         if !parsed.unresolved_inputs.is_empty() {
             anyhow::bail!("the graph reads tensors nothing produces: {}", parsed.unresolved_inputs.join(", "));

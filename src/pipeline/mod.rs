@@ -705,7 +705,12 @@ fn spawn_inference(
         // gate found unchanged.
         let mut last: Vec<Vec<Option<Vec<LabelScore>>>> =
             cameras.iter().map(|camera| vec![None; 1 + camera.regions.len()]).collect();
-        while let Some((lane, item)) = prepared.take_next() {
+        // Freed memory goes back between two of this thread's frames, not
+        // during its inference (`allocator.rs`).
+        let mut release = crate::allocator::PeriodicRelease::new();
+        loop {
+            release.tick(Instant::now());
+            let Some((lane, item)) = prepared.take_next() else { break };
             let PreparedFrame { tensors, views: ranges, sequence, captured_at, origin } = item;
             let camera = &cameras[lane];
             let shown_origin = source::describe_origin(origin.as_deref());

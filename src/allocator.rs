@@ -264,14 +264,17 @@ mod tests {
     /// stderr, whose lock another thread may have held at the fork.
     #[test]
     fn freed_pages_stay_for_reuse_until_labelcast_releases_them() {
+        use std::os::fd::FromRawFd;
+
         if std::env::var("_RJEM_MALLOC_CONF").is_ok_and(|conf| conf.contains("dirty_decay_ms")) {
             eprintln!("skipped: _RJEM_MALLOC_CONF sets dirty_decay_ms");
             return;
         }
         let mut pipe = [0 as libc::c_int; 2];
-        // SAFETY: pipe() fills the two descriptors; fork() is followed in
-        // the child only by jemalloc calls (made fork-safe by its own
-        // pthread_atfork handlers), write() and _exit().
+        // SAFETY: pipe() fills the two descriptors, each closed once (the
+        // read end by its File); fork() is followed in the child only by
+        // jemalloc calls (made fork-safe by its own pthread_atfork
+        // handlers), write() and _exit().
         unsafe {
             assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0, "pipe()");
             let pid = libc::fork();
@@ -285,16 +288,11 @@ mod tests {
                 libc::_exit(i32::from(outcome.is_err()));
             }
             libc::close(pipe[1]);
+            // The parent owns the read end from here: std reads it to the
+            // child's exit and closes it.
             let mut message = Vec::new();
-            let mut chunk = [0u8; 256];
-            loop {
-                let n = libc::read(pipe[0], chunk.as_mut_ptr().cast(), chunk.len());
-                if n <= 0 {
-                    break;
-                }
-                message.extend_from_slice(&chunk[..n as usize]);
-            }
-            libc::close(pipe[0]);
+            std::io::Read::read_to_end(&mut std::fs::File::from_raw_fd(pipe[0]), &mut message)
+                .expect("reading the pipe");
             let mut status = 0;
             assert_eq!(libc::waitpid(pid, &mut status, 0), pid, "waitpid()");
             let message = String::from_utf8_lossy(&message);

@@ -187,8 +187,9 @@ pub fn release_freed_memory() {
 }
 
 /// Calls [`release_freed_memory`] at most once per [`RELEASE_INTERVAL`]:
-/// the pipeline's inference thread ticks it between frames, so memory goes
-/// back at a moment when no frame is being classified.
+/// each of the pipeline's inference threads ticks it between its frames, so
+/// memory goes back while that thread classifies nothing (other threads
+/// may be working; see the module doc).
 #[derive(Debug)]
 pub struct PeriodicRelease {
     last: Instant,
